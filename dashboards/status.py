@@ -1,0 +1,76 @@
+"""Per-stage status of an output root, read from markers, manifest and tables (read-only)."""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import pyarrow.compute as pc
+
+from stages.registry import STAGE_MODULES, get_stage
+from stages.runner import plan_shards, shard_state
+from storage.manifest import read_manifest
+from storage.root import OutputRoot
+
+
+def root_status(out: str, max_errors: int = 5) -> dict[str, Any]:
+    root = OutputRoot(out)
+    manifest = read_manifest(root)
+    try:
+        shards = plan_shards(root)
+    except Exception:  # noqa: BLE001 -- no plan yet
+        shards = []
+    stages = []
+    for name in STAGE_MODULES:
+        if name not in manifest["stages"] and not root.completed_shards(name):
+            continue
+        try:
+            st = get_stage(name)
+        except Exception:  # noqa: BLE001
+            continue
+        expected = [0] if st.scope == "global" else shards
+        states = collections.Counter()
+        stale_shards, failed = [], []
+        for k in expected:
+            s = shard_state(st, root, k)
+            states[s] += 1
+            if s == "stale":
+                stale_shards.append(k)
+        ok = err = skipped = 0
+        reasons: collections.Counter = collections.Counter()
+        for k in root.completed_shards(name):
+            m = root.read_marker(name, k) or {}
+            ok += m.get("ok", 0)
+            err += m.get("error", 0)
+            skipped += m.get("skipped", 0)
+            for reason, n in m.get("top_errors", []):
+                reasons[reason] += n
+        # shards with a table but no marker were interrupted mid-write or failed after retries
+        for k in expected:
+            if root.read_marker(name, k) is None and _has_failed_attempt(root, name, k):
+                failed.append(k)
+        stages.append({
+            "stage": name,
+            "shards_expected": len(expected),
+            "complete": states["complete"],
+            "stale": states["stale"],
+            "pending": states["pending"],
+            "failed": len(failed),
+            "stale_shards": stale_shards,
+            "rows_ok": ok,
+            "rows_error": err,
+            "rows_skipped": skipped,
+            "first_errors": [f"{r} (x{n})" for r, n in reasons.most_common(max_errors)],
+            "config_hash": manifest["stages"].get(name, {}).get("config_hash"),
+        })
+    return {"out": root.url, "shards": len(shards), "stages": stages}
+
+
+def _has_failed_attempt(root: OutputRoot, stage: str, shard: int) -> bool:
+    return root.exists(root.path(stage, "_failed", f"shard-{shard:05d}.json"))
+
+
+def first_error_rows(out: str, stage: str, n: int = 5) -> list[dict]:
+    root = OutputRoot(out)
+    table = root.read_stage(stage)
+    errs = table.filter(pc.equal(table["status"], "error"))
+    return errs.slice(0, n).to_pylist()

@@ -1,0 +1,115 @@
+"""The stage contract.
+
+A stage module declares a frozen config (:class:`StageConfig`), pure functions over plain values, and one
+``STAGE = Stage(...)`` that names its inputs, output schema, resources and ``process`` entry point::
+
+    def process(ctx: ShardContext) -> Iterable[Record]:
+        clips = ctx.read_records("clips", Clip)                  # the input shard, ok rows only
+        detector = ctx.expert("detect.detector", lambda: load_grounding_dino(ctx.config.detector))
+        return [...]                                             # one row per item; failures are rows
+
+The runner (:mod:`stages.runner`) does everything else: skip-completed, atomic write, markers, provenance.
+Stages never choose a device (the expert spec in the config does) and never see Prefect.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import threading
+from typing import Any, Callable, Iterable, Literal, TypeVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from schemas._base import STATUS_OK, Record, from_table
+from storage.root import OutputRoot
+
+T = TypeVar("T")
+R = TypeVar("R", bound=Record)
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: frozen, no unknown keys, hashed for provenance and staleness."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What one (stage, shard) task needs; flows turn it into Ray requests and GPU concurrency slots."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpus > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    schema: pa.Schema
+    inputs: tuple[str, ...]
+    config_cls: type[StageConfig]
+    process: Callable[["ShardContext"], Iterable[Record]]
+    expert: Callable[[Any], tuple[str, str | None]] = lambda cfg: ("none", None)
+    resources: Resources = Resources()
+    scope: Literal["shard", "global"] = "shard"
+    branch: Literal["common", "imove_it", "motionbench"] = "common"
+    description: str = ""
+
+
+# Test doubles and notebooks can put a ready expert in place of the loaded one, process-wide, by name.
+_OVERRIDES: dict[str, Any] = {}
+_OVERRIDES_LOCK = threading.Lock()
+
+
+def install_expert_override(name: str, expert: Any) -> None:
+    with _OVERRIDES_LOCK:
+        _OVERRIDES[name] = expert
+
+
+def clear_expert_overrides() -> None:
+    with _OVERRIDES_LOCK:
+        _OVERRIDES.clear()
+
+
+@dataclasses.dataclass
+class ShardContext:
+    stage: Stage
+    root: OutputRoot
+    config: Any
+    shard: int
+    input_shards: tuple[int, ...]  # (shard,) for shard-scoped stages; every shard for global ones
+    pipeline: dict[str, Any] = dataclasses.field(default_factory=dict)  # other stages' configs, read-only
+    progress: Callable[[int, int], None] = lambda done, total: None
+
+    def read(self, stage: str) -> pa.Table:
+        tables = [self.root.read_shard(stage, s) for s in self.input_shards]
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def read_records(self, stage: str, cls: type[R], only_ok: bool = True) -> list[R]:
+        rows = from_table(self.read(stage), cls)
+        return [r for r in rows if r.status == STATUS_OK] if only_ok else rows
+
+    def expert(self, name: str, factory: Callable[[], T]) -> T:
+        """The expert called ``name``: an installed override if any, else ``factory()`` (cached per process
+        by :func:`experts.base.get_expert` inside the factory)."""
+        with _OVERRIDES_LOCK:
+            if name in _OVERRIDES:
+                return _OVERRIDES[name]
+        return factory()
+
+    def media_dir(self, *parts: str) -> str:
+        return self.root.media_dir(self.stage.name, *parts)
+
+    def response_cache(self):
+        from storage.response_cache import ResponseCache
+
+        return ResponseCache(self.root.url)

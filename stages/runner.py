@@ -1,0 +1,158 @@
+"""Runs one (stage, shard): skip if complete and fresh, else process, validate, write atomically, mark.
+
+Crash safety: the Parquet file is renamed into place only when complete, and the marker is written after
+it. A shard without a marker is not complete, so a resumed run recomputes it and overwrites any earlier
+file: nothing is lost and nothing is duplicated.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+from schemas._base import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, to_table
+from stages.base import ShardContext, Stage
+from storage.manifest import read_plan, stage_config_hash
+from storage.root import OutputRoot
+
+
+class InputsNotReadyError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardOutcome:
+    stage: str
+    shard: int
+    action: str  # "written" | "skipped-complete"
+    rows: int
+    ok: int
+    error: int
+    skipped: int
+    seconds: float
+    top_errors: tuple[tuple[str, int], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["top_errors"] = [list(x) for x in self.top_errors]
+        return d
+
+
+def plan_shards(root: OutputRoot) -> list[int]:
+    plan = read_plan(root)
+    if not plan:
+        raise InputsNotReadyError(f"{root.url} has no ingest plan; run `motionforge run --input ... --out {root.url}` first")
+    return list(range(len(plan["shards"])))
+
+
+def plan_fingerprint(root: OutputRoot, shard: int) -> str:
+    plan = read_plan(root) or {"shards": []}
+    if shard >= len(plan["shards"]):
+        raise InputsNotReadyError(f"shard {shard} is not in the ingest plan of {root.url} ({len(plan['shards'])} shards)")
+    blob = json.dumps(plan["shards"][shard], sort_keys=True)
+    return "plan-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def input_fingerprints(stage: Stage, root: OutputRoot, shard: int) -> dict[str, str]:
+    """What this shard was (or would be) built from: the input shards' write fingerprints."""
+    if not stage.inputs:
+        return {"plan": plan_fingerprint(root, shard) if stage.name == "ingest" else "none"}
+    shards = plan_shards(root) if stage.scope == "global" else [shard]
+    out = {}
+    for inp in stage.inputs:
+        fps = []
+        for s in shards:
+            m = root.read_marker(inp, s)
+            if m is None:
+                raise InputsNotReadyError(
+                    f"stage {stage.name!r} shard {shard}: input {inp!r} shard {s} is not complete; run {inp!r} first"
+                )
+            fps.append(m["fingerprint"])
+        out[inp] = fps[0] if len(fps) == 1 else "all-" + hashlib.sha256("|".join(fps).encode()).hexdigest()[:16]
+    return out
+
+
+def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None = None) -> str:
+    """complete | stale | pending | failed-inputs (inputs missing)."""
+    m = root.read_marker(stage.name, shard)
+    if m is None:
+        return "pending"
+    current = config_hash or stage_config_hash(root, stage.name) or m["config_hash"]
+    if m["config_hash"] != current:
+        return "stale"
+    try:
+        if input_fingerprints(stage, root, shard) != m["inputs"]:
+            return "stale"
+    except InputsNotReadyError:
+        return "stale"
+    return "complete"
+
+
+def _summarise(rows) -> tuple[int, int, int, tuple[tuple[str, int], ...]]:
+    counts = collections.Counter(r.status for r in rows)
+    errs = collections.Counter((r.error or "").split("\n")[0][:200] for r in rows if r.status == STATUS_ERROR)
+    return counts[STATUS_OK], counts[STATUS_ERROR], counts[STATUS_SKIPPED], tuple(errs.most_common(5))
+
+
+def run_shard(
+    stage: Stage,
+    root: OutputRoot,
+    config: Any,
+    shard: int,
+    *,
+    force: bool = False,
+    pipeline: dict[str, Any] | None = None,
+    progress=None,
+) -> ShardOutcome:
+    t0 = time.perf_counter()
+    chash = config.config_hash()
+    inputs = input_fingerprints(stage, root, shard)
+    marker = root.read_marker(stage.name, shard)
+    if (not force and marker is not None and marker["config_hash"] == chash and marker["inputs"] == inputs
+            and root.exists(root.shard_file(stage.name, shard))):
+        return ShardOutcome(stage.name, shard, "skipped-complete", marker["rows"], marker["ok"], marker["error"],
+                            marker["skipped"], time.perf_counter() - t0,
+                            tuple(tuple(x) for x in marker.get("top_errors", [])))
+    if marker is not None:
+        # The old marker goes first: a crash between here and the new marker leaves the shard pending, never
+        # "complete" with a half-replaced table.
+        root.delete_marker(stage.name, shard)
+    ctx = ShardContext(
+        stage=stage, root=root, config=config, shard=shard,
+        input_shards=tuple(plan_shards(root)) if stage.scope == "global" else (shard,),
+        pipeline=pipeline or {}, progress=progress or (lambda done, total: None),
+    )
+    failed_file = root.path(stage.name, "_failed", f"shard-{shard:05d}.json")
+    try:
+        rows = list(stage.process(ctx))
+    except BaseException as exc:
+        # Whole-shard failure: raise (the flow retries it) but leave a note that `status` can show.
+        root.write_json(failed_file, {"stage": stage.name, "shard": shard, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                                      "at": dt.datetime.now(dt.timezone.utc).isoformat()})
+        raise
+    expert_name, expert_rev = stage.expert(config)
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = [
+        dataclasses.replace(
+            r, stage=stage.name, expert=r.expert or expert_name, expert_revision=r.expert_revision or expert_rev,
+            config_hash=chash, created_at=now,
+        )
+        for r in rows
+    ]
+    table = to_table(rows, stage.schema)
+    root.write_table_atomic(stage.name, shard, table)
+    ok, err, skipped, top = _summarise(rows)
+    seconds = time.perf_counter() - t0
+    root.write_marker(stage.name, shard, {
+        "stage": stage.name, "shard": shard, "config_hash": chash, "inputs": inputs,
+        "fingerprint": uuid.uuid4().hex, "rows": len(rows), "ok": ok, "error": err, "skipped": skipped,
+        "top_errors": [list(x) for x in top], "seconds": round(seconds, 3), "created_at": now.isoformat(),
+    })
+    if root.exists(failed_file):
+        root.delete(failed_file)
+    return ShardOutcome(stage.name, shard, "written", len(rows), ok, err, skipped, seconds, top)

@@ -1,0 +1,51 @@
+"""The root's manifest: which config each stage last ran with, and the input plan.
+
+Staleness is derived, not stored: a shard is *stale* when its marker was written under another config
+hash than the stage's current one, or when an input shard it was built from has been rewritten since
+(its fingerprint changed). So changing ``scenes``' config and re-running ``scenes`` makes every ``tag``
+shard stale until ``tag`` runs again, and ``status`` says so.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from storage.root import OutputRoot
+
+MANIFEST = "_manifest.json"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(root: OutputRoot) -> dict[str, Any]:
+    return root.read_json(root.path(MANIFEST), default=None) or {"version": 1, "stages": {}}
+
+
+def record_stage_config(root: OutputRoot, stage: str, config_hash: str, config: dict, inputs: list[str]) -> bool:
+    """Store the stage's config; returns True when it changed (downstream shards then show as stale)."""
+    m = read_manifest(root)
+    prev = m["stages"].get(stage, {})
+    changed = prev.get("config_hash") not in (None, config_hash)
+    m["stages"][stage] = {
+        "config_hash": config_hash,
+        "config": config,
+        "inputs": inputs,
+        "updated_at": _now(),
+        "previous_config_hash": prev.get("config_hash") if changed else prev.get("previous_config_hash"),
+    }
+    root.write_json(root.path(MANIFEST), m)
+    return changed
+
+
+def stage_config_hash(root: OutputRoot, stage: str) -> str | None:
+    return read_manifest(root)["stages"].get(stage, {}).get("config_hash")
+
+
+def record_plan(root: OutputRoot, plan: dict) -> None:
+    root.write_json(root.path("ingest", "_plan.json"), plan)
+
+
+def read_plan(root: OutputRoot) -> dict | None:
+    return root.read_json(root.path("ingest", "_plan.json"))
