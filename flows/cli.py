@@ -172,6 +172,26 @@ def synth(
     console.print(f"wrote {len(paths)} videos with ground truth to {out}")
 
 
+# Command groups that live in their own modules (one file, one job) register themselves here.
+CLI_MODULES = ("flows.cli_imove", "flows.cli_motionbench", "flows.cli_ops", "flows.cli_report")
+
+
+def _register_extensions() -> None:
+    import importlib
+
+    for name in CLI_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        mod.register(app)
+
+
+_register_extensions()
+
+
 def main() -> None:  # pragma: no cover
     app()
 
