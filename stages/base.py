@@ -63,6 +63,9 @@ class Stage:
     scope: Literal["shard", "global"] = "shard"
     branch: Literal["common", "imove_it", "motionbench"] = "common"
     description: str = ""
+    # Inputs that live outside stage tables (e.g. imported human decisions): (root, shard) -> {name: digest}.
+    # The runner adds them to the shard's input fingerprints, so changing them makes the shard stale.
+    external_inputs: Callable[[OutputRoot, int], dict[str, str]] | None = None
 
 
 # Test doubles and notebooks can put a ready expert in place of the loaded one, process-wide, by name.

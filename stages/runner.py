@@ -74,6 +74,8 @@ def input_fingerprints(stage: Stage, root: OutputRoot, shard: int) -> dict[str, 
                 )
             fps.append(m["fingerprint"])
         out[inp] = fps[0] if len(fps) == 1 else "all-" + hashlib.sha256("|".join(fps).encode()).hexdigest()[:16]
+    if stage.external_inputs is not None:
+        out.update(stage.external_inputs(root, shard))
     return out
 
 
