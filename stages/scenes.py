@@ -1,0 +1,505 @@
+"""``scenes``: shot cuts with PySceneDetect, then event-level clip spans (Panda-70M style).
+
+Pure functions over plain values; the stage framework (``stages.base``) wires them to tables:
+
+* :func:`detect_cuts` -- one video -> :class:`CutResult` (first frame of every new scene).
+* :func:`detect_many` -- many videos over a process pool, failures returned per video.
+* :func:`clip_spans` -- a :class:`CutResult` -> :class:`ClipSpan` rows (short scenes kept as dropped rows,
+  over-long scenes split into near-equal parts).
+* :func:`clip_id` -- deterministic ``uuid5(video_id, start_s, end_s)`` (ARCHITECTURE rule 2).
+* :func:`keyframe_times` / :func:`cut_clip` -- the optional cut step with ffmpeg.
+
+Detection runs the scenedetect library itself (its ``VideoStream`` backend, ``SceneManager`` and detector)
+with the settings the ``scenedetect`` CLI uses for the same options, so the cut frames are identical to
+``scenedetect -i X -b <backend> [-d N] detect-content -t T -m M`` (checked in tests/test_scenes.py and
+benchmarks/bench_scenes.py). Speed comes from detecting at reduced resolution (the SceneManager
+downscale, auto = about 256 px wide like the CLI), from no per-video interpreter start, and from one
+worker process per core across videos. Decoding straight to a reduced size (swscale or YUV planes)
+would be faster still but changes pixel values, and with them borderline cuts; it is not done here so
+the "same cuts as the CLI" guarantee holds.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import math
+import multiprocessing
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Backend = Literal["pyav", "opencv"]
+Detector = Literal["content", "adaptive"]
+PyAVThreading = Literal["auto", "frame", "slice", "none"]
+
+# Namespace for clip ids; any fixed UUID works, it only has to never change.
+CLIP_ID_NAMESPACE = uuid.UUID("6f1d3c2e-7a4b-5c8d-9e0f-1a2b3c4d5e6f")
+
+
+class SceneDetectionError(RuntimeError):
+    """Scene detection failed on one video (unreadable file, no frames, unknown frame rate...)."""
+
+
+class ClipCutError(RuntimeError):
+    """ffmpeg could not write a clip."""
+
+
+class ScenesConfig(BaseModel):
+    """Settings of the ``scenes`` stage.
+
+    Detector settings mirror the ``scenedetect`` CLI options of the same name, so
+    ``scenedetect -i X -b {backend} [-d {downscale}] detect-content -t {threshold} -m {min_scene_len_frames}``
+    (or ``detect-adaptive -t {adaptive_threshold}``) reproduces :func:`detect_cuts`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    detector: Detector = "content"
+    # Panda-70M splits with ContentDetector at a threshold of about 25-27 (ARCHITECTURE.md).
+    threshold: float = Field(27.0, ge=0.0, le=255.0)
+    adaptive_threshold: float = Field(3.0, ge=0.0, le=255.0)
+    # AdaptiveDetector's other knobs, at the library/CLI defaults.
+    adaptive_window_frames: int = Field(2, ge=1)
+    adaptive_min_content_val: float = Field(15.0, ge=0.0, le=255.0)
+    # Panda-70M: minimum scene length 15 frames (a cut cannot follow another within 15 frames).
+    min_scene_len_frames: int = Field(15, ge=0)
+    min_clip_s: float = Field(2.0, ge=0.0)
+    max_clip_s: float = Field(60.0, gt=0.0)
+    # PySceneDetect's integer downscale factor (1 = full resolution), or "auto" (CLI default: the
+    # largest frame side is brought to about 256 px).
+    downscale: int | Literal["auto"] = "auto"
+    # The CLI's default backend; here about 1.5x the frames/s of PyAV, whose bgr24 conversion is slower.
+    backend: Backend = "opencv"
+    # PyAV decoder threading, as the CLI's [backend-pyav] threading-mode (default auto). Does not change
+    # decoded pixels, only speed.
+    pyav_threading: PyAVThreading = "auto"
+    # Optional cut step: write one file per kept clip.
+    cut: bool = False
+    reencode_crf: int = Field(18, ge=0, le=51)
+    reencode_preset: str = "veryfast"
+    # A clip start within this distance of a keyframe is stream-copied from that keyframe.
+    keyframe_tolerance_s: float = Field(0.001, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "ScenesConfig":
+        if self.min_clip_s >= self.max_clip_s:
+            raise ValueError(
+                f"min_clip_s={self.min_clip_s} must be below max_clip_s={self.max_clip_s}; "
+                "lower min_clip_s or raise max_clip_s"
+            )
+        if isinstance(self.downscale, int) and self.downscale < 1:
+            raise ValueError(f"downscale={self.downscale} must be an integer >= 1 or 'auto'")
+        return self
+
+    def cli_args(self, video_path: str | os.PathLike) -> list[str]:
+        """Arguments (after the executable) of the ``scenedetect`` CLI run equivalent to :func:`detect_cuts`.
+
+        Used by tests and the benchmark to compare against the reference tool; ends with the detector
+        command, so callers append an output command such as ``list-scenes``.
+        """
+        args = ["-i", os.fspath(video_path), "-b", self.backend]
+        if self.downscale != "auto":
+            args += ["-d", str(self.downscale)]
+        if self.detector == "content":
+            args += ["detect-content", "-t", str(self.threshold)]
+        else:
+            args += [
+                "detect-adaptive",
+                "-t", str(self.adaptive_threshold),
+                "-f", str(self.adaptive_window_frames),
+                "-c", str(self.adaptive_min_content_val),
+            ]
+        args += ["-m", str(self.min_scene_len_frames)]
+        return args
+
+
+@dataclasses.dataclass(frozen=True)
+class CutResult:
+    """Shot cuts of one video. Frame ``f`` starts at ``f / fps`` seconds from the first frame."""
+
+    cut_frames: list[int]  # first frame of each new scene (0-based), ascending; frame 0 never listed
+    num_frames: int  # frames decoded
+    fps: float
+    duration_s: float  # num_frames / fps: the end of the last frame
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpan:
+    """One candidate clip: a whole scene, or one part of an over-long scene."""
+
+    start_frame: int
+    end_frame: int  # exclusive
+    start_s: float
+    end_s: float
+    scene_index: int  # 0-based index of the scene in the video (dropped scenes included)
+    part_index: int  # 0-based part of the scene; > 0 only when a scene was split at max_clip_s
+    kept: bool
+    drop_reason: str | None
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+# --------------------------------------------------------------------------------------------- detect
+
+
+def _open_stream(video_path: str, config: ScenesConfig):
+    """The scenedetect backend the CLI would use; opened directly so a failure is never silently
+    replaced by another backend (``scenedetect.open_video`` falls back to OpenCV)."""
+    if config.backend == "pyav":
+        from scenedetect.backends.pyav import VideoStreamAv
+
+        threading_mode = None if config.pyav_threading == "none" else config.pyav_threading.upper()
+        return VideoStreamAv(video_path, threading_mode=threading_mode, suppress_output=False)
+    from scenedetect.backends.opencv import VideoStreamCv2
+
+    return VideoStreamCv2(video_path)
+
+
+def _make_detector(config: ScenesConfig):
+    from scenedetect import AdaptiveDetector, ContentDetector
+
+    if config.detector == "content":
+        return ContentDetector(threshold=config.threshold, min_scene_len=config.min_scene_len_frames)
+    return AdaptiveDetector(
+        adaptive_threshold=config.adaptive_threshold,
+        min_scene_len=config.min_scene_len_frames,
+        window_width=config.adaptive_window_frames,
+        min_content_val=config.adaptive_min_content_val,
+    )
+
+
+def detect_cuts(video_path: str | os.PathLike, config: ScenesConfig | None = None) -> CutResult:
+    """Detect shot cuts in one video with PySceneDetect at reduced resolution.
+
+    Raises :class:`SceneDetectionError` when the file is missing, cannot be opened or yields no frames.
+    """
+    from scenedetect import SceneManager
+    from scenedetect.video_stream import FrameRateUnavailable, VideoOpenFailure
+
+    config = config or ScenesConfig()
+    path = os.fspath(video_path)
+    if not os.path.isfile(path):
+        raise SceneDetectionError(f"scene detection: video not found: {path}; check the videos table path")
+    try:
+        stream = _open_stream(path, config)
+    except FrameRateUnavailable as exc:
+        raise SceneDetectionError(
+            f"scene detection: {path} has no usable frame rate; re-encode it to constant frame rate "
+            "(ffmpeg -i IN -r 25 OUT) or drop it at ingest"
+        ) from exc
+    except (VideoOpenFailure, OSError, ValueError) as exc:
+        raise SceneDetectionError(
+            f"scene detection: cannot open {path} with the {config.backend} backend ({exc}); "
+            "check the file with ffprobe or try backend='opencv'/'pyav'"
+        ) from exc
+
+    manager = SceneManager()
+    if config.downscale == "auto":
+        manager.auto_downscale = True
+    else:
+        manager.auto_downscale = False
+        manager.downscale = config.downscale
+    manager.add_detector(_make_detector(config))
+    manager.detect_scenes(video=stream)
+
+    scenes = manager.get_scene_list(start_in_scene=True)
+    if not scenes:
+        raise SceneDetectionError(
+            f"scene detection: no frames could be decoded from {path}; the file is empty or corrupt "
+            "(check it with `ffmpeg -v error -i FILE -f null -`)"
+        )
+    fps = float(stream.frame_rate)
+    cut_frames = [int(start.frame_num) for start, _ in scenes[1:]]
+    num_frames = int(scenes[-1][1].frame_num)
+    return CutResult(cut_frames=cut_frames, num_frames=num_frames, fps=fps, duration_s=num_frames / fps)
+
+
+def _detect_or_error(path: str, config: ScenesConfig) -> CutResult | SceneDetectionError:
+    # Exceptions are returned, not raised, and re-wrapped as plain SceneDetectionError so they always
+    # pickle back from a worker process (some library exceptions do not).
+    try:
+        return detect_cuts(path, config)
+    except SceneDetectionError as exc:
+        return SceneDetectionError(str(exc))
+    except Exception as exc:  # noqa: BLE001 -- one bad video must not fail the shard (rule 4)
+        return SceneDetectionError(f"scene detection failed on {path}: {type(exc).__name__}: {exc}")
+
+
+def _worker_init() -> None:
+    # One process per core already; OpenCV's own thread pool would only oversubscribe the cores.
+    # Thread count does not change resize/colour results.
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def detect_many(
+    paths: Sequence[str | os.PathLike],
+    config: ScenesConfig | None = None,
+    workers: int = 2,
+) -> list[CutResult | Exception]:
+    """:func:`detect_cuts` over many videos, one per worker process, results in input order.
+
+    A video that fails gives its exception in its slot instead of raising. Videos are handed out
+    largest file first so one long video does not run alone at the end. ``workers <= 1`` (or a single
+    video) runs in this process.
+    """
+    config = config or ScenesConfig()
+    paths = [os.fspath(p) for p in paths]
+    if workers <= 1 or len(paths) <= 1:
+        return [_detect_or_error(p, config) for p in paths]
+
+    def size(p: str) -> int:
+        try:
+            return os.path.getsize(p)
+        except OSError:
+            return 0
+
+    order = sorted(range(len(paths)), key=lambda i: -size(paths[i]))
+    results: list[CutResult | Exception | None] = [None] * len(paths)
+    # spawn, not fork: the caller may be a threaded Prefect/Ray worker, and forking threads can deadlock.
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(
+        max_workers=min(workers, len(paths)), mp_context=ctx, initializer=_worker_init
+    ) as pool:
+        futures = {pool.submit(_detect_or_error, paths[i], config): i for i in order}
+        for fut in cf.as_completed(futures):
+            i = futures[fut]
+            try:
+                results[i] = fut.result()
+            except Exception as exc:  # noqa: BLE001 -- e.g. a worker killed by the OOM killer
+                results[i] = SceneDetectionError(
+                    f"scene detection worker failed on {paths[i]}: {type(exc).__name__}: {exc}"
+                )
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------- spans
+
+
+def _split_sizes(num_frames: int, max_frames: int) -> list[int]:
+    """Near-equal part sizes (differing by at most one frame), each <= max_frames."""
+    parts = math.ceil(num_frames / max_frames)
+    base, extra = divmod(num_frames, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
+
+
+def clip_spans(cut: CutResult, config: ScenesConfig | None = None) -> list[ClipSpan]:
+    """Turn shot cuts into clip spans, Panda-70M style.
+
+    Every scene gives at least one row so the table explains itself: a scene shorter than
+    ``min_clip_s`` is one row with ``kept=False`` and a reason; a scene longer than ``max_clip_s`` is split
+    into the fewest near-equal parts (in frames) that are each at most ``max_clip_s`` long.
+    """
+    config = config or ScenesConfig()
+    if not (cut.fps > 0 and math.isfinite(cut.fps)):
+        raise ValueError(f"clip_spans: fps must be a positive number, got {cut.fps}")
+    if cut.num_frames <= 0:
+        return []
+    bounds = [0, *cut.cut_frames, cut.num_frames]
+    for a, b in zip(bounds, bounds[1:]):
+        if not a < b:
+            raise ValueError(
+                f"clip_spans: cut_frames must be strictly increasing and inside (0, num_frames="
+                f"{cut.num_frames}), got {cut.cut_frames}"
+            )
+    fps = cut.fps
+    # Largest whole number of frames that fits in max_clip_s (the epsilon keeps 60.0 s * 25 fps at 1500).
+    max_frames = max(1, math.floor(config.max_clip_s * fps + 1e-6))
+
+    spans: list[ClipSpan] = []
+    for scene_index, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        scene_s = (end - start) / fps
+        if scene_s < config.min_clip_s:
+            spans.append(
+                ClipSpan(
+                    start_frame=start,
+                    end_frame=end,
+                    start_s=start / fps,
+                    end_s=end / fps,
+                    scene_index=scene_index,
+                    part_index=0,
+                    kept=False,
+                    drop_reason=f"scene shorter than min_clip_s={config.min_clip_s} ({scene_s:.2f} s)",
+                )
+            )
+            continue
+        sizes = _split_sizes(end - start, max_frames) if end - start > max_frames else [end - start]
+        part_start = start
+        for part_index, n in enumerate(sizes):
+            part_end = part_start + n
+            part_s = n / fps
+            # Only reachable when max_clip_s < 2 * min_clip_s: a split part can fall below the minimum.
+            short = part_s < config.min_clip_s
+            spans.append(
+                ClipSpan(
+                    start_frame=part_start,
+                    end_frame=part_end,
+                    start_s=part_start / fps,
+                    end_s=part_end / fps,
+                    scene_index=scene_index,
+                    part_index=part_index,
+                    kept=not short,
+                    drop_reason=(
+                        f"part of a split scene shorter than min_clip_s={config.min_clip_s} ({part_s:.2f} s)"
+                        if short
+                        else None
+                    ),
+                )
+            )
+            part_start = part_end
+    return spans
+
+
+def clip_id(video_id: str, start_s: float, end_s: float) -> str:
+    """Deterministic clip id: uuid5 over the video id and the span rounded to milliseconds."""
+    start_ms = round(start_s * 1000)
+    end_ms = round(end_s * 1000)
+    return str(uuid.uuid5(CLIP_ID_NAMESPACE, f"{video_id}|{start_ms}|{end_ms}"))
+
+
+# ------------------------------------------------------------------------------------------------ cut
+
+
+def keyframe_times(video_path: str | os.PathLike) -> list[float]:
+    """Presentation times (s, from the first frame) of the keyframes of the first video stream.
+
+    Reads packets only (no decoding), so it costs about as much as reading the file.
+    """
+    import av
+
+    path = os.fspath(video_path)
+    try:
+        container = av.open(path)
+    except Exception as exc:  # av raises its own FFmpegError subclasses
+        raise ClipCutError(f"cannot open {path} to list keyframes ({exc}); check the file with ffprobe") from exc
+    with container:
+        if not container.streams.video:
+            raise ClipCutError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        start = stream.start_time or 0
+        tb = stream.time_base
+        times = sorted(
+            float((pkt.pts - start) * tb)
+            for pkt in container.demux(stream)
+            if pkt.is_keyframe and pkt.pts is not None
+        )
+    return times
+
+
+def _ffmpeg() -> str:
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        raise ClipCutError("ffmpeg not found on PATH; install it (scripts/setup.sh does) to cut clips")
+    return exe
+
+
+def _copy_packet_count(src: str, key_s: float, end_s: float) -> int | None:
+    """Packets a stream copy from the keyframe at ``key_s`` must take to hold exactly the frames shown in
+    ``[key_s, end_s)``, or None when no stream copy can (then the caller re-encodes).
+
+    ffmpeg's ``-t`` stops a stream copy on decode timestamps, so with B-frames a copy ends up to the
+    reorder delay past ``end_s`` (frames of the next scene). Counting packets instead is exact when the
+    wanted frames are a prefix of the decode order from the keyframe; that holds when the end is a
+    keyframe or the end of the stream, or when no B-frame straddles the end. It fails for open-GOP
+    leading frames or a B-frame shown before ``end_s`` that references a frame after it.
+    """
+    import av
+
+    with av.open(src) as container:
+        stream = container.streams.video[0]
+        tb = stream.time_base
+        origin = stream.start_time or 0
+        key_pts = origin + round(key_s / tb)
+        end_pts = origin + round(end_s / tb)
+        container.seek(key_pts, stream=stream, backward=True, any_frame=False)
+        count = 0
+        beyond = False  # a packet shown at or after end_s was already seen
+        first = True
+        for pkt in container.demux(stream):
+            if pkt.pts is None:
+                if pkt.size == 0:  # flush packet at end of stream
+                    break
+                return None
+            if first:
+                if not pkt.is_keyframe or pkt.pts != key_pts:
+                    return None
+                first = False
+            if pkt.pts < key_pts:
+                return None  # open-GOP leading frame: needs the previous GOP
+            if pkt.pts < end_pts:
+                if beyond:
+                    return None  # shown before end_s but decoded after a frame we must drop
+                count += 1
+            else:
+                beyond = True
+                # pts >= dts for every packet, so once decoding passes end_s nothing later is wanted
+                if pkt.dts is not None and pkt.dts >= end_pts:
+                    break
+    return count or None
+
+
+def cut_clip(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    start_s: float,
+    end_s: float,
+    keyframes_s: list[float] | None,
+    *,
+    crf: int = 18,
+    preset: str = "veryfast",
+    keyframe_tolerance_s: float = 0.001,
+) -> str:
+    """Write ``src[start_s:end_s]`` (video only) to ``dst`` with ffmpeg; returns ``"copy"`` or ``"reencode"``.
+
+    A span that starts on a keyframe (within ``keyframe_tolerance_s``) is stream-copied: fast and
+    lossless, exactly the frames shown in ``[start_s, end_s)``. Any other start would make a copy begin at
+    the previous keyframe, so it is re-encoded with libx264 (``crf``, ``preset``) from the exact frame; so is
+    the rare keyframe start whose end a copy cannot hit exactly (see :func:`_copy_packet_count`). ``keyframes_s`` are the source's keyframe
+    times (:func:`keyframe_times`); ``None`` looks them up. The file is written under a temporary name
+    and renamed, so a crash never leaves a partial clip under ``dst``.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not end_s > start_s >= 0:
+        raise ValueError(f"cut_clip: need 0 <= start_s < end_s, got start_s={start_s}, end_s={end_s}")
+    if not os.path.isfile(src):
+        raise ClipCutError(f"cut_clip: source video not found: {src}")
+    if keyframes_s is None:
+        keyframes_s = keyframe_times(src)
+    on_key = [k for k in keyframes_s if abs(k - start_s) <= keyframe_tolerance_s]
+    key = min(on_key, key=lambda k: abs(k - start_s)) if on_key else None
+    packets = _copy_packet_count(src, key, end_s) if key is not None else None
+    mode = "copy" if packets else "reencode"
+    duration = end_s - start_s
+
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    suffix = Path(dst).suffix or ".mp4"
+    tmp = f"{dst}.part{suffix}"
+    cmd = [_ffmpeg(), "-nostdin", "-v", "error", "-y"]
+    if mode == "copy":
+        # Input seeking with stream copy starts at the last keyframe <= -ss. Seek to the keyframe's own
+        # time: ffmpeg rescales the microsecond value to the stream time base rounding to nearest, which
+        # gives back the keyframe's exact pts (a value a hair below it would land on the keyframe before).
+        cmd += ["-ss", f"{key:.6f}", "-i", src, "-map", "0:v:0", "-c", "copy",
+                "-frames:v", str(packets)]
+    else:
+        cmd += ["-ss", f"{start_s:.6f}", "-i", src, "-t", f"{duration:.6f}", "-map", "0:v:0",
+                "-c:v", "libx264", "-crf", str(crf), "-preset", preset, "-pix_fmt", "yuv420p"]
+    cmd += ["-an", "-sn", "-dn", "-movflags", "+faststart", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ClipCutError(
+            f"ffmpeg failed to cut {src} [{start_s:.3f}, {end_s:.3f}] s ({mode}), exit {proc.returncode}: "
+            f"{proc.stderr.strip()[-500:]}"
+        )
+    os.replace(tmp, dst)
+    return mode
