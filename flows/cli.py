@@ -179,6 +179,11 @@ CLI_MODULES = ("flows.cli_imove", "flows.cli_motionbench", "flows.cli_ops", "flo
 def _register_extensions() -> None:
     import importlib
 
+    from flows.cli_groups import GROUPS
+
+    for name, group in GROUPS.items():
+        app.add_typer(group, name=name)
+
     for name in CLI_MODULES:
         try:
             mod = importlib.import_module(name)

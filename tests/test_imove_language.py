@@ -164,3 +164,22 @@ def test_verdict_parsing():
     assert check.parse_verdict('Sure! {"correct": true, "unique": true}') == (True, True, None)
     assert check.parse_verdict("correct: no\nunique: yes\nreason: wrong way") == (False, True, "wrong way")
     assert check.parse_verdict("I cannot tell") == (None, None, None)
+
+
+def test_export_jsonl_and_datasets_loading(tmp_path, synthetic):
+    test_language_stages_exact_against_truth(tmp_path, synthetic)
+    from flows.cli_imove import export_imove_it
+
+    n = export_imove_it(str(tmp_path / "r"), tmp_path / "x" / "imove_it.jsonl")
+    lines = [json.loads(l) for l in (tmp_path / "x" / "imove_it.jsonl").read_text().splitlines()]
+    assert n == len(lines) > 0
+    for rec in lines:
+        assert {"id", "video", "conversations", "task"} <= set(rec)
+        assert rec["conversations"][0]["from"] == "human" and rec["conversations"][0]["value"].startswith("<video>")
+        assert rec["conversations"][1]["from"] == "gpt"
+    assert len({r["id"] for r in lines}) == n
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "r" / "tasks" / "*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == n and set(ds.features) >= {"conversations", "task", "box1_tokens"}
