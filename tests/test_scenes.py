@@ -148,6 +148,20 @@ def test_synthetic_matches_scenedetect_cli(synth, tmp_path):
     assert detect_cuts(synth).cut_frames == cli_cuts(synth, ScenesConfig(), tmp_path)
 
 
+def test_fast_pixel_distance_is_bit_identical():
+    from stages.scenes import _l1_mean_distance
+
+    rng = np.random.default_rng(3)
+    cases = [rng.integers(0, 256, (109, 256), dtype=np.uint8) for _ in range(6)]
+    cases += [np.zeros((144, 256), np.uint8), np.full((144, 256), 255, np.uint8)]
+    for a in cases:
+        for b in cases:
+            if a.shape != b.shape:
+                continue
+            want = np.sum(np.abs(a.astype(np.int32) - b.astype(np.int32))) / float(a.size)
+            assert _l1_mean_distance(a, b) == want
+
+
 def test_detect_cuts_errors_name_the_file(tmp_path):
     with pytest.raises(SceneDetectionError, match="not found"):
         detect_cuts(tmp_path / "missing.mp4")
