@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import model_validator
 
-from experts.base import TINY_SCHEME, ModelSpec
+from experts.base import TINY_SCHEME, DType, ModelSpec
 
 DEFAULT_MODEL_ID = "xinyu1205/recognize-anything-plus-model"
 DEFAULT_CHECKPOINT_FILE = "ram_plus_swin_large_14m.pth"
@@ -44,6 +44,10 @@ class RamPlusSpec(ModelSpec):
     vocab_dir: str | None = None
     variant: Literal["swin_l", "swin_b", "tiny"] = "swin_l"
     image_size: int = 384
+    # fp32 by default, unlike most experts: the per-tag thresholds were calibrated on fp32 scores, and with
+    # bf16 scores move by up to a few hundredths (measured on an H100), enough to flip borderline tags.
+    # The model is small (1.3 GB), so fp32 costs little; pass dtype="bf16" for speed (about 1.5x).
+    dtype: DType = "fp32"
 
     @model_validator(mode="before")
     @classmethod
