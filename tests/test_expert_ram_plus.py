@@ -251,6 +251,7 @@ def test_wrong_variant_is_reported(tiny_dir):
 def test_accepts_bare_state_dict_and_legacy_head_name(tiny_dir, tmp_path, tiny):
     state = _tiny_state(tiny_dir)
     legacy = {k.replace("tagging_head.", "vision_multi.", 1): v for k, v in state.items()}
+    legacy["logit_scale"] = legacy["logit_scale"].reshape(1)
     d = _copy_checkpoint_dir(tiny_dir, tmp_path / "legacy", None)
     torch.save(legacy, d / TINY_CHECKPOINT_FILE)
     tagger = load_ram_plus(RamPlusSpec(model_id=str(d / TINY_CHECKPOINT_FILE), variant="tiny", device="cpu"))

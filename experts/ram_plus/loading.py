@@ -128,7 +128,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
     Accepts ``{"model": state_dict, ...}`` (the reference training scripts' format) or a bare state dict.
     The one key rename the reference loader applies (``vision_multi.`` -> ``tagging_head.``, from an older
-    naming of the tagging head) is applied here too; nothing is dropped.
+    naming of the tagging head) is applied here too, and a one-element ``logit_scale`` is read as a scalar;
+    nothing is dropped or added, so ``strict=True`` still sees every entry.
     """
     path = Path(path)
     try:
@@ -149,11 +150,15 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointMismatchError(f"{path} is not a RAM++ checkpoint: expected a state dict or {{'model': state_dict}}")
+        raise CheckpointMismatchError(
+            f"{path} is not a RAM++ checkpoint: expected a state dict or {{'model': state_dict}}")
     state = {}
     for key, value in obj.items():
         if key.startswith("vision_multi."):
             key = "tagging_head." + key[len("vision_multi."):]
+        if key == "logit_scale" and value.numel() == 1:
+            # An unused training scalar; accept it saved as [] or [1] (CLIP code bases use both).
+            value = value.reshape(())
         state[key] = value
     return state
 

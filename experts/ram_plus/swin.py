@@ -186,7 +186,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"Swin encoder expects {self.image_size}x{self.image_size} inputs, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"Swin encoder expects {self.image_size}x{self.image_size} inputs, got {tuple(x.shape[-2:])}")
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
