@@ -12,7 +12,8 @@ a frame that does not exist). The doubles then answer what a perfect expert woul
 * ``clip``: scores only crops the detector / tracker doubles handed out (looked up by pixel hash and prompt):
   0.31 for true crops, 0.05 for decoys and for tracks planted as "lost" (``low_clip``);
 * ``tracker``: ground-truth boxes on every streamed frame, except on ``drift`` objects whose box grows
-  by ``drift_rate`` of its size per frame (the tracker "bleeding" onto the background).
+  by ``drift_rate`` of its size per frame (the tracker "bleeding" onto the background) and ``vanish``
+  objects reported invisible after the first two tracked frames (the tracker lost them).
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class SynthOracle:
     videos: list[SynthVideo]
     drift: set[tuple[str, int]] = field(default_factory=set)  # (video file name, object_id)
     low_clip: set[tuple[str, int]] = field(default_factory=set)
+    vanish: set[tuple[str, int]] = field(default_factory=set)  # lost after the first 2 tracked frames
     drift_rate: float = 0.06
     template: str = TEMPLATE
 
@@ -238,6 +240,8 @@ class TruthTracker:
                     hw, hh = (box[2] - box[0]) * g / 2, (box[3] - box[1]) * g / 2
                     box = [max(0.0, cx - hw), max(0.0, cy - hh), min(float(v.truth.width), cx + hw),
                            min(float(v.truth.height), cy + hh)]
+                if (v.path.name, obj.object_id) in self.o.vanish and pos >= 2:
+                    box = None
                 if box is None:
                     points.append(TrackPoint(iid, pos, None, None, 0, -8.0, None, False))
                     continue
@@ -275,7 +279,8 @@ def synth_paths() -> list[Path]:
     return render_dataset(synth_dir(), SYNTH_VIDEOS, SYNTH_SEED, synth_config())
 
 
-def oracle(drift: Iterable[tuple[str, int]] = (), low_clip: Iterable[tuple[str, int]] = ()) -> SynthOracle:
+def oracle(drift: Iterable[tuple[str, int]] = (), low_clip: Iterable[tuple[str, int]] = (),
+           vanish: Iterable[tuple[str, int]] = ()) -> SynthOracle:
     """A fresh oracle (own CLIP registry and call counts) sharing the decoded-frame index of the videos."""
     key = tuple(str(p) for p in synth_paths())
     if key not in _ORACLES:
@@ -283,7 +288,7 @@ def oracle(drift: Iterable[tuple[str, int]] = (), low_clip: Iterable[tuple[str, 
     base = _ORACLES[key]
     o = SynthOracle.__new__(SynthOracle)
     o.videos, o.frames = base.videos, base.frames
-    o.drift, o.low_clip, o.drift_rate, o.template = set(drift), set(low_clip), base.drift_rate, base.template
+    o.drift, o.low_clip, o.vanish, o.drift_rate, o.template = set(drift), set(low_clip), set(vanish), base.drift_rate, base.template
     o.clip_scores, o.calls = {}, {"tag": 0, "detect": 0, "track": 0, "score_pairs": 0}
     return o
 
