@@ -102,6 +102,8 @@ _TINY_MODULES = {
     "sam2": "experts.samurai",
     "qwen2_vl": "experts.vlm",
     "qwen2_5_vl": "experts.vlm",
+    "qwen2_lm": "experts.llm",
+    "internvl": "experts.vlm",
 }
 
 _tiny_lock = threading.Lock()

@@ -1,0 +1,158 @@
+"""Vision-language model expert: tiny Qwen2-VL / Qwen2.5-VL / InternVL through the production loading path, and the
+OpenAI-compatible backend against a loopback server."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experts.vlm import (
+    VlmRequest,
+    VlmResponse,
+    VlmSpec,
+    build_tiny_internvl,
+    build_tiny_qwen2_5_vl,
+    build_tiny_qwen2_vl,
+    load_vlm,
+)
+from storage.response_cache import ResponseCache
+
+try:
+    from tests._fake_openai_server import FakeOpenAIServer, Reply
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from _fake_openai_server import FakeOpenAIServer, Reply
+
+ENV = "MOTIONFORGE_TEST_VLM_KEY"
+BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl, "internvl": build_tiny_internvl}
+
+
+def _img(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def tiny_vlm(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    BUILDERS[request.param](out)  # build + save_pretrained (model and processor) ...
+    vlm = load_vlm(VlmSpec(model_id=str(out), max_new_tokens=5, batch_size=8, device="cpu"))  # ... load it back
+    assert type(vlm._backend.model).__name__.lower().replace("_", "").startswith(request.param.replace("_", ""))
+    return vlm
+
+
+def _requests(rng):
+    frames = tuple(_img(rng, 40, 48) for _ in range(4))
+    return [
+        VlmRequest("Describe the appearance of the object.", images=(_img(rng, 48, 64),)),
+        VlmRequest("How does the object move?", images=frames, as_video=True),
+        VlmRequest("Compare.", images=(_img(rng, 30, 90), rng.random((20, 20))), system="Be brief."),
+        VlmRequest("Odd number of frames.", images=frames[:3], as_video=True, max_new_tokens=3),
+        VlmRequest("No image at all."),
+    ]
+
+
+def test_tiny_vlm_types_and_batch_equals_singles(tiny_vlm):
+    reqs = _requests(np.random.default_rng(0))
+    batch = tiny_vlm.generate(reqs)
+    assert len(batch) == len(reqs) and all(isinstance(r, VlmResponse) for r in batch)
+    assert all(r.error is None and isinstance(r.text, str) and not r.cached for r in batch), batch
+    assert all(r.model == tiny_vlm.spec.model_id for r in batch)
+    singles = [tiny_vlm.generate([r])[0] for r in reqs]
+    assert [r.text for r in batch] == [r.text for r in singles]
+    assert tiny_vlm.generate(reqs) == batch  # greedy: deterministic
+
+
+def test_tiny_vlm_sees_the_pixels(tiny_vlm):
+    rng = np.random.default_rng(1)
+    a, b = _img(rng, 56, 56), _img(rng, 56, 56)
+    prompt = "What is shown?"
+    ra, rb = tiny_vlm.generate([VlmRequest(prompt, images=(a,)), VlmRequest(prompt, images=(b,))])
+    # logits of a random model still depend on the image; identical text would mean the image was dropped
+    video = tiny_vlm.generate([VlmRequest(prompt, images=(a, a, b, b), as_video=True)])[0]
+    assert ra.error is None and rb.error is None and video.error is None
+    assert len({ra.text, rb.text, video.text}) >= 2
+
+
+def test_bad_item_is_an_error_row_not_an_exception(tiny_vlm):
+    rng = np.random.default_rng(2)
+    res = tiny_vlm.generate([
+        VlmRequest("ok", images=(_img(rng, 32, 32),)),
+        VlmRequest("bad", images=(np.zeros((4, 4, 2), np.uint8),)),
+        VlmRequest("bad video", images=(_img(rng, 32, 32), _img(rng, 40, 32)), as_video=True),
+    ])
+    assert res[0].error is None and isinstance(res[0].text, str)
+    assert res[1].text is None and "shape (4, 4, 2)" in res[1].error
+    assert res[2].text is None and "one size" in res[2].error
+
+
+def test_tiny_scheme_builds_once_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOTIONFORGE_TINY_CACHE", str(tmp_path))
+    vlm = load_vlm(VlmSpec(model_id="tiny://qwen2_vl", max_new_tokens=3, device="cpu"))
+    [r] = vlm.generate([VlmRequest("hi", images=(np.zeros((28, 28, 3), np.uint8),))])
+    assert r.error is None
+    saved = {p.name for p in (tmp_path / "qwen2_vl").iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= saved
+
+
+# ------------------------------------------------------------------ OpenAI-compatible backend ----------
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv(ENV, "sk-vlm-test-key-111111")
+
+
+def openai_vlm(srv, cache=None, **kw):
+    spec = dict(model_id="gpt-4o", backend="openai", base_url=srv.base_url, api_key_env=ENV, max_retries=2,
+                retry_initial_s=0.01, retry_max_s=0.02, timeout_s=5.0, max_concurrency=4)
+    spec.update(kw)
+    return load_vlm(VlmSpec(**spec), cache)
+
+
+def _decode(url: str) -> Image.Image:
+    assert url.startswith("data:image/jpeg;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_openai_images_and_video_frames(key):
+    rng = np.random.default_rng(3)
+    with FakeOpenAIServer() as srv:
+        vlm = openai_vlm(srv, max_image_side_px=32)
+        try:
+            res = vlm.generate([
+                VlmRequest("What is this?", images=(_img(rng, 48, 64),), system="sys"),
+                VlmRequest("How does it move?", images=tuple(_img(rng, 24, 24) for _ in range(3)), as_video=True),
+                VlmRequest("bad", images=(np.zeros((3, 3, 2)),)),
+            ])
+        finally:
+            vlm.close()
+    assert res[0].text == "echo: What is this?" and res[1].error is None
+    assert res[2].text is None and "shape" in res[2].error
+    assert len(srv.requests) == 2  # the unreadable item never went out
+    img_msg = srv.requests[0]["messages"]
+    assert img_msg[0] == {"role": "system", "content": "sys"}
+    parts = img_msg[1]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "text"]
+    assert _decode(parts[0]["image_url"]["url"]).size == (32, 24)  # downscaled to max_image_side_px
+    vparts = srv.requests[1]["messages"][0]["content"]
+    assert [p["type"] for p in vparts] == ["text", "image_url", "image_url", "image_url", "text"]
+    assert "3 images are frames of one video" in vparts[0]["text"]
+
+
+def test_openai_json_schema_and_cache(key, tmp_path):
+    schema = {"title": "Verdict", "type": "object", "properties": {"correct": {"type": "boolean"}}, "required": ["correct"]}
+    cache = ResponseCache(str(tmp_path))
+    img = np.full((20, 20, 3), 128, np.uint8)
+    req = VlmRequest("Is the caption right?", images=(img,), json_schema=schema)
+    with FakeOpenAIServer([Reply(content='{"correct": true}')]) as srv:
+        for expected_cached in (False, True):
+            vlm = openai_vlm(srv, cache, supports_json_schema=True)
+            try:
+                [r] = vlm.generate([req])
+            finally:
+                vlm.close()
+            assert r.text == '{"correct": true}' and r.cached is expected_cached
+        assert len(srv.requests) == 1
+    assert srv.requests[0]["response_format"]["json_schema"]["schema"] == schema
+    stored = list(tmp_path.rglob("*.json"))
+    assert len(stored) == 1 and "base64" not in stored[0].read_text()  # pixels are not kept in the cache
