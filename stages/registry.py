@@ -23,6 +23,7 @@ STAGE_MODULES: dict[str, str] = {
     "qgen": "stages.qgen",
     "ffilter": "stages.ffilter",
     "review": "stages.review",
+    "synthqa": "stages.synthqa",  # questions from synthetic videos' ground truth (MotionBench "virtual videos")
     "finalize": "stages.finalize",
 }
 
