@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -268,7 +268,7 @@ def _output_size(disp_w: int, disp_h: int, size: tuple[int, int] | None, short_s
     return disp_w, disp_h
 
 
-def _open_video(path: PathLike):
+def _open_video(path: PathLike) -> tuple[Any, Any]:
     """Open a file with PyAV and return (container, first video stream) or raise VideoProbeError."""
     import av
 
@@ -318,7 +318,9 @@ def iter_frames(
       frames whenever the span holds a frame (a very short span repeats frames).
 
     ``size=(w, h)`` or ``short_side`` resizes inside the decoder's pixel-format conversion. The reader seeks
-    to the keyframe before ``start_s`` and decodes forward; it stops once past ``end_s``.
+    to the keyframe before ``start_s`` and decodes forward; it stops once past ``end_s``. A truncated file
+    yields the frames it has (``probe`` is where truncation is reported); failing libav calls raise
+    :class:`VideoProbeError`.
     """
     if fps is not None and num_frames is not None:
         raise ValueError("pass fps or num_frames, not both")
@@ -342,7 +344,28 @@ def iter_frames(
         container.close()
 
 
-def _iter_open(container, stream, path, start_s, end_s, fps, num_frames, size, short_side) -> Iterator[Frame]:
+def _decoded(container: Any, stream: Any, path: PathLike) -> Iterator[Any]:
+    """``container.decode(stream)``, with libav failures turned into a VideoProbeError naming the time."""
+    import av
+
+    last_t = 0.0
+    it = container.decode(stream)
+    while True:
+        try:
+            frame = next(it)
+        except StopIteration:
+            return
+        except av.FFmpegError as exc:
+            raise VideoProbeError(f"decoding failed after {last_t:.2f}s ({exc}); the file is damaged, "
+                                  "re-encode it or fetch it again", path) from exc
+        if frame.time is not None:
+            last_t = float(frame.time)
+        yield frame
+
+
+def _iter_open(container: Any, stream: Any, path: PathLike, start_s: float, end_s: float | None,
+               fps: float | None, num_frames: int | None, size: tuple[int, int] | None,
+               short_side: int | None) -> Iterator[Frame]:
     stream.thread_type = "AUTO"  # frame + slice threads; decoding dominates the cost
     tb = stream.time_base
     t0 = stream.start_time if stream.start_time is not None else 0
@@ -389,7 +412,7 @@ def _iter_open(container, stream, path, start_s, end_s, fps, num_frames, size, s
     last_emitted = -1
     target = next(targets, None) if targets is not None else None
 
-    for av_frame in container.decode(stream):
+    for av_frame in _decoded(container, stream, path):
         if av_frame.pts is None:
             continue  # no timestamp: cannot place it in time (rare, broken streams)
         t = float((av_frame.pts - t0) * tb)
@@ -439,7 +462,8 @@ def _count() -> Iterator[int]:
         k += 1
 
 
-def _to_rgb(av_frame, size, short_side, sar: float, cache: dict) -> np.ndarray:
+def _to_rgb(av_frame: Any, size: tuple[int, int] | None, short_side: int | None, sar: float,
+            cache: dict) -> np.ndarray:
     """Convert (and resize, in swscale) to upright RGB24."""
     rotation = _normalise_rotation(av_frame.rotation or 0)
     key = (av_frame.width, av_frame.height, rotation)
