@@ -19,7 +19,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -260,11 +260,19 @@ Messages = list[dict]
 
 
 @dataclass(frozen=True)
-class _Item:
+class ChatItem:
+    """One chat as a backend sees it: OpenAI-format messages plus resolved generation settings."""
+
     messages: Messages
     max_new_tokens: int
     temperature: float
     json_schema: dict | None = None
+
+
+class ChatBackend(Protocol):
+    """What :class:`Llm` drives: one response per item, in order, failures as ``error`` (tests script this)."""
+
+    def run(self, items: list[ChatItem]) -> list[LlmResponse]: ...
 
 
 class _LmWeights(ModelSpec):
@@ -293,7 +301,7 @@ class _TransformersChat:
         key = _LmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device, dtype=spec.dtype)
         self.model, self.tokenizer = get_expert(key, _load_transformers)
 
-    def run(self, items: list[_Item]) -> list[LlmResponse]:
+    def run(self, items: list[ChatItem]) -> list[LlmResponse]:
         out: dict[int, Any] = {}
         for batch in batches_by(range(len(items)), lambda i: (items[i].max_new_tokens, items[i].temperature), self.spec.batch_size):
             out.update(run_isolated(batch, lambda b: self._generate([items[i] for i in b]), self.model_name))
@@ -303,7 +311,7 @@ class _TransformersChat:
             for o in (out[i] for i in range(len(items)))
         ]
 
-    def _generate(self, items: list[_Item]) -> list[str]:
+    def _generate(self, items: list[ChatItem]) -> list[str]:
         import torch
 
         tok = self.tokenizer
@@ -323,7 +331,7 @@ class _OpenAIChat:
         self.spec = spec
         self.client = OpenAICompatClient(spec, cache)
 
-    def run(self, items: list[_Item]) -> list[LlmResponse]:
+    def run(self, items: list[ChatItem]) -> list[LlmResponse]:
         calls = [
             ChatCall(it.messages, openai_params(self.spec, it.max_new_tokens, it.temperature, it.json_schema))
             for it in items
@@ -338,11 +346,11 @@ class _OpenAIChat:
 # Public expert
 # ----------------------------------------------------------------------------------------------------------
 class Llm:
-    def __init__(self, spec: LlmSpec, backend: Any) -> None:
+    def __init__(self, spec: LlmSpec, backend: ChatBackend) -> None:
         self.spec = spec
         self._backend = backend
 
-    def _item(self, req: LlmRequest, *, schema_in_prompt: bool = False) -> _Item:
+    def _item(self, req: LlmRequest, *, schema_in_prompt: bool = False) -> ChatItem:
         n, temp = generation_params(self.spec, req.max_new_tokens, req.temperature)
         system = req.system
         native = self.spec.backend == "openai" and self.spec.supports_json_schema
@@ -351,7 +359,7 @@ class Llm:
         messages: Messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": req.prompt}
         ]
-        return _Item(messages, n, temp, req.json_schema)
+        return ChatItem(messages, n, temp, req.json_schema)
 
     def generate(self, prompts: list[LlmRequest]) -> list[LlmResponse]:
         """One response per request, in order; per-item failures carry ``error``."""
@@ -389,7 +397,7 @@ class Llm:
                 except ValueError as exc:
                     last_err[i] = str(exc)
                     it = items[i]
-                    items[i] = _Item(
+                    items[i] = ChatItem(
                         it.messages + [{"role": "assistant", "content": resp.text or ""},
                                        {"role": "user", "content": repair_prompt(str(exc), items[i].json_schema or schema)}],
                         it.max_new_tokens, it.temperature, it.json_schema,
