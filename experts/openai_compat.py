@@ -308,6 +308,9 @@ class OpenAICompatClient:
         self.spec = spec
         self.cache = cache
         self.url = spec.base_url.rstrip("/") + "/chat/completions"
+        import aiohttp  # noqa: F401  (import cost belongs to loading, not to the first batch)
+        import tenacity  # noqa: F401
+
         self._loop = _LoopThread()
         weakref.finalize(self, self._loop.close)  # stop the private loop thread when the client is dropped
 
