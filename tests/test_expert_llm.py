@@ -74,6 +74,15 @@ def test_tiny_lm_generate_types_and_batching(tiny_llm):
     assert tiny_llm.generate([]) == []
 
 
+def test_tiny_lm_sampling_and_greedy_in_one_call(tiny_llm):
+    import torch
+
+    torch.manual_seed(0)
+    greedy, sampled = tiny_llm.generate([LlmRequest("hello"), LlmRequest("hello", temperature=1.5)])
+    assert greedy.error is None and sampled.error is None and isinstance(sampled.text, str)
+    assert greedy.text == tiny_llm.generate([LlmRequest("hello")])[0].text  # not batched with the sampled one
+
+
 def test_tiny_lm_through_tiny_scheme(tmp_path, monkeypatch):
     monkeypatch.setenv("MOTIONFORGE_TINY_CACHE", str(tmp_path))
     llm = load_llm(LlmSpec(model_id="tiny://qwen2_lm", max_new_tokens=4, device="cpu"))
