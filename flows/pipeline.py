@@ -4,13 +4,21 @@ Unit of work = one (stage, shard) task. A shard of a later stage waits only for 
 inputs (``wait_for``), so shard 0 can be tracked while shard 5 is still being ingested. Global stages
 (e.g. ``finalize``) wait for every shard of their inputs. Tasks pass names, numbers and the config dict,
 never models or tables (ARCHITECTURE rule 7).
+
+Both flows hand the (stage, shard) graph to the ``motionforge-stages`` subflow, whose task runner comes from
+``config.runtime`` (thread pool, or prefect-ray's RayTaskRunner with per-stage ``num_cpus``/``num_gpus``), so
+a deployment run from the UI honours the runtime chosen in its parameter form. GPU stages also hold slots of a
+Prefect global concurrency limit (one slot per GPU; ``motionforge setup-prefect --gpus N`` creates it).
+Each run publishes one table artifact per stage and a summary markdown artifact linking the dataset report.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
+import re
 import time
-from typing import Any
+from typing import Any, Literal, Optional
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -19,8 +27,9 @@ from prefect.cache_policies import NONE  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 from experts.base import WeightsNotFoundError  # noqa: E402
-from flows.config import load_pipeline_config, pipeline_model  # noqa: E402
+from flows.config import RuntimeConfig, load_pipeline_config, pipeline_model  # noqa: E402
 from stages import ingest as ingest_stage  # noqa: E402
+from stages.base import Resources  # noqa: E402
 from stages.registry import available_stages, get_stage, order  # noqa: E402
 from stages.runner import InputsNotReadyError, plan_shards, run_shard  # noqa: E402
 from storage.lock import RunLock  # noqa: E402
@@ -29,6 +38,22 @@ from storage.root import OutputRoot  # noqa: E402
 
 PIPELINE_CONFIG_FILE = "_pipeline.json"
 NOT_RETRIED = (InputsNotReadyError, WeightsNotFoundError, ValueError, TypeError, KeyError)
+# Set on a GPU node's worker (``MOTIONFORGE_GPU_LIMIT=motionforge-gpu-node1 prefect worker start ...``) so the flow
+# runs it starts take that node's GPU slots when the config names no limit (docs/cluster.md).
+GPU_LIMIT_ENV = "MOTIONFORGE_GPU_LIMIT"
+
+# The deployment's parameter schema is built from these annotations: the pipeline config model renders as a
+# form in the Prefect UI, and the stage name of ``rerun_stage`` as a drop-down.
+PipelineConfig = pipeline_model()
+StageName = Literal[tuple(available_stages())] if available_stages() else str  # type: ignore[valid-type]
+
+
+class PipelineFailed(RuntimeError):
+    pass
+
+
+class GpuLimitMissingError(RuntimeError):
+    pass
 
 
 def _retry_condition(task, task_run, state) -> bool:
@@ -37,22 +62,49 @@ def _retry_condition(task, task_run, state) -> bool:
         state.result()
     except NOT_RETRIED:
         return False
+    except GpuLimitMissingError:
+        return False
     except Exception:  # noqa: BLE001
         return True
     return True
 
 
+def gpu_limit_name(configured: str | None) -> str | None:
+    return configured or os.environ.get(GPU_LIMIT_ENV) or None
+
+
 @contextlib.contextmanager
 def gpu_slot(stage_name: str, limit: str | None):
-    """Hold one slot per GPU the stage needs of a Prefect global concurrency limit, if one is configured."""
+    """Hold one slot per GPU the stage needs of a Prefect global concurrency limit, if one is configured.
+
+    Fractional requests (e.g. 0.25 GPU for a CLIP filter) still take one whole slot: the limit counts GPUs a
+    worker may hand out, and sharing a slot between stages is what Ray's fractional ``num_gpus`` is for.
+    """
     gpus = get_stage(stage_name).resources.gpus
+    limit = gpu_limit_name(limit)
     if not limit or gpus <= 0:
         yield
         return
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(limit, occupy=max(1, int(round(gpus))), strict=True):
+    slots = max(1, int(round(gpus)))
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(limit, occupy=slots, strict=True))
+        except Exception as exc:  # noqa: BLE001 -- Prefect raises several types for a missing/too-small limit
+            raise GpuLimitMissingError(
+                f"stage {stage_name!r} needs {slots} slot(s) of the GPU concurrency limit {limit!r}, which the Prefect "
+                f"server at {_api_url() or 'the temporary local server'} could not grant ({type(exc).__name__}: {exc}); "
+                f"create it with `motionforge setup-prefect --gpus N --gpu-limit {limit}`, or unset "
+                f"runtime.gpu_concurrency_limit / {GPU_LIMIT_ENV}"
+            ) from exc
         yield
+
+
+def _api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
 
 
 @task(
@@ -69,11 +121,13 @@ def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force:
     root = OutputRoot(out)
     st = get_stage(stage)
     with gpu_slot(stage, pc.runtime.gpu_concurrency_limit):
+        started = dt.datetime.now(dt.timezone.utc)
         outcome = run_shard(st, root, pc.stage_config(stage), shard, force=force, pipeline=config)
+        ended = dt.datetime.now(dt.timezone.utc)
     get_run_logger().info(
         "%s / shard %05d: %s, %d rows (%d ok, %d error, %d skipped) in %.1fs", stage, shard, outcome.action,
         outcome.rows, outcome.ok, outcome.error, outcome.skipped, outcome.seconds)
-    return outcome.as_dict()
+    return {**outcome.as_dict(), "started_at": started.isoformat(), "ended_at": ended.isoformat(), "pid": os.getpid()}
 
 
 @task(name="plan-inputs", cache_policy=NONE)
@@ -89,75 +143,270 @@ def plan_inputs(input: str, out: str, shard_size: int, extensions: list[str]) ->
 
 
 def _task_runner(runtime):
+    """The task runner ``runtime`` asks for: a thread pool, or Ray (local, or ``ray://head:10001``)."""
     if runtime.task_runner == "ray":
         from prefect_ray import RayTaskRunner
 
-        init = {"include_dashboard": False}
+        init: dict[str, Any] = {"include_dashboard": False}
+        api = _api_url()
+        if runtime.ray_address and api:
+            # Workers on other nodes report their task runs to the same server (no secrets travel this way:
+            # PREFECT_API_KEY, if any, must be set on the cluster's nodes).
+            init["runtime_env"] = {"env_vars": {"PREFECT_API_URL": api}}
         return RayTaskRunner(address=runtime.ray_address, init_kwargs=init)
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=runtime.max_workers)
 
 
+def _ray_cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+
+
+def ray_remote_options(resources: Resources, cluster_gpus: float) -> dict[str, Any]:
+    """Ray request for one (stage, shard) task, from the stage's declared resources.
+
+    ``max_calls=0`` for GPU tasks: Ray's default for a task with ``num_gpus > 0`` is ``max_calls=1`` (the worker
+    process exits after one task), which would reload the stage's expert for every shard. With 0 the worker
+    process lives on and :func:`experts.base.get_expert` finds the model in its per-process cache.
+    On a Ray instance with no GPU at all (a laptop, CI, the ``tiny`` profile) GPU stages request 0 GPUs, or they
+    would wait forever.
+    """
+    gpus = resources.gpus if cluster_gpus > 0 else 0.0
+    opts: dict[str, Any] = {"num_cpus": resources.cpus, "num_gpus": gpus}
+    if gpus > 0:
+        opts["max_calls"] = 0
+    return opts
+
+
 def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, force: bool, runtime) -> dict:
     futures: dict[tuple[str, int], Any] = {}
     opts = stage_shard.with_options(retries=runtime.retries,
                                     retry_delay_seconds=exponential_backoff(backoff_factor=runtime.retry_delay_s))
+    use_ray = runtime.task_runner == "ray"
+    if use_ray:
+        from prefect_ray.context import remote_options
+
+        cluster_gpus = _ray_cluster_gpus()
+        if cluster_gpus <= 0 and any(get_stage(n).resources.uses_gpu for n in stage_names):
+            get_run_logger().warning("the Ray cluster has no GPU: GPU stages request num_gpus=0 and run on CPU")
+
+    def submit(name: str, k: int, waits: list):
+        if not use_ray:
+            return opts.submit(name, k, out, cfg, force, wait_for=waits)
+        with remote_options(**ray_remote_options(get_stage(name).resources, cluster_gpus)):
+            return opts.submit(name, k, out, cfg, force, wait_for=waits)
+
     for name in stage_names:
         st = get_stage(name)
         if st.scope == "global":
             waits = [f for (s, _), f in futures.items() if s in st.inputs]
-            futures[(name, 0)] = opts.submit(name, 0, out, cfg, force, wait_for=waits)
+            futures[(name, 0)] = submit(name, 0, waits)
             continue
         for k in shards:
             waits = [futures[(inp, k)] for inp in st.inputs if (inp, k) in futures]
-            futures[(name, k)] = opts.submit(name, k, out, cfg, force, wait_for=waits)
+            futures[(name, k)] = submit(name, k, waits)
     return futures
 
 
-def _collect(futures: dict) -> tuple[list[dict], list[str]]:
+def _collect(futures: dict) -> tuple[list[dict], list[dict]]:
+    """Outcomes of finished shards, and ``{stage, shard, error}`` for the ones that failed."""
     results, failures = [], []
     for (name, k), fut in futures.items():
-        state = fut.wait() or fut.state
+        fut.wait()
         state = fut.state
         if state.is_completed():
             results.append(fut.result())
-        else:
-            msg = state.message or state.name
-            try:
-                fut.result()
-            except Exception as exc:  # noqa: BLE001
-                msg = f"{type(exc).__name__}: {exc}"
-            failures.append(f"{name} / shard {k:05d}: {msg}")
+            continue
+        msg = state.message or state.name
+        try:
+            fut.result()
+        except Exception as exc:  # noqa: BLE001
+            msg = f"{type(exc).__name__}: {exc}"
+        failures.append({"stage": name, "shard": k, "error": msg})
     return results, failures
 
 
-def _summary_text(out: str, results: list[dict], failures: list[str], seconds: float) -> str:
-    by_stage: dict[str, dict[str, int]] = {}
+def _failure_line(f: dict) -> str:
+    return f"{f['stage']} / shard {f['shard']:05d}: {f['error']}"
+
+
+def _stage_totals(results: list[dict]) -> dict[str, dict[str, float]]:
+    by_stage: dict[str, dict[str, float]] = {}
     for r in results:
-        s = by_stage.setdefault(r["stage"], {"shards": 0, "rows": 0, "ok": 0, "error": 0, "skipped": 0})
+        s = by_stage.setdefault(r["stage"], {"shards": 0, "rows": 0, "ok": 0, "error": 0, "skipped": 0, "seconds": 0.0})
         s["shards"] += 1
-        for k in ("rows", "ok", "error", "skipped"):
+        for k in ("rows", "ok", "error", "skipped", "seconds"):
             s[k] += r[k]
+    return by_stage
+
+
+def _summary_text(out: str, results: list[dict], failures: list[dict], seconds: float) -> str:
+    by_stage = _stage_totals(results)
     lines = [f"motionforge finished in {seconds:.1f}s; outputs under {out}"]
     for name in order(by_stage):
         s = by_stage[name]
         lines.append(f"  {name:<12} {s['shards']:>4} shards  {s['rows']:>6} rows  ok {s['ok']}  error {s['error']}  skipped {s['skipped']}  -> {OutputRoot(out).uri(name)}")
     for f in failures:
-        lines.append(f"  FAILED {f}")
+        lines.append(f"  FAILED {_failure_line(f)}")
     return "\n".join(lines)
 
 
-class PipelineFailed(RuntimeError):
-    pass
+# ---------------------------------------------------------------- Prefect UI artifacts
+
+def artifact_key(*parts: str) -> str:
+    """Artifact keys allow lower-case letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(("motionforge",) + parts).lower()).strip("-")
 
 
-@flow(name="motionforge-pipeline", log_prints=True)
-def pipeline(input: str, out: str, config: dict[str, Any] | None = None, stages: list[str] | None = None,
+def _items_per_s(rows: float, seconds: float) -> float:
+    return round(rows / seconds, 2) if seconds > 0 else 0.0
+
+
+def stage_table(stage: str, results: list[dict], failures: list[dict]) -> tuple[list[dict], str]:
+    """Rows (one per shard) and a markdown description for the stage's table artifact."""
+    rows = []
+    for r in sorted((r for r in results if r["stage"] == stage), key=lambda r: r["shard"]):
+        rows.append({
+            "shard": r["shard"], "result": r["action"], "rows": r["rows"], "ok": r["ok"], "error": r["error"],
+            "skipped": r["skipped"], "seconds": round(r["seconds"], 3), "items_per_s": _items_per_s(r["rows"], r["seconds"]),
+            "top_errors": "; ".join(f"{reason} (x{n})" for reason, n in r["top_errors"]),
+        })
+    for f in sorted((f for f in failures if f["stage"] == stage), key=lambda f: f["shard"]):
+        rows.append({"shard": f["shard"], "result": "FAILED", "rows": 0, "ok": 0, "error": 0, "skipped": 0,
+                     "seconds": 0.0, "items_per_s": 0.0, "top_errors": f["error"][:300]})
+    written = [r for r in results if r["stage"] == stage and r["action"] == "written"]
+    t = _stage_totals(written).get(stage, {"rows": 0, "seconds": 0.0})
+    reasons: dict[str, int] = {}
+    for r in results:
+        if r["stage"] == stage:
+            for reason, n in r["top_errors"]:
+                reasons[reason] = reasons.get(reason, 0) + n
+    ok = sum(r["ok"] for r in rows)
+    err = sum(r["error"] for r in rows)
+    failed = sum(1 for r in rows if r["result"] == "FAILED")
+    desc = [f"**{stage}**: {len(rows)} shards ({failed} failed), rows ok {ok}, error {err}; "
+            f"throughput {_items_per_s(t['rows'], t['seconds'])} items/s over the shards computed in this run"]
+    if reasons:
+        desc.append("Top error reasons: " + "; ".join(f"{k} (x{v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]))
+    return rows, "\n\n".join(desc)
+
+
+def _report_link(out: str) -> str:
+    """Write the dataset report and return a markdown link to it (or why there is none)."""
+    from dashboards.report import write_report
+
+    try:
+        path = write_report(out)
+    except Exception as exc:  # noqa: BLE001 -- a report failure must not fail the data run
+        get_run_logger().warning("dataset report not written: %s: %s", type(exc).__name__, exc)
+        return f"dataset report not written ({type(exc).__name__}: {exc}); run `motionforge report --out {out}`"
+    url = str(path)
+    if "://" not in url:
+        url = "file://" + os.path.abspath(url)
+    return f"[dataset report]({url}) (`{path}`)"
+
+
+def publish_artifacts(out: str, stage_names: list[str], results: list[dict], failures: list[dict], seconds: float,
+                      what: str) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    for name in order(stage_names):
+        if not any(r["stage"] == name for r in results) and not any(f["stage"] == name for f in failures):
+            continue
+        rows, desc = stage_table(name, results, failures)
+        create_table_artifact(table=rows, key=artifact_key(name), description=desc)
+    by_stage = _stage_totals(results)
+    md = [f"# motionforge {what}", "", f"Output root: `{out}`, {seconds:.1f}s.", "", _report_link(out), "",
+          "| stage | shards | rows | ok | error | skipped | items/s |", "|---|---|---|---|---|---|---|"]
+    for name in order(by_stage):
+        s = by_stage[name]
+        md.append(f"| {name} | {s['shards']} | {s['rows']} | {s['ok']} | {s['error']} | {s['skipped']} | "
+                  f"{_items_per_s(s['rows'], s['seconds'])} |")
+    if failures:
+        md += ["", f"## {len(failures)} failed stage shard(s)", ""]
+        md += [f"- `{_failure_line(f)[:500]}`" for f in failures]
+        md += ["", "Re-run one from the UI with the `motionforge-rerun-stage/rerun-stage` deployment "
+               "(parameters: out, stage, shards), or `motionforge run-stage STAGE --out ROOT --shard K`."]
+    create_markdown_artifact(markdown="\n".join(md), key=artifact_key("summary"), description=f"motionforge {what} of {out}")
+
+
+# ---------------------------------------------------------------- flows
+
+def _short_stages(names: list[str] | None) -> str:
+    names = list(names or [])
+    if not names:
+        return "all stages"
+    return ",".join(names) if len(names) <= 3 else f"{names[0]}..{names[-1]} ({len(names)} stages)"
+
+
+def _root_label(out: str) -> str:
+    return os.path.basename(str(out).rstrip("/")) or str(out)
+
+
+def _shards_label(shards: list[int] | None) -> str:
+    if not shards:
+        return "all shards"
+    if len(shards) == 1:
+        return f"shard {shards[0]:05d}"
+    return "shards " + ",".join(f"{s:05d}" for s in shards[:4]) + (" ..." if len(shards) > 4 else "")
+
+
+def _pipeline_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"pipeline {_short_stages(p.get('stages'))} -> {_root_label(p.get('out', ''))}"
+
+
+def _stages_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"{_short_stages(p.get('stage_names'))} / {_shards_label(p.get('shards'))}"
+
+
+def _rerun_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"rerun {p.get('stage')} / {_shards_label(p.get('shards'))} -> {_root_label(p.get('out', ''))}"
+
+
+@flow(name="motionforge-stages", flow_run_name=_stages_run_name)
+def run_stages(out: str, stage_names: list[str], shards: list[int], config: dict[str, Any], force: bool = False) -> dict:
+    """The (stage, shard) graph, on the task runner this flow was given (see :func:`_run_graph`)."""
+    runtime = RuntimeConfig.model_validate(config.get("runtime") or {})
+    futures = _submit(stage_names, shards, out, config, force, runtime)
+    results, failures = _collect(futures)
+    return {"results": results, "failures": failures}
+
+
+def _run_graph(out: str, stage_names: list[str], shards: list[int], cfg: dict, force: bool, runtime) -> tuple[list, list]:
+    sub = run_stages.with_options(task_runner=_task_runner(runtime))
+    res = sub(out=out, stage_names=stage_names, shards=shards, config=cfg, force=force)
+    return res["results"], res["failures"]
+
+
+def _as_pipeline_config(config):
+    model = pipeline_model()
+    if config is None:
+        return model()
+    if isinstance(config, model):
+        return config
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    return model.model_validate(config)
+
+
+@flow(name="motionforge-pipeline", flow_run_name=_pipeline_run_name, log_prints=True)
+def pipeline(input: str, out: str, config: Optional[PipelineConfig] = None, stages: Optional[list[StageName]] = None,
              force: bool = False) -> dict:
     """Run the selected stages (default: all) over every shard of ``input``, writing under ``out``."""
     t0 = time.perf_counter()
-    pc = pipeline_model().model_validate(config or {})
+    pc = _as_pipeline_config(config)
     cfg = pc.model_dump(mode="json")
     names = order(stages or available_stages())
     root = OutputRoot(out)
@@ -168,19 +417,23 @@ def pipeline(input: str, out: str, config: dict[str, Any] | None = None, stages:
         shards = plan_shards(root)
         for n in names:
             record_stage_config(root, n, pc.stage_config(n).config_hash(), cfg[n], list(get_stage(n).inputs))
-        futures = _submit(names, shards, out, cfg, force, pc.runtime)
-        results, failures = _collect(futures)
-    text = _summary_text(out, results, failures, time.perf_counter() - t0)
+        results, failures = _run_graph(out, names, shards, cfg, force, pc.runtime)
+    seconds = time.perf_counter() - t0
+    text = _summary_text(out, results, failures, seconds)
     print(text)
+    publish_artifacts(out, names, results, failures, seconds, "pipeline run")
     if failures:
-        raise PipelineFailed(f"{len(failures)} stage shard(s) failed:\n" + "\n".join(failures))
+        raise PipelineFailed(f"{len(failures)} stage shard(s) failed:\n" + "\n".join(map(_failure_line, failures)))
     return {"out": out, "results": results, "summary": text}
 
 
-@flow(name="motionforge-rerun-stage", log_prints=True)
-def rerun_stage(out: str, stage: str, shards: list[int] | None = None, force: bool = True,
-                config: dict[str, Any] | None = None) -> dict:
-    """Re-run one stage for some shards (default all), e.g. after a failure; other stages are untouched."""
+@flow(name="motionforge-rerun-stage", flow_run_name=_rerun_run_name, log_prints=True)
+def rerun_stage(out: str, stage: StageName, shards: Optional[list[int]] = None, force: bool = True,
+                config: Optional[dict[str, Any]] = None) -> dict:
+    """Re-run one stage for some shards (default all), e.g. after a failure; other stages are untouched.
+
+    ``config`` holds overrides on top of the config the root was last run with (e.g. ``{"runtime": {...}}``).
+    """
     t0 = time.perf_counter()
     root = OutputRoot(out)
     stored = root.read_json(root.path(PIPELINE_CONFIG_FILE), default=None)
@@ -196,12 +449,11 @@ def rerun_stage(out: str, stage: str, shards: list[int] | None = None, force: bo
     with RunLock(root, f"rerun of {stage}"):
         root.write_json(root.path(PIPELINE_CONFIG_FILE), cfg)
         record_stage_config(root, stage, pc.stage_config(stage).config_hash(), cfg[stage], list(st.inputs))
-        futures = {}
-        for k in todo:
-            futures[(stage, k)] = stage_shard.submit(stage, k, out, cfg, force)
-        results, failures = _collect(futures)
-    text = _summary_text(out, results, failures, time.perf_counter() - t0)
+        results, failures = _run_graph(out, [stage], todo, cfg, force, pc.runtime)
+    seconds = time.perf_counter() - t0
+    text = _summary_text(out, results, failures, seconds)
     print(text)
+    publish_artifacts(out, [stage], results, failures, seconds, f"re-run of {stage}")
     if failures:
-        raise PipelineFailed(f"{len(failures)} shard(s) of {stage} failed:\n" + "\n".join(failures))
+        raise PipelineFailed(f"{len(failures)} shard(s) of {stage} failed:\n" + "\n".join(map(_failure_line, failures)))
     return {"out": out, "results": results, "summary": text}
