@@ -50,13 +50,15 @@ class DetectConfig(StageConfig):
     crop_padding: float = 0.0  # grow each crop by this fraction of the box size per side before scoring
     # Greedy NMS across tags; boxes overlapping a better one by more than this are duplicates.
     nms_iou_threshold: float = 0.7
+    # Tracking cost grows with instances per clip; keep at most the best N after NMS (None: all).
+    max_instances_per_clip: int | None = None
     batch_size: int = 8
 
-    @field_validator("batch_size")
+    @field_validator("batch_size", "max_boxes_per_tag", "max_instances_per_clip")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"batch_size must be >= 1, got {v}")
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1 (or None where allowed), got {v}")
         return v
 
 
@@ -65,8 +67,8 @@ PROFILES = {
               "clip": {"model_id": "openai", "arch": "ViT-B-32"}},
     # Random weights: accept every query box, but only the best 2 per tag, and any CLIP score.
     "tiny": {"detector": {"model_id": "tiny://grounding_dino"}, "clip": {"model_id": "tiny://clip"},
-             "box_threshold": 0.0, "text_threshold": 0.0, "max_boxes_per_tag": 2, "min_clip_score": -1.0,
-             "max_area_ratio": 1.0, "min_box_side_px": 1.0},
+             "box_threshold": 0.0, "text_threshold": 0.0, "max_boxes_per_tag": 2, "max_instances_per_clip": 2,
+             "min_clip_score": -1.0, "max_area_ratio": 1.0, "min_box_side_px": 1.0},
 }
 
 
@@ -149,6 +151,15 @@ def nms_across_tags(cands: list[Candidate], iou_threshold: float) -> None:
                 break
         else:
             kept.append(c)
+
+
+def cap_instances(cands: list[Candidate], max_instances: int | None) -> None:
+    """Keep the ``max_instances`` best surviving boxes (detection score); the rest are skipped with their rank."""
+    if max_instances is None:
+        return
+    alive = sorted((c for c in cands if c.reason is None), key=lambda c: (-c.score, c.label, rounded_box(c.box)))
+    for rank, c in enumerate(alive[max_instances:], start=max_instances + 1):
+        c.reason = f"over the per-clip cap: detection score {c.score:.2f} ranks {rank} > max_instances_per_clip={max_instances}"
 
 
 def candidates_from_detections(clip_id: str, detections: Sequence[Any], tag_scores: dict[str, float],
@@ -255,6 +266,7 @@ def detect_clips(tag_rows: Sequence[ClipTags], detector: Any, clip: Any, cfg: De
                                                    w, h, cfg)
                 score_with_clip(cands, frame.image, clip, cfg)
                 nms_across_tags(cands, cfg.nms_iou_threshold)
+                cap_instances(cands, cfg.max_instances_per_clip)
                 rows.extend(rows_for_clip(t, frame, cands))
         progress(min(start + cfg.batch_size, len(todo)), len(todo))
     return rows

@@ -11,6 +11,7 @@ A clip whose tracking fails (unreadable video, tracker error) gives one error ro
 from __future__ import annotations
 
 import collections
+import itertools
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pydantic import Field, field_validator
@@ -48,7 +49,7 @@ class TrackConfig(StageConfig):
 
 PROFILES = {
     "small": {"tracker": {"model_id": "facebook/sam2.1-hiera-tiny"}},
-    "tiny": {"tracker": {"model_id": "tiny://sam2"}, "fps": 4.0, "short_side": 128, "max_frames": 12},
+    "tiny": {"tracker": {"model_id": "tiny://sam2"}, "fps": 4.0, "short_side": 128, "max_frames": 6},
 }
 
 
@@ -131,31 +132,33 @@ def track_clip(instances: Sequence[Instance], tracker: Any, cfg: TrackConfig,
     from experts.video import VideoProbeError
 
     first = instances[0]
-    if first.width is None or first.height is None:
-        return error_rows(instances, f"clip {first.clip_id}: detect rows carry no frame size; re-run detect", cfg.fps)
-    scale = 1.0
-    if cfg.short_side is not None:
-        scale = min(first.width, first.height) / cfg.short_side  # decoded px -> full-size px
-    prompts = [(i.instance_id, scale_box(i.box_xyxy_px, 1.0 / scale)) for i in instances]
-    rec = _Recorder(frames(first.video_path, first.start_s, first.end_s, cfg), cfg.max_frames)
+    if first.width is None or first.height is None or first.box_xyxy_px is None:
+        return error_rows(instances, f"clip {first.clip_id}: detect rows carry no frame size or box; re-run detect",
+                          cfg.fps)
+    rec = None
     try:
+        stream = iter(frames(first.video_path, first.start_s, first.end_s, cfg))
+        head = next(stream, None)
+        if head is None:
+            return error_rows(instances, f"clip {first.clip_id}: no frame decoded in [{first.start_s:.3f}, "
+                                         f"{first.end_s:.3f}) s of {first.video_path}", cfg.fps)
+        if first.frame_t_s is not None and abs(float(head.t_s) - first.frame_t_s) > 1e-3:
+            return error_rows(instances, (
+                f"clip {first.clip_id}: the first tracked frame is at {float(head.t_s):.3f} s but the boxes were "
+                f"detected at {first.frame_t_s:.3f} s; the prompts would be on the wrong frame"), cfg.fps)
+        # Decoded pixels -> detect-frame pixels (1.0 unless short_side shrinks the frames).
+        scale = first.width / int(head.image.shape[1])
+        prompts = [(i.instance_id, scale_box(i.box_xyxy_px, 1.0 / scale)) for i in instances]
+        rec = _Recorder(itertools.chain([head], stream), cfg.max_frames)
         points = tracker.track(rec, prompts)
     except VideoProbeError as exc:
         return error_rows(instances, f"clip {first.clip_id}: cannot decode {first.video_path}: {exc.reason}", cfg.fps)
     except (OSError, ValueError, RuntimeError) as exc:
         if type(exc).__name__ == "OutOfMemoryError":
             raise  # not this clip's fault: the whole shard is retried (maybe with a smaller short_side)
-        return error_rows(instances, f"clip {first.clip_id}: tracking failed after {len(rec.index)} frames: "
+        done = len(rec.index) if rec is not None else 0
+        return error_rows(instances, f"clip {first.clip_id}: tracking failed after {done} frames: "
                                      f"{type(exc).__name__}: {exc}", cfg.fps)
-    if not rec.index:
-        return error_rows(instances, f"clip {first.clip_id}: no frame decoded in [{first.start_s:.3f}, "
-                                     f"{first.end_s:.3f}) s of {first.video_path}", cfg.fps)
-    if first.frame_t_s is not None and abs(rec.t_s[0] - first.frame_t_s) > 1e-3:
-        return error_rows(instances, (
-            f"clip {first.clip_id}: the first tracked frame is at {rec.t_s[0]:.3f} s but the boxes were detected "
-            f"at {first.frame_t_s:.3f} s; the prompt would be on the wrong frame"), cfg.fps)
-    if cfg.short_side is not None and rec.size is not None:
-        scale = first.width / rec.size[0]  # the decoder's exact rounding of the reduced size
     return track_rows(instances, points, rec, scale, cfg.fps)
 
 

@@ -119,6 +119,12 @@ def test_thresholds_move_the_drops(tmp_path):
     rows = from_table(root.read_shard("detect", 0), Instance)
     labels = [r.label for r in rows]
     assert len(labels) == len(set(labels))  # one box per tag at most
+    run_shard(STAGE, root, DetectConfig(max_instances_per_clip=2), 0)
+    rows = from_table(root.read_shard("detect", 0), Instance)
+    ok = [r for r in rows if r.status == "ok"]
+    capped = [r for r in rows if r.error and r.error.startswith("over the per-clip cap")]
+    assert len(ok) == 2 and len(capped) >= 1
+    assert min(r.detection_score for r in ok) >= max(r.detection_score for r in capped)
 
 
 def test_clip_without_tags_gives_no_rows_and_bad_frame_gives_error(tmp_path):

@@ -109,3 +109,36 @@ def test_tiny_profile_with_real_tiny_samurai(tmp_path):
     for r in rows:
         assert r.num_frames == 3 and [p["frame_index"] for p in r.points] == sorted(p["frame_index"] for p in r.points)
         assert r.points[0]["t_s"] == pytest.approx(r.start_s, abs=1e-3)
+
+
+class _EchoTracker:
+    """Reports each prompt box unchanged on every frame; records what it was given."""
+
+    def __init__(self):
+        self.prompts, self.shapes = [], []
+
+    def track(self, frames, prompts, timestamps_s=None, return_masks=False):
+        self.prompts.append(list(prompts))
+        out = []
+        for pos, f in enumerate(frames):
+            self.shapes.append(f.image.shape)
+            for iid, b in prompts:
+                out.append(TrackPoint(iid, pos, None, tuple(b), int((b[2] - b[0]) * (b[3] - b[1])), 1.0, None, True))
+        return out
+
+
+def test_short_side_decoding_maps_boxes_back_to_full_size_pixels(tmp_path):
+    o = oracle()
+    root = detected_root(tmp_path, o, all_clips(o)[:1])
+    echo = _EchoTracker()
+    install_expert_override(TRACKER_EXPERT, echo)
+    run_shard(STAGE, root, TrackConfig(fps=5.0, short_side=120, max_frames=2), 0)
+    inst = {i.instance_id: i for i in from_table(root.read_shard("detect", 0), Instance) if i.status == "ok"}
+    assert set(s[:2] for s in echo.shapes) == {(120, 160)}
+    assert {iid: list(b) for iid, b in echo.prompts[0]} == {k: [v / 2 for v in i.box_xyxy_px] for k, i in inst.items()}
+    for t in from_table(root.read_shard("track", 0), Track):
+        assert t.num_frames == 2
+        for p in t.points:
+            b = inst[t.instance_id].box_xyxy_px
+            assert p["box_xyxy_px"] == b
+            assert p["mask_area_px"] == pytest.approx((b[2] - b[0]) * (b[3] - b[1]), abs=4)
