@@ -363,6 +363,32 @@ def _decoded(container: Any, stream: Any, path: PathLike) -> Iterator[Any]:
         yield frame
 
 
+def _seek_and_decode(container: Any, stream: Any, path: PathLike, t0: int, start_s: float,
+                     eps: float) -> Iterator[Any]:
+    """Decoded frames from the keyframe at or before ``start_s``.
+
+    Some demuxers (MPEG-TS, files with sparse indexes) land on a keyframe after the target; then seek again
+    further back, doubling the margin, until the first decoded frame is not after ``start_s``.
+    """
+    tb = stream.time_base
+    margin = 0.0
+    while True:
+        target = max(0.0, start_s - margin)
+        container.seek(t0 + int(target / tb), stream=stream, backward=True, any_frame=False)
+        frames = _decoded(container, stream, path)
+        first = next(frames, None)
+        if first is None and target > 0:
+            margin = max(1.0, 2 * margin)
+            continue
+        if first is None:
+            return
+        if target == 0.0 or first.pts is None or float((first.pts - t0) * tb) <= start_s + eps:
+            yield first
+            yield from frames
+            return
+        margin = max(1.0, 2 * margin)
+
+
 def _iter_open(container: Any, stream: Any, path: PathLike, start_s: float, end_s: float | None,
                fps: float | None, num_frames: int | None, size: tuple[int, int] | None,
                short_side: int | None) -> Iterator[Frame]:
@@ -390,8 +416,7 @@ def _iter_open(container: Any, stream: Any, path: PathLike, start_s: float, end_
     eps = min(1e-3, 0.25 / rate) if rate > 0 else 1e-3
 
     seeked = start_s > 0
-    if seeked:
-        container.seek(t0 + int(start_s / tb), stream=stream, backward=True, any_frame=False)
+    frames = _seek_and_decode(container, stream, path, t0, start_s, eps) if seeked else _decoded(container, stream, path)
 
     targets: Iterator[float] | None
     if num_frames is not None:
@@ -412,7 +437,7 @@ def _iter_open(container: Any, stream: Any, path: PathLike, start_s: float, end_
     last_emitted = -1
     target = next(targets, None) if targets is not None else None
 
-    for av_frame in _decoded(container, stream, path):
+    for av_frame in frames:
         if av_frame.pts is None:
             continue  # no timestamp: cannot place it in time (rare, broken streams)
         t = float((av_frame.pts - t0) * tb)

@@ -180,3 +180,19 @@ def test_memory_stays_flat_on_long_video(tmp_path):
             peak = max(peak, _rss_bytes())
     assert count == 1500 and total_bytes > 250e6
     assert peak - base < 40e6, f"RSS grew by {(peak - base) / 1e6:.1f} MB while streaming"
+
+
+@pytest.mark.parametrize("ext", ["ts", "mkv"])
+def test_other_containers_seek_and_count(vids, tmp_path, ext):
+    # MPEG-TS starts at a non-zero timestamp and its seeks can land after the target keyframe;
+    # Matroska stores no frame count.
+    path = tmp_path / f"clip.{ext}"
+    ffmpeg("-i", str(vids["faststart"]), "-c", "copy", str(path))
+    p = probe(path)
+    assert (p.frame_count, p.fps) == (100, 25.0) and p.duration_s == pytest.approx(4.0, abs=0.05)
+    span = read_frames(path, start_s=1.0, end_s=1.2)
+    assert [f.index for f in span] == [25, 26, 27, 28, 29]
+    np.testing.assert_allclose([f.t_s for f in span], [1.0, 1.04, 1.08, 1.12, 1.16], atol=1e-6)
+    from_start = [f for f in iter_frames(path, end_s=1.2)][25:]
+    for a, b in zip(span, from_start):
+        np.testing.assert_array_equal(a.image, b.image)
