@@ -209,7 +209,7 @@ def test_state_stays_flat_on_a_longer_clip(present_model, samurai_mode):
                            memory_bank_iou_threshold=-1.0)  # admit everything: the bank fills up
     sess = tracker.session(PROMPTS[:1])
     sizes, counts = [], []
-    for f in moving_squares(26, h=64, w=64):
+    for f in moving_squares(20, h=64, w=64):
         sess.step(f)
         sizes.append(sess.state_nbytes())
         counts.append(len(sess.state_tensors()))
@@ -259,3 +259,41 @@ def test_weight_resolution_errors_are_clear(tmp_path, monkeypatch):
     named = tmp_path / "sam2.1_hiera_small.pt"
     named.write_bytes(b"")
     assert resolve_sam2_checkpoint(SamuraiSpec(model_id=str(named)))[0] == "configs/sam2.1/sam2.1_hiera_s.yaml"
+
+
+def test_frame_objects_and_fps_without_timestamps(tiny_model):
+    from dataclasses import dataclass as dc
+
+    @dc
+    class Frame:  # the shape of experts.video.Frame
+        index: int
+        t_s: float
+        image: np.ndarray
+
+    tracker = make_tracker(tiny_model, fps=4.0)
+    frames = [Frame(i, i / 8, f) for i, f in enumerate(moving_squares(5))]
+    pts = tracker.track(frames, PROMPTS[:1])
+    assert [(p.frame_index, p.t_s) for p in pts] == [(0, 0.0), (2, 0.25), (4, 0.5)]
+    # plain arrays and no timestamps: taken as already sampled at spec.fps
+    pts = tracker.track(moving_squares(3), PROMPTS[:1])
+    assert [p.t_s for p in pts] == [0.0, 0.25, 0.5]
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        tracker.track([np.zeros((8, 8), np.uint8)], PROMPTS[:1])
+
+
+def test_motion_choice_that_disagrees_with_sam_is_what_gets_output(present_model):
+    """When the motion-aware pick differs from SAM's argmax, the frame is redone with that pick."""
+    frames = list(moving_squares(3, h=64, w=64))
+    runs = {}
+    for forced in (None, "argmin"):
+        tracker = make_tracker(present_model, samurai_mode=True)
+        sess = tracker.session(PROMPTS[:1], return_masks=True)
+        if forced:
+            def choose(boxes, ious):
+                return [int(np.argmin(i)) for i in ious], [0.75] * len(ious)
+            sess.choose_from_boxes = choose
+        runs[forced] = [sess.step(f)[0] for f in frames]
+    base, other = runs[None], runs["argmin"]
+    assert base[0].mask_rle == other[0].mask_rle  # the prompt frame has a single candidate
+    assert other[1].kf_score == 0.75 and base[1].kf_score is None
+    assert any(b.mask_rle != o.mask_rle for b, o in zip(base[1:], other[1:]))

@@ -70,6 +70,12 @@ def select_candidate(state: MotionState, kf: KalmanBoxFilter, cand_boxes_xyxy: n
     ``cand_boxes_xyxy``: ``[M, 4]`` boxes of the candidate masks (all zeros for an empty mask);
     ``pred_ious``: ``[M]`` SAM's predicted mask IoUs. Plain SAM 2 (``samurai_mode=False``) is the argmax
     of ``pred_ious`` and leaves the state untouched.
+
+    The filter takes the chosen box as a measurement only when it agrees with the prediction
+    (``IoU(chosen box, predicted box) > stable_ious_threshold``); otherwise the stable count restarts
+    and the next frame re-seeds the filter. (The reference release gates this on SAM's predicted mask
+    IoU instead; gating on box agreement keeps a confidently wrong mask out of the motion model.)
+    An empty chosen mask (object not visible) is no measurement: the filter only predicts.
     """
     boxes = np.asarray(cand_boxes_xyxy, dtype=np.float64).reshape(-1, 4)
     ious = np.asarray(pred_ious, dtype=np.float64).reshape(-1)

@@ -303,6 +303,7 @@ class TrackSession:
                                       (m.max_obj_ptrs_in_encoder - 1) if m.use_obj_ptrs_in_encoder else 0)
                         for i in ids]
         self.frame_count = 0
+        self.redone_frames = 0  # frames where SAMURAI's pick differed from SAM's and the tail was rerun
         self.video_hw: tuple[int, int] | None = None
         self.mem_pos = None  # spatial positional encoding of memories: identical for every frame
 
@@ -460,30 +461,59 @@ class TrackSession:
             self.mem_pos = self._store(pos[-1][:1].clone())
         return feat
 
+    def candidate_boxes(self, cand_logits):
+        """``[N, M, h, w]`` low-res logits -> ``[N, M, 4]`` boxes of the masks at the model resolution
+        (the Kalman filter lives in model pixels, like the reference's high-resolution masks)."""
+        import torch.nn.functional as F
+
+        s = self.model.image_size
+        high = F.interpolate(cand_logits.float(), size=(s, s), mode="bilinear", align_corners=False)
+        return masks_to_boxes(high > 0)
+
+    def choose_from_boxes(self, boxes: np.ndarray, pred_ious: np.ndarray) -> tuple[list[int], list[float | None]]:
+        """Per object, SAMURAI's (or plain SAM 2's) pick among candidates given as numpy boxes/IoUs."""
+        tr = self.tracker
+        picks, scores = [], []
+        for j, o in enumerate(self.objects):
+            c = select_candidate(o.motion, tr.kf, boxes[j], pred_ious[j], tr.motion)
+            picks.append(c.index)
+            scores.append(c.kf_score)
+        return picks, scores
+
     def choose_candidates(self, cand_logits, pred_ious) -> tuple[Any, list[float | None]]:
         """Choose one of ``M`` candidate masks per object: ``[N, M, h, w]`` low-res logits and ``[N, M]``
         predicted IoUs -> (chosen index per object as a tensor, Kalman score per object).
 
-        SAMURAI mode ranks by motion (boxes of the candidates upsampled to the model resolution, as the
-        Kalman filter lives in model pixels) and advances each object's filter; plain SAM 2 takes the
-        argmax of the predicted IoU and never leaves the device.
+        SAMURAI mode ranks by motion and advances each object's filter; plain SAM 2 takes the argmax of
+        the predicted IoU and never leaves the device.
         """
+        import torch
+
+        n = cand_logits.size(0)
+        if not self.tracker.motion.samurai_mode or cand_logits.size(1) == 1:
+            return pred_ious.argmax(dim=1), [None] * n
+        both = torch.cat([self.candidate_boxes(cand_logits), pred_ious.float()[..., None]], dim=-1).cpu().numpy()
+        picks, scores = self.choose_from_boxes(both[..., :4], both[..., 4])
+        return torch.tensor(picks, device=cand_logits.device), scores
+
+    def _finish(self, low, ious, tokens, obj_logits, choice, feats, sizes, from_prompt: bool):
+        """Everything that follows the mask choice: pointer, memory, outputs at the input resolution."""
         import torch
         import torch.nn.functional as F
 
-        tr = self.tracker
-        n = cand_logits.size(0)
-        if not tr.motion.samurai_mode or cand_logits.size(1) == 1:
-            return pred_ious.argmax(dim=1), [None] * n
+        n = low.size(0)
         s = self.model.image_size
-        high = F.interpolate(cand_logits.float(), size=(s, s), mode="bilinear", align_corners=False)
-        both = torch.cat([masks_to_boxes(high > 0), pred_ious.float()[..., None]], dim=-1).cpu().numpy()
-        picks, scores = [], []
-        for j, o in enumerate(self.objects):
-            c = select_candidate(o.motion, tr.kf, both[j, :, :4], both[j, :, 4], tr.motion)
-            picks.append(c.index)
-            scores.append(c.kf_score)
-        return torch.tensor(picks, device=cand_logits.device), scores
+        vh, vw = self.video_hw
+        ar = torch.arange(n, device=low.device)
+        low_c = low[ar, choice].unsqueeze(1)
+        best_iou = ious[ar, choice]
+        high_c = F.interpolate(low_c, size=(s, s), mode="bilinear", align_corners=False)
+        ptr = self._object_pointer(tokens, choice, obj_logits)
+        mem_feat = self._encode_memory(feats, sizes, high_c, obj_logits, from_prompt=from_prompt)
+        video_masks = F.interpolate(low_c, size=(vh, vw), mode="bilinear", align_corners=False)[:, 0] > 0
+        stats = torch.cat([masks_to_boxes(video_masks), video_masks.flatten(1).sum(1, keepdim=True).float(),
+                           obj_logits.reshape(n, 1).float(), best_iou.reshape(n, 1).float()], 1)
+        return ptr, mem_feat, video_masks, stats
 
     # -- one frame
     def step(self, image: np.ndarray, frame_index: int | None = None, t_s: float | None = None) -> list[TrackPoint]:
@@ -508,7 +538,6 @@ class TrackSession:
                 pix = self._no_memory_features(feats, pos, sizes)
                 multimask = m._use_multimask(True, {"point_labels": labels})
                 low, ious, tokens, obj_logits = self._decode(pix, high_res, (coords, labels), multimask)
-                choice = ious.argmax(dim=1)
             else:
                 pix = torch.empty((n, m.hidden_dim, *sizes[-1]), device=tr.device, dtype=feats[-1].dtype)
                 groups: dict[tuple[int, int], list[int]] = {}
@@ -520,20 +549,28 @@ class TrackSession:
                                                [self.objects[j] for j in idxs], fi).to(pix.dtype)
                 multimask = m._use_multimask(False, None)
                 low, ious, tokens, obj_logits = self._decode(pix, high_res, None, multimask)
-                choice, kf_scores = self.choose_candidates(low, ious)
-            ar = torch.arange(n, device=tr.device)
-            low_c = low[ar, choice].unsqueeze(1)
-            best_iou = ious[ar, choice]
-            high_c = F.interpolate(low_c, size=(s, s), mode="bilinear", align_corners=False)
-            ptr = self._object_pointer(tokens, choice, obj_logits)
-            mem_feat = self._encode_memory(feats, sizes, high_c, obj_logits, from_prompt=(fi == 0))
-
-            # outputs at the input resolution
-            video_masks = F.interpolate(low_c, size=(vh, vw), mode="bilinear", align_corners=False)[:, 0] > 0
-            out_boxes = masks_to_boxes(video_masks)
-            areas = video_masks.flatten(1).sum(1)
-            stats = torch.cat([out_boxes, areas[:, None].float(), obj_logits.reshape(n, 1),
-                               best_iou.reshape(n, 1).float()], 1).cpu().numpy()
+            # SAM 2's own pick first. SAMURAI usually agrees with it, so the rest of the frame is queued
+            # speculatively and the candidate boxes come back in the same transfer as the outputs: one
+            # device sync per frame, as in plain mode; a disagreement costs a second pass.
+            choice = ious.argmax(dim=1)
+            ptr, mem_feat, video_masks, stats_t = self._finish(low, ious, tokens, obj_logits, choice, feats, sizes,
+                                                               from_prompt=(fi == 0))
+            motion_aware = fi > 0 and tr.motion.samurai_mode and low.size(1) > 1
+            if motion_aware:
+                m_cand = low.size(1)
+                packed = torch.cat([stats_t, choice[:, None].float(), self.candidate_boxes(low).reshape(n, -1),
+                                    ious.float()], 1).cpu().numpy()
+                stats = packed[:, :7]
+                cand_boxes = packed[:, 8:8 + 4 * m_cand].reshape(n, m_cand, 4)
+                picks, kf_scores = self.choose_from_boxes(cand_boxes, packed[:, 8 + 4 * m_cand:])
+                if picks != packed[:, 7].astype(int).tolist():
+                    self.redone_frames += 1
+                    choice = torch.tensor(picks, device=tr.device)
+                    ptr, mem_feat, video_masks, stats_t = self._finish(low, ious, tokens, obj_logits, choice,
+                                                                       feats, sizes, from_prompt=False)
+                    stats = stats_t.cpu().numpy()
+            else:
+                stats = stats_t.cpu().numpy()
             masks_np = video_masks.cpu().numpy() if self.return_masks else None
 
             for j, o in enumerate(self.objects):
@@ -601,11 +638,10 @@ class SamuraiTracker:
         """
         sess = self.session(prompts, return_masks=return_masks)
         ts_iter = iter(timestamps_s) if timestamps_s is not None else None
-        fps = self.spec.fps
-        next_t = None
+        period = None if self.spec.fps is None else 1.0 / self.spec.fps
+        next_t: float | None = None
         for idx, item in enumerate(frames):
             image = getattr(item, "image", item)
-            t = None
             if ts_iter is not None:
                 try:
                     t = float(next(ts_iter))
@@ -613,14 +649,14 @@ class SamuraiTracker:
                     raise ValueError(f"timestamps_s ran out at frame {idx}; pass one timestamp per frame") from None
             elif getattr(item, "t_s", None) is not None:
                 t = float(item.t_s)
-            elif fps is not None:
-                t = idx / fps
-            if fps is not None and t is not None and (ts_iter is not None or hasattr(item, "t_s")):
-                if next_t is not None and t + 1e-9 < next_t:
-                    continue
-                next_t = (t if next_t is None else next_t) + 1.0 / fps
-                while next_t <= t + 1e-9:
-                    next_t += 1.0 / fps
+            else:
+                # no clock: frames are taken as already sampled at spec.fps (e.g. iter_frames(fps=...))
+                yield sess.step(image, frame_index=idx, t_s=None if period is None else idx * period)
+                continue
+            if period is not None:
+                if next_t is not None and t < next_t - 1e-6:
+                    continue  # closer than 1/fps to the last processed frame
+                next_t = t + period if next_t is None else max(next_t + period, t + 1e-9)
             yield sess.step(image, frame_index=idx, t_s=t)
 
     def track(self, frames: Iterable[Any], prompts: Sequence[tuple[str, Sequence[float]]],
