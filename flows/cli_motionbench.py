@@ -107,16 +107,17 @@ def register(app: typer.Typer) -> None:
         include_decided: bool = typer.Option(False, "--all", help="also list questions already decided"),
     ):
         """Write the questions waiting for review, with clip paths and first-frame images."""
-        from stages.review import first_frame_of_item, pending_items, write_first_frames, write_queue
+        from stages.review import check_queue_path, first_frame_of_item, pending_items, write_first_frames, write_queue
         from storage.root import OutputRoot
 
+        try:
+            check_queue_path(to)
+        except ValueError as exc:
+            _fail(str(exc))
         root = OutputRoot(out)
         items = pending_items(root, include_decided)
         write_first_frames(root, items, first_frame_of_item)
-        try:
-            write_queue(to, items)
-        except ValueError as exc:
-            _fail(str(exc))
+        write_queue(to, items)
         missing = sum(1 for it in items if it["first_frame"] is None)
         console.print(f"{len(items)} question(s) to review -> {to}"
                       + (f" ({missing} without a first-frame image: video unreadable)" if missing else ""))

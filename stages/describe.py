@@ -265,9 +265,12 @@ def plan_descriptions(clips: list[Clip], imported: list[HumanDescription], cfg: 
     per_video: dict[str, int] = {}
     for c in clips:
         per_video[c.video_id] = per_video.get(c.video_id, 0) + 1
+    synthetic: dict[str, bool] = {}
     done, todo = [], []
     for clip in clips:
-        if cfg.skip_synthetic and is_synthetic(clip.video_path):
+        if cfg.skip_synthetic and clip.video_path not in synthetic:
+            synthetic[clip.video_path] = is_synthetic(clip.video_path)
+        if cfg.skip_synthetic and synthetic[clip.video_path]:
             done.append(_row(clip, source="synthetic", status=STATUS_SKIPPED,
                              error="synthetic video with ground truth: its questions come from synthqa"))
             continue

@@ -86,8 +86,8 @@ def decide(q: Question, verdicts: list[FilterVerdict], n_judges: int, on_judge_e
     """Drop exactly when every configured judge answered correctly (9.3)."""
     failed = [v for v in verdicts if v.status != STATUS_OK]
     n_correct = sum(1 for v in verdicts if v.status == STATUS_OK and v.correct)
-    base = dict(question_id=q.question_id, clip_id=q.clip_id, row_kind=ROW_DECISION, judge=ALL_JUDGES, n_judges=n_judges,
-                n_correct=n_correct)
+    base = dict(question_id=q.question_id, clip_id=q.clip_id, row_kind=ROW_DECISION, judge=ALL_JUDGES,
+                n_judges=n_judges, n_correct=n_correct)
     if n_correct == n_judges:
         return FilterVerdict(**base, kept=False, status=STATUS_SKIPPED,
                              error=f"answered correctly from the first frame alone by all {n_judges} judges (9.3)")

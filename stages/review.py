@@ -110,6 +110,13 @@ def make_decision(item: dict, original: Question | None, default_reviewer: str |
     category = str(item.get("category") or "").strip().upper() or None
     if category and category not in CATEGORY_NAMES:
         raise ValueError(f"{where}: category {category!r} must be one of {', '.join(CATEGORY_NAMES)}")
+    decided_at = item.get("decided_at") or None
+    if decided_at is not None:
+        try:
+            stamp = dt.datetime.fromisoformat(str(decided_at))
+        except ValueError:
+            raise ValueError(f"{where}: decided_at {decided_at!r} is not an ISO date-time") from None
+        decided_at = (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).isoformat()
     content_given = item.get("question") is not None and options is not None and item.get("answer") is not None
     changed = False
     if content_given:
@@ -127,10 +134,10 @@ def make_decision(item: dict, original: Question | None, default_reviewer: str |
         except ValueError as exc:
             raise ValueError(f"{where}: edited question is invalid: {exc}") from None
         return Decision(qid, "edit", reviewer, reason, q, tuple(opts), letter, category if cat_changed else None,
-                        item.get("decided_at"))
+                        decided_at)
     if changed or cat_changed:
         raise ValueError(f"{where}: the question was changed but the decision is {raw}; write 'edit' to keep the change")
-    return Decision(qid, raw, reviewer, reason, decided_at=item.get("decided_at"))
+    return Decision(qid, raw, reviewer, reason, decided_at=decided_at)
 
 
 def store_decisions(root: OutputRoot, by_shard: dict[int, list[Decision]], now: dt.datetime | None = None) -> list[str]:
@@ -353,15 +360,20 @@ def parse_sheet(text: str) -> list[tuple[str, dict]]:
     return items
 
 
-def write_queue(path: str | Path, items: list[dict]) -> None:
+def check_queue_path(path: str | Path) -> Path:
     path = Path(path)
+    if path.suffix.lower() not in (".txt", ".md", ".jsonl", ".json"):
+        raise ValueError(f"review file {path}: use .jsonl (machine) or .txt (hand-editable sheet)")
+    return path
+
+
+def write_queue(path: str | Path, items: list[dict]) -> None:
+    path = check_queue_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".txt", ".md"):
         path.write_text(write_sheet(items), encoding="utf-8")
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        path.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8")
     else:
-        raise ValueError(f"review file {path}: use .jsonl (machine) or .txt (hand-editable sheet)")
+        path.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8")
 
 
 def read_queue(path: str | Path) -> list[tuple[str, dict]]:

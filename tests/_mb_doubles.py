@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from experts.llm import Llm, LlmResponse, LlmSpec
+from experts.llm import ChatItem, Llm, LlmResponse, LlmSpec
 from experts.vlm import VlmRequest, VlmResponse
 from schemas.clips import SCHEMA as CLIPS_SCHEMA, Clip
 from schemas.videos import SCHEMA as VIDEOS_SCHEMA, Video
@@ -30,7 +30,7 @@ class ScriptedChatBackend:
         self.calls: list[list[dict]] = []
         self._attempts: dict[str, int] = {}
 
-    def run(self, items) -> list[LlmResponse]:
+    def run(self, items: list[ChatItem]) -> list[LlmResponse]:
         out = []
         for it in items:
             self.calls.append(it.messages)

@@ -4,6 +4,7 @@ for the LLM and the VLMs and real (tiny, ffmpeg-made) videos for frames."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -280,7 +281,12 @@ def test_describe_imports_and_staleness(mb_root, tmp_path):
     f = tmp_path / "h.jsonl"
     f.write_text(json.dumps({"video_path": str(va), "description": "someone moves"}) + "\n"
                  + json.dumps({"clip_id": clips[0][1].clip_id, "caption": "the counter ticks"}) + "\n")
-    describe.store_import(root, describe.read_import_file(f))
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    r = CliRunner().invoke(app, ["import", "descriptions", str(f), "--out", root.url])
+    assert r.exit_code == 0, r.output
     assert shard_state(describe.STAGE, root, 0) == "stale"
     _run(describe.STAGE, root, CONFIGS["describe"])
     rows = {d.clip_id: d for d in _rows(root, "describe", DESC_SCHEMA, Description)}
@@ -292,6 +298,19 @@ def test_describe_imports_and_staleness(mb_root, tmp_path):
     with pytest.raises(ValueError) as info:
         describe.read_import_file(bad)
     assert "no description text" in str(info.value) and "not JSON" in str(info.value)
+    r = CliRunner().invoke(app, ["import", "descriptions", str(bad), "--out", root.url])
+    assert r.exit_code == 1 and "no description text" in r.output
+
+
+def test_synthetic_videos_skip_describe(tmp_path):
+    video = tmp_path / "synth_0_0.mp4"
+    video.write_bytes(b"")
+    video.with_suffix(".json").write_text(json.dumps({"version": 1, "video": video.name, "objects": []}))
+    clip = clip_for(video, "sv", 0, 0.0, 2.0)
+    done, todo = describe.plan_descriptions([clip], [], CONFIGS["describe"])
+    assert todo == [] and done[0].status == "skipped" and "synthqa" in done[0].error
+    done, todo = describe.plan_descriptions([clip], [], CONFIGS["describe"].model_copy(update={"skip_synthetic": False}))
+    assert todo == [clip] and done == []
 
 
 def test_first_frame_unreadable_and_judge_failure_are_error_rows():
@@ -313,3 +332,33 @@ def test_first_frame_unreadable_and_judge_failure_are_error_rows():
     keep = ffilter.FfilterConfig(judges=cfg.judges, on_judge_error="keep")
     rows = ffilter.filter_questions([q2], {"j1": _judge("j1"), "j2": failing}, keep, lambda q: np.zeros((8, 8, 3), np.uint8))
     assert rows[-1].status == "ok" and rows[-1].kept
+
+
+@pytest.mark.skipif(not os.environ.get("MOTIONFORGE_PREFECT_TESTS"),
+                    reason="starts a Prefect test server (10-40 s on 2 shared cores); set MOTIONFORGE_PREFECT_TESTS=1")
+def test_branch_through_the_prefect_flow(mb_root, prefect_harness):
+    """The same branch as one Prefect flow run (thread task runner, doubles installed process-wide)."""
+    from flows.pipeline import pipeline
+
+    root, clips, _ = mb_root
+    _install_doubles()
+    cfg = {
+        "profile": "tiny",
+        "describe": {"vlm": {"model_id": "fake-describer"}, "num_frames": 4, "frame_short_side_px": 48},
+        "ffilter": {"judges": [{"name": "j1", "vlm": {"model_id": "fake-j1"}},
+                               {"name": "j2", "vlm": {"model_id": "fake-j2"}}]},
+        "review": {"mode": "optional"},
+        "runtime": {"max_workers": 2, "retries": 0},
+    }
+    from flows.config import load_pipeline_config
+
+    pc = load_pipeline_config("tiny", overrides=cfg)
+    names = ["describe", "qgen", "ffilter", "review", "synthqa", "finalize"]
+    result = pipeline.fn(input="", out=root.url, config=pc.model_dump(mode="json"), stages=names)
+    by_stage = {}
+    for r in result["results"]:
+        by_stage.setdefault(r["stage"], []).append(r)
+    assert set(by_stage) == set(names)
+    mb = _rows(root, "finalize", MB_SCHEMA, BenchmarkQuestion)
+    # 9 generated, 3 answered by both judges from the first frame, 6 go forward (review optional)
+    assert len(mb) == 6 and {r.question.split(":")[0] for r in mb} == {"HALF", "HARD"}
