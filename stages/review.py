@@ -330,33 +330,46 @@ _SHEET_KEYS = {"q": "question", "question": "question", "answer": "answer", "dec
 
 
 def parse_sheet(text: str) -> list[tuple[str, dict]]:
-    """(where, item) per question block of a review sheet."""
+    """(where, item) per question block of a review sheet. A line with no field name continues the question,
+    option or reason above it (hand edits often wrap long lines)."""
     items: list[tuple[str, dict]] = []
     cur: dict | None = None
+    last: tuple[str, str | None] | None = None
     for n, line in enumerate(text.splitlines(), 1):
         if line.startswith("#"):
             continue
         if line.startswith("=== question "):
             cur = {"question_id": line[len("=== question "):].strip(), "options": {}}
             items.append((f"line {n}", cur))
+            last = None
             continue
         if cur is None or not line.strip():
             continue
         m = re.match(r"^([A-D])[.)]\s?(.*)$", line)
         if m:
             cur["options"][m.group(1)] = m.group(2).strip()
+            last = ("options", m.group(1))
             continue
         key, sep, value = line.partition(":")
         k = key.strip().lower()
-        if not sep or k in ("clip", "first frame"):
+        if sep and k in ("clip", "first frame"):
+            last = None
             continue
-        if k not in _SHEET_KEYS:
-            raise ValueError(f"line {n}: unknown field {key.strip()!r} (known: Q, A.-D., answer, category, decision, "
-                             "reviewer, reason)")
-        value = value.strip()
-        if k == "category":
-            value = value.split()[0] if value else ""
-        cur[_SHEET_KEYS[k]] = value
+        if sep and k in _SHEET_KEYS:
+            value = value.strip()
+            if k == "category":
+                value = value.split()[0] if value else ""
+            cur[_SHEET_KEYS[k]] = value
+            last = (_SHEET_KEYS[k], None)
+            continue
+        if last is not None and (last[0] in ("question", "reason") or last[0] == "options"):
+            if last[0] == "options":
+                cur["options"][last[1]] = f"{cur['options'][last[1]]} {line.strip()}".strip()
+            else:
+                cur[last[0]] = f"{cur.get(last[0], '')} {line.strip()}".strip()
+            continue
+        raise ValueError(f"line {n}: {line.strip()[:60]!r} is not a field (known: Q, A.-D., answer, category, "
+                         "decision, reviewer, reason); a wrapped line must follow Q, an option or reason")
     return items
 
 

@@ -362,3 +362,17 @@ def test_branch_through_the_prefect_flow(mb_root, prefect_harness):
     mb = _rows(root, "finalize", MB_SCHEMA, BenchmarkQuestion)
     # 9 generated, 3 answered by both judges from the first frame, 6 go forward (review optional)
     assert len(mb) == 6 and {r.question.split(":")[0] for r in mb} == {"HALF", "HARD"}
+
+
+def test_review_sheet_parsing_handles_wrapped_lines_and_unknown_fields():
+    item = {"question_id": "q1", "clip_path": "/v.mp4", "start_s": 0.0, "end_s": 1.0, "first_frame": None,
+            "category": "AO", "question": "What happens first?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
+            "answer": "B"}
+    sheet = review.write_sheet([item])
+    sheet = sheet.replace("Q: What happens first?", "Q: What happens\n   first of all?")
+    sheet = sheet.replace("reason: ", "reason: the wording\nwas unclear")
+    [(where, parsed)] = review.parse_sheet(sheet)
+    assert parsed["question"] == "What happens first of all?" and parsed["reason"] == "the wording was unclear"
+    assert parsed["options"] == {"A": "a", "B": "b", "C": "c", "D": "d"} and parsed["category"] == "AO"
+    with pytest.raises(ValueError, match="line"):
+        review.parse_sheet(review.write_sheet([item]).replace("answer: B", "answer: B\nverdict: fine"))
