@@ -171,7 +171,8 @@ class GroundingDino:
         while start < len(items):
             shape = images[items[start].image_index].shape[:2]
             stop = start
-            while stop < len(items) and stop - start < batch_size and images[items[stop].image_index].shape[:2] == shape:
+            while (stop < len(items) and stop - start < batch_size
+                   and images[items[stop].image_index].shape[:2] == shape):
                 stop += 1
             batch = items[start:stop]
             for item, dets in zip(batch, self._detect_batch(images, batch, box_threshold, text_threshold)):

@@ -412,11 +412,15 @@ def _iter_open(container: Any, stream: Any, path: PathLike, start_s: float, end_
             raise VideoProbeError("the container declares no duration; pass end_s to sample num_frames", path)
         if span_end is not None and span_end <= start_s:
             return
-    # Half a frame of slack so a span boundary computed as index / fps keeps its boundary frame.
+    # 1 ms of slack (at most a quarter frame): span boundaries computed as index / fps in floating point
+    # must keep their boundary frame, and never reach a neighbouring one.
     eps = min(1e-3, 0.25 / rate) if rate > 0 else 1e-3
 
     seeked = start_s > 0
-    frames = _seek_and_decode(container, stream, path, t0, start_s, eps) if seeked else _decoded(container, stream, path)
+    if seeked:
+        frames = _seek_and_decode(container, stream, path, t0, start_s, eps)
+    else:
+        frames = _decoded(container, stream, path)
 
     targets: Iterator[float] | None
     if num_frames is not None:
@@ -529,4 +533,6 @@ def first_frame(path: PathLike, start_s: float = 0.0, size: tuple[int, int] | No
     raise VideoProbeError(f"no frame at or after {start_s:.3f}s; the span starts past the end of the video", path)
 
 
-__all__: Sequence[str] = ["Frame", "VideoProbe", "VideoProbeError", "first_frame", "iter_frames", "probe", "read_frames"]
+__all__: Sequence[str] = [
+    "Frame", "VideoProbe", "VideoProbeError", "first_frame", "iter_frames", "probe", "read_frames",
+]

@@ -110,7 +110,8 @@ def test_query_mapped_to_best_label_tokens():
     probs[3, 3] = 0.3  # weak "traffic": kept by box threshold 0.2, dropped by text threshold 0.35 below
     boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.95, 0.5, 0.3, 0.4], [0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 0.1, 0.1]])
     dets = _decode(probs, boxes, tokens, ["Cat", "Traffic Light"], 100, 50, box_threshold=0.2, text_threshold=0.25)
-    assert [(d.label, round(d.score, 2)) for d in dets] == [("Traffic Light", 0.9), ("Cat", 0.8), ("Traffic Light", 0.3)]
+    expected = [("Traffic Light", 0.9), ("Cat", 0.8), ("Traffic Light", 0.3)]
+    assert [(d.label, round(d.score, 2)) for d in dets] == expected
     assert dets[1].box_xyxy_px == pytest.approx((80.0, 15.0, 100.0, 35.0))  # clipped at the right edge
     strict = _decode(probs, boxes, tokens, ["Cat", "Traffic Light"], 100, 50, box_threshold=0.2, text_threshold=0.35)
     assert [d.label for d in strict] == ["Traffic Light", "Cat"]
