@@ -126,53 +126,54 @@ def error_verdict(track: Track, message: str) -> TrackVerdict:
                         status=STATUS_ERROR, error=message)
 
 
-def frames_at(video_path: str, start_s: float, end_s: float, indices: set[int],
-              track_fps: float | None) -> dict[int, np.ndarray]:
-    """Decode the clip once (at the rate it was tracked) and keep the frames whose source index is wanted."""
+def stream_frames(video_path: str, start_s: float, end_s: float, track_fps: float | None) -> Iterable[Any]:
+    """The clip's frames at the rate it was tracked (so the sampled points' frame indices come up)."""
     from experts.video import iter_frames
 
-    out: dict[int, np.ndarray] = {}
-    if not indices:
-        return out
-    last = max(indices)
-    for frame in iter_frames(video_path, start_s=start_s, end_s=end_s, fps=track_fps):
-        if frame.index in indices:
-            out[frame.index] = frame.image
+    return iter_frames(video_path, start_s=start_s, end_s=end_s, fps=track_fps)
+
+
+def crops_along_tracks(frames: Iterable[Any], wanted: dict[int, list[tuple[str, dict]]],
+                       padding: float) -> list[tuple[str, dict, np.ndarray]]:
+    """Cut the crops of the sampled points while streaming, so only crops (never whole frames) are kept."""
+    out: list[tuple[str, dict, np.ndarray]] = []
+    last = max(wanted) if wanted else -1
+    for frame in frames:
+        for iid, p in wanted.get(int(frame.index), ()):
+            crop = crop_box(frame.image, p["box_xyxy_px"], padding)
+            if crop is not None:
+                out.append((iid, p, crop))
         if frame.index >= last:
             break
     return out
 
 
 def filter_clip(tracks: Sequence[Track], clip: Any, cfg: TrackFilterConfig,
-                read_frames: Callable[..., dict[int, np.ndarray]] = frames_at) -> list[TrackVerdict]:
-    """Verdicts for the tracks of one clip; frames for the CLIP crops are decoded once for all of them."""
+                frames: Callable[..., Iterable[Any]] = stream_frames) -> list[TrackVerdict]:
+    """Verdicts for the tracks of one clip; the clip is decoded once for all of their CLIP crops."""
     from experts.video import VideoProbeError
 
     samples = {t.instance_id: sample_points(t.points, cfg.clip_samples) for t in tracks}
-    wanted = {int(p["frame_index"]) for s in samples.values() for p in s}
+    wanted: dict[int, list[tuple[str, dict]]] = collections.defaultdict(list)
+    for iid, pts in samples.items():
+        for p in pts:
+            wanted[int(p["frame_index"])].append((iid, p))
     first = tracks[0]
     try:
-        images = read_frames(first.video_path, first.start_s, first.end_s, wanted, first.track_fps)
+        crops = crops_along_tracks(frames(first.video_path, first.start_s, first.end_s, first.track_fps) if wanted
+                                   else (), wanted, cfg.crop_padding)
     except (VideoProbeError, OSError, ValueError) as exc:
         return [error_verdict(t, f"clip {t.clip_id}: cannot decode frames for CLIP crops from {t.video_path}: "
                                  f"{type(exc).__name__}: {exc}") for t in tracks]
-    crops, texts, owners, out = [], [], [], []
-    for t in tracks:
-        for p in samples[t.instance_id]:
-            img = images.get(int(p["frame_index"]))
-            if img is None:
-                continue
-            crop = crop_box(img, p["box_xyxy_px"], cfg.crop_padding)
-            if crop is not None:
-                crops.append(crop)
-                texts.append(cfg.clip_template.format(label=t.label))
-                owners.append((t.instance_id, p))
-    scores = clip.score_pairs(crops, texts) if crops else []
+    label = {t.instance_id: t.label for t in tracks}
+    scores = clip.score_pairs([c for _, _, c in crops],
+                              [cfg.clip_template.format(label=label[iid]) for iid, _, _ in crops]) if crops else []
     by_track: dict[str, list[tuple[dict, float]]] = collections.defaultdict(list)
-    for (iid, p), s in zip(owners, scores):
+    for (iid, p, _), s in zip(crops, scores):
         by_track[iid].append((p, float(s)))
+    out = []
     for t in tracks:
-        got = by_track.get(t.instance_id, [])
+        got = sorted(by_track.get(t.instance_id, []), key=lambda ps: ps[0]["t_s"])
         if samples[t.instance_id] and not got:
             out.append(error_verdict(t, (
                 f"instance {t.instance_id}: none of the {len(samples[t.instance_id])} sampled frames could be "

@@ -9,7 +9,7 @@ from schemas._base import from_table
 from schemas.tags import SCHEMA, ClipTags
 from stages.base import install_expert_override
 from stages.runner import run_shard
-from stages.tag import (DEFAULT_BLOCKLIST_FILE, PROFILES, STAGE, TAGGER_EXPERT, TagConfig, blocked, load_blocklist,
+from stages.tag import (DEFAULT_BLOCKLIST_FILE, DEFAULT_CLIP_VOCABULARY_FILE, PROFILES, STAGE, TAGGER_EXPERT, TagConfig, blocked, load_blocklist,
                         read_word_list, split_tags)
 from storage.root import OutputRoot
 from tests._imove_doubles import ALIAS_TAG, STATIC_TAGS, all_clips, oracle, video_of
@@ -99,16 +99,19 @@ def test_unreadable_clip_is_an_error_row_not_a_shard_failure(tmp_path):
     assert rows["bad-clip"].tags == [] and rows[good.clip_id].tags
 
 
-def test_tiny_profile_with_real_tiny_ram_plus(tmp_path):
+@pytest.mark.parametrize("tagger", ["ram_plus", "clip"])
+def test_tiny_profile_with_real_tiny_tagger(tmp_path, tagger):
     o = oracle()
     clips = all_clips(o)[:2]
     root = _root(tmp_path, clips)
-    cfg = TagConfig.model_validate(PROFILES["tiny"])
-    assert cfg.ram_plus.model_id == "tiny://ram_plus"
+    cfg = TagConfig.model_validate({**PROFILES["tiny"], "tagger": tagger})
+    assert cfg.ram_plus.model_id == "tiny://ram_plus" and cfg.clip.model_id == "tiny://clip"
     out = run_shard(STAGE, root, cfg, 0)
     table = root.read_shard("tag", 0)
     assert table.schema.equals(SCHEMA, check_metadata=False)
     assert out.rows == len(clips) and out.error == 0
     for r in from_table(table, ClipTags):
         assert 0 < len(r.tags) <= 3 and all(not blocked(t["tag"], load_blocklist(cfg)) for t in r.tags)
-        assert r.expert == "ram_plus:tiny://ram_plus"
+        assert r.expert == f"{tagger}:tiny://{tagger}" and r.tagger == tagger
+        if tagger == "clip":
+            assert {t["tag"] for t in r.tags + r.dropped_tags} <= set(read_word_list(DEFAULT_CLIP_VOCABULARY_FILE))

@@ -128,3 +128,24 @@ def test_tiny_profile_with_real_tiny_clip(tmp_path):
     n_tracks = len(from_table(root.read_shard("track", 0), Track))
     assert len(rows) == n_tracks > 0 and out.error == 0 and out.ok == n_tracks  # thresholds off but CLIP scored
     assert all(len(r.clip_scores) == 3 and r.mean_clip_score is not None for r in rows)
+
+
+def test_unreadable_video_and_never_visible_tracks(tmp_path):
+    from storage.root import OutputRoot
+    from tests._stage_tables import write_stage
+
+    pts = [_pt(0.0, None, False), _pt(0.1, None, False)]
+    base = dict(clip_id="c", video_id="v", label="dog", start_s=0.0, end_s=1.0, duration_s=1.0,
+                first_box_xyxy_px=[0.0, 0.0, 10.0, 10.0], num_frames=2)
+    gone = Track(instance_id="gone", video_path=str(tmp_path / "gone.mp4"), num_visible=1,
+                 points=[_pt(0.0, [0.0, 0.0, 10.0, 10.0])] + pts[1:], **base)
+    never = Track(instance_id="never", video_path=str(tmp_path / "gone.mp4"), num_visible=0, points=pts,
+                  **{**base, "clip_id": "c2"})
+    root = OutputRoot(str(tmp_path / "out"))
+    write_stage(root, "track", 0, [gone, never])
+    install_expert_override(CLIP_EXPERT, oracle().clip())
+    out = run_shard(STAGE, root, TrackFilterConfig(), 0)
+    rows = {r.instance_id: r for r in from_table(root.read_shard("trackfilter", 0), TrackVerdict)}
+    assert (out.error, out.skipped) == (1, 1)
+    assert rows["gone"].status == "error" and "gone.mp4" in rows["gone"].error and not rows["gone"].kept
+    assert rows["never"].status == "skipped" and rows["never"].reason == "the object is never visible in the tracked frames"
