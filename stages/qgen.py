@@ -157,7 +157,8 @@ def category_for(content_dimensions: list[str], logic_dimension: int) -> str:
 
 
 class GeneratedQuestion(BaseModel):
-    """One question as the LLM must return it; validation errors read as instructions for the re-ask."""
+    """One single-choice question: four different option texts (no letters), the answer letter A-D, content
+    dimension codes such as "1.1" and a question-logic dimension 1-4."""
 
     question: str
     options: list[str]
@@ -224,6 +225,8 @@ class GeneratedQuestion(BaseModel):
 
 
 class GeneratedQuestions(BaseModel):
+    """About six questions about the video's motion (its JSON schema is shown to the LLM)."""
+
     questions: list[GeneratedQuestion] = Field(min_length=1)
 
     @model_validator(mode="after")

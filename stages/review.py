@@ -29,7 +29,7 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from schemas._base import STATUS_OK, STATUS_SKIPPED, from_table
 from schemas.ffilter_verdicts import ROW_DECISION, FilterVerdict
