@@ -279,6 +279,10 @@ def test_frame_objects_and_fps_without_timestamps(tiny_model):
     assert [p.t_s for p in pts] == [0.0, 0.25, 0.5]
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         tracker.track([np.zeros((8, 8), np.uint8)], PROMPTS[:1])
+    with pytest.raises(ValueError, match="x2 > x1"):
+        tracker.track(moving_squares(1), [("bad", (10.0, 10.0, 5.0, 20.0))])
+    with pytest.raises(ValueError, match="unique"):
+        tracker.track(moving_squares(1), [PROMPTS[0], PROMPTS[0]])
 
 
 def test_motion_choice_that_disagrees_with_sam_is_what_gets_output(present_model):

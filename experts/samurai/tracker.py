@@ -16,8 +16,6 @@ builder only needs forward tracking from first-frame boxes, which is what this m
 from __future__ import annotations
 
 import json
-import math
-import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +295,10 @@ class TrackSession:
         self.tracker = tracker
         self.model = tracker.model
         self.prompts = [(str(i), tuple(float(v) for v in box)) for i, box in prompts]
+        for i, box in self.prompts:
+            if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
+                raise ValueError(f"prompt box for instance {i!r} must be (x1, y1, x2, y2) px with x2 > x1 and "
+                                 f"y2 > y1, got {box}")
         self.return_masks = return_masks
         m = self.model
         self.objects = [_ObjectMemory(i, m.num_maskmem - 1,
@@ -319,9 +321,10 @@ class TrackSession:
 
     # -- pieces
     def _store(self, t):
+        # a copy, so that one object's slice does not keep the whole batch's tensor alive
         if self.tracker.spec.offload_state_to_cpu:
             return t.to("cpu", non_blocking=True)
-        return t
+        return t.clone()
 
     def _preprocess(self, image: np.ndarray):
         import torch
