@@ -159,7 +159,8 @@ def cap_instances(cands: list[Candidate], max_instances: int | None) -> None:
         return
     alive = sorted((c for c in cands if c.reason is None), key=lambda c: (-c.score, c.label, rounded_box(c.box)))
     for rank, c in enumerate(alive[max_instances:], start=max_instances + 1):
-        c.reason = f"over the per-clip cap: detection score {c.score:.2f} ranks {rank} > max_instances_per_clip={max_instances}"
+        c.reason = (f"over the per-clip cap: detection score {c.score:.2f} ranks {rank} > "
+                    f"max_instances_per_clip={max_instances}")
 
 
 def candidates_from_detections(clip_id: str, detections: Sequence[Any], tag_scores: dict[str, float],
@@ -184,7 +185,8 @@ def candidates_from_detections(clip_id: str, detections: Sequence[Any], tag_scor
                       instance_id=instance_id(clip_id, label, box, seen[base]))
         bw, bh = box[2] - box[0], box[3] - box[1]
         if min(bw, bh) < cfg.min_box_side_px:
-            c.reason = f"degenerate box: {bw:.1f} x {bh:.1f} px, a side is below min_box_side_px={cfg.min_box_side_px:g}"
+            c.reason = (f"degenerate box: {bw:.1f} x {bh:.1f} px, a side is below "
+                        f"min_box_side_px={cfg.min_box_side_px:g}")
         elif c.area_ratio > cfg.max_area_ratio:
             c.reason = f"too large: area ratio {c.area_ratio:.2f} > {cfg.max_area_ratio:g}"
         out.append(c)

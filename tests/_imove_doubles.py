@@ -105,7 +105,8 @@ class SynthOracle:
     def identify(self, image: np.ndarray) -> tuple[SynthVideo, int]:
         key = digest(image)
         if key not in self.frames:
-            raise AssertionError(f"the stage passed an image {image.shape} that is no decoded frame of the synthetic videos")
+            raise AssertionError(f"the stage passed an image {image.shape} that is no decoded frame of the "
+                                 "synthetic videos")
         return self.frames[key]
 
     def register_crop(self, image: np.ndarray, box: Sequence[float], label: str, score: float) -> None:
@@ -288,7 +289,8 @@ def oracle(drift: Iterable[tuple[str, int]] = (), low_clip: Iterable[tuple[str, 
     base = _ORACLES[key]
     o = SynthOracle.__new__(SynthOracle)
     o.videos, o.frames = base.videos, base.frames
-    o.drift, o.low_clip, o.vanish, o.drift_rate, o.template = set(drift), set(low_clip), set(vanish), base.drift_rate, base.template
+    o.drift, o.low_clip, o.vanish = set(drift), set(low_clip), set(vanish)
+    o.drift_rate, o.template = base.drift_rate, base.template
     o.clip_scores, o.calls = {}, {"tag": 0, "detect": 0, "track": 0, "score_pairs": 0}
     return o
 

@@ -9,8 +9,8 @@ from schemas._base import from_table
 from schemas.tags import SCHEMA, ClipTags
 from stages.base import install_expert_override
 from stages.runner import run_shard
-from stages.tag import (DEFAULT_BLOCKLIST_FILE, DEFAULT_CLIP_VOCABULARY_FILE, PROFILES, STAGE, TAGGER_EXPERT, TagConfig, blocked, load_blocklist,
-                        read_word_list, split_tags)
+from stages.tag import (DEFAULT_BLOCKLIST_FILE, DEFAULT_CLIP_VOCABULARY_FILE, PROFILES, STAGE, TAGGER_EXPERT,
+                        TagConfig, blocked, load_blocklist, read_word_list, split_tags)
 from storage.root import OutputRoot
 from tests._imove_doubles import ALIAS_TAG, STATIC_TAGS, all_clips, oracle, video_of
 from tests._stage_tables import write_stage
@@ -77,7 +77,8 @@ def test_tag_stage_is_exact_on_synthetic_videos(tmp_path):
     assert run_shard(STAGE, root, cfg, 0).action == "skipped-complete"
     run_shard(STAGE, root, cfg, 0, force=True)
     again = {r.clip_id: r for r in from_table(root.read_shard("tag", 0), ClipTags)}
-    assert {k: (r.tags, r.dropped_tags) for k, r in again.items()} == {k: (r.tags, r.dropped_tags) for k, r in rows.items()}
+    assert ({k: (r.tags, r.dropped_tags) for k, r in again.items()}
+            == {k: (r.tags, r.dropped_tags) for k, r in rows.items()})
     # Allowing "sky" back keeps it (and "blue sky", whose head noun it is) unless listed itself.
     run_shard(STAGE, root, TagConfig(block_allow=("sky",), block_extra=("blue sky",)), 0)
     r = from_table(root.read_shard("tag", 0), ClipTags)[0]
