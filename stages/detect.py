@@ -165,7 +165,7 @@ def cap_instances(cands: list[Candidate], max_instances: int | None) -> None:
 
 def candidates_from_detections(clip_id: str, detections: Sequence[Any], tag_scores: dict[str, float],
                                width: int, height: int, cfg: DetectConfig) -> list[Candidate]:
-    """Detector output -> candidates with stable ids; applies ``max_boxes_per_tag``, size and area filters."""
+    """Detector output -> candidates with stable ids; marks those over ``max_boxes_per_tag``, degenerate or too large."""
     from experts.grounding_dino import normalise_label
 
     per_label: dict[str, int] = {}
@@ -175,8 +175,6 @@ def candidates_from_detections(clip_id: str, detections: Sequence[Any], tag_scor
     for det in sorted(detections, key=lambda d: (-float(d.score), normalise_label(d.label), tuple(d.box_xyxy_px))):
         label = normalise_label(det.label)
         per_label[label] = per_label.get(label, 0) + 1
-        if cfg.max_boxes_per_tag is not None and per_label[label] > cfg.max_boxes_per_tag:
-            continue  # not a drop: the cap says how many boxes the detector answers with
         box = clip_box(det.box_xyxy_px, width, height)
         base = instance_id(clip_id, label, box)
         seen[base] = seen.get(base, -1) + 1
@@ -184,7 +182,10 @@ def candidates_from_detections(clip_id: str, detections: Sequence[Any], tag_scor
                       area_ratio=box_area(box) / frame_area if frame_area else float("nan"),
                       instance_id=instance_id(clip_id, label, box, seen[base]))
         bw, bh = box[2] - box[0], box[3] - box[1]
-        if min(bw, bh) < cfg.min_box_side_px:
+        if cfg.max_boxes_per_tag is not None and per_label[label] > cfg.max_boxes_per_tag:
+            c.reason = (f"over the per-tag cap: detection score {c.score:.2f} ranks {per_label[label]} for "
+                        f"{label!r} > max_boxes_per_tag={cfg.max_boxes_per_tag}")
+        elif min(bw, bh) < cfg.min_box_side_px:
             c.reason = (f"degenerate box: {bw:.1f} x {bh:.1f} px, a side is below "
                         f"min_box_side_px={cfg.min_box_side_px:g}")
         elif c.area_ratio > cfg.max_area_ratio:
