@@ -165,7 +165,7 @@ def cap_instances(cands: list[Candidate], max_instances: int | None) -> None:
 
 def candidates_from_detections(clip_id: str, detections: Sequence[Any], tag_scores: dict[str, float],
                                width: int, height: int, cfg: DetectConfig) -> list[Candidate]:
-    """Detector output -> candidates with stable ids; marks those over ``max_boxes_per_tag``, degenerate or too large."""
+    """Detector output -> candidates with stable ids; marks boxes over the per-tag cap, degenerate or too large."""
     from experts.grounding_dino import normalise_label
 
     per_label: dict[str, int] = {}
