@@ -1,0 +1,154 @@
+"""Task runners and GPU slots: a Prefect global concurrency limit of one slot serialises two GPU stages that
+are ready together; RayTaskRunner (local Ray, CPU only) produces the same tables as the thread pool."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import types
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from schemas._base import Record, record_schema
+from stages.base import Resources, Stage, StageConfig
+
+GPU_SCHEMA = record_schema([pa.field("item", pa.string(), nullable=False),
+                            pa.field("start_s", pa.float64(), nullable=False),
+                            pa.field("end_s", pa.float64(), nullable=False)], name="gpu_probe")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GpuProbe(Record):
+    item: str
+    start_s: float
+    end_s: float
+
+
+class GpuProbeConfig(StageConfig):
+    busy_s: float = 1.0
+
+
+def _busy(ctx):
+    start = time.time()
+    time.sleep(ctx.config.busy_s)
+    return [GpuProbe(item=f"shard-{ctx.shard}", start_s=start, end_s=time.time())]
+
+
+@pytest.fixture
+def gpu_stages():
+    """Two test-only stages that declare one GPU each and have no inputs, so both are ready at once."""
+    import flows.pipeline  # noqa: F401 -- its parameter annotations must be built from the real stages
+    from flows.config import pipeline_model
+    from stages import registry
+
+    names = ("gpu_probe_a", "gpu_probe_b")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in names:
+            mod = types.ModuleType(f"tests._stage_{name}")
+            mod.STAGE = Stage(name=name, schema=GPU_SCHEMA, inputs=(), config_cls=GpuProbeConfig, process=_busy,
+                              resources=Resources(cpus=1, gpus=1))
+            mp.setitem(sys.modules, mod.__name__, mod)
+            mp.setitem(registry.STAGE_MODULES, name, mod.__name__)
+        registry.get_stage.cache_clear()
+        pipeline_model.cache_clear()
+        try:
+            yield names
+        finally:
+            registry.get_stage.cache_clear()
+            pipeline_model.cache_clear()
+    registry.get_stage.cache_clear()
+    pipeline_model.cache_clear()
+
+
+def _create_limit(slots: int) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    name = f"mf-test-gpu-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+    return name
+
+
+def _intervals(out: Path, names) -> list[tuple[float, float]]:
+    from storage.root import OutputRoot
+
+    root = OutputRoot(str(out))
+    rows = [root.read_stage(n).to_pylist()[0] for n in names]
+    return [(r["start_s"], r["end_s"]) for r in rows]
+
+
+def test_one_gpu_slot_runs_one_gpu_stage_at_a_time(prefect_harness, gpu_stages, tmp_path):
+    from flows.config import pipeline_model
+    from flows.pipeline import GpuLimitMissingError, _run_graph, gpu_slot
+    from storage.root import OutputRoot
+    from tests._slow_stage import plan
+
+    def run(limit: str, out: Path):
+        plan(OutputRoot(str(out)), 1, 1)
+        pc = pipeline_model().model_validate({"runtime": {"gpu_concurrency_limit": limit, "retries": 0, "max_workers": 4}})
+        results, failures = _run_graph(str(out), list(gpu_stages), [0], pc.model_dump(mode="json"), False, pc.runtime)
+        assert not failures and len(results) == 2
+        return sorted(_intervals(out, gpu_stages))
+
+    (a0, a1), (b0, b1) = run(_create_limit(1), tmp_path / "one")
+    assert b0 >= a1, f"with one GPU slot the second GPU stage started at {b0:.2f} before the first ended at {a1:.2f}"
+    # The control: with two slots the same two stages do overlap, so the check above can fail.
+    (a0, a1), (b0, b1) = run(_create_limit(2), tmp_path / "two")
+    assert b0 < a1, "with two GPU slots the two GPU stages should have run together"
+
+    with pytest.raises(GpuLimitMissingError, match="setup-prefect --gpus N --gpu-limit no-such-limit"):
+        with gpu_slot(gpu_stages[0], "no-such-limit"):
+            pass
+
+
+def test_ray_remote_options_follow_stage_resources():
+    from flows.pipeline import ray_remote_options
+
+    assert ray_remote_options(Resources(cpus=2, gpus=1), cluster_gpus=8) == {"num_cpus": 2, "num_gpus": 1, "max_calls": 0}
+    assert ray_remote_options(Resources(cpus=1, gpus=0.25), cluster_gpus=8) == {"num_cpus": 1, "num_gpus": 0.25, "max_calls": 0}
+    assert ray_remote_options(Resources(cpus=1, gpus=1), cluster_gpus=0) == {"num_cpus": 1, "num_gpus": 0.0}
+    assert ray_remote_options(Resources(cpus=0.5), cluster_gpus=8) == {"num_cpus": 0.5, "num_gpus": 0.0}
+
+
+def _tables(out: Path, stages) -> dict[str, pa.Table]:
+    from storage.root import OutputRoot
+
+    root = OutputRoot(str(out))
+    res = {}
+    for st in stages:
+        t = root.read_stage(st).drop_columns(["created_at"])
+        keys = [c for c in t.column_names if pa.types.is_string(t.schema.field(c).type)][:3]
+        res[st] = t.sort_by([(c, "ascending") for c in keys])
+    return res
+
+
+def test_ray_task_runner_matches_thread_pool(prefect_harness, tmp_path):
+    from flows.config import load_pipeline_config
+    from flows.pipeline import pipeline
+    from stages.synth import SynthConfig, render_dataset
+
+    videos = tmp_path / "videos"
+    render_dataset(videos, 2, 0, SynthConfig())
+    stages = ["ingest", "synthqa"]
+    outs = {}
+    for runner in ("thread", "ray"):
+        pc = load_pipeline_config("tiny", overrides={"ingest": {"shard_size": 1},
+                                                     "runtime": {"task_runner": runner, "retries": 0}})
+        res = pipeline(input=str(videos), out=str(tmp_path / runner), config=pc.model_dump(mode="json"), stages=stages)
+        pids = {r["pid"] for r in res["results"]}
+        if runner == "ray":
+            assert os.getpid() not in pids, "Ray runs tasks in its worker processes, not in the flow's process"
+        else:
+            assert pids == {os.getpid()}
+        outs[runner] = _tables(tmp_path / runner, stages)
+    import ray
+
+    assert not ray.is_initialized(), "the local Ray instance the runner started must be shut down with the flow"
+    for st in stages:
+        assert outs["ray"][st].num_rows > 0
+        assert outs["ray"][st].equals(outs["thread"][st]), f"{st}: Ray and thread-pool outputs differ"
