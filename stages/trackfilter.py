@@ -60,7 +60,7 @@ class TrackFilterConfig(StageConfig):
 
 PROFILES = {
     "small": {"clip": {"model_id": "openai", "arch": "ViT-B-32"}},
-    # Random weights: tracks from the tiny SAM 2 wander, so only the CLIP path is exercised, loosely.
+    # Random weights: tiny SAM 2 boxes mean nothing, so the area / visibility rules are off and CLIP is only run.
     "tiny": {"clip": {"model_id": "tiny://clip"}, "min_clip_score": -1.0, "max_area_ratio": None,
              "min_visible_fraction": None, "clip_samples": 3},
 }
@@ -96,7 +96,8 @@ def verdict_reasons(cfg: TrackFilterConfig, dev: float | None, lo: float | None,
     if n_visible == 0:
         reasons.append("the object is never visible in the tracked frames")
     if cfg.max_area_ratio is not None and dev is not None and dev > cfg.max_area_ratio:
-        which = f"grew to {hi:.2f}x" if hi is not None and hi >= 1.0 / lo else f"shrank to {lo:.2f}x"
+        grew = lo is not None and hi is not None and lo > 0 and hi >= 1.0 / lo
+        which = f"grew to {hi:.2f}x" if grew else f"shrank to {lo:.2f}x"
         reasons.append(f"box area drifted: {which} the first box (limit {cfg.max_area_ratio:g}x either way)")
     if cfg.min_visible_fraction is not None and n_visible and visible_fraction < cfg.min_visible_fraction:
         reasons.append(f"visible in {visible_fraction:.0%} of tracked frames < {cfg.min_visible_fraction:.0%}")

@@ -1,6 +1,8 @@
 """trackfilter stage: metrics as pure functions; planted drifting / lost tracks dropped exactly; tiny CLIP."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,13 @@ def test_area_metrics_and_sampling():
     dev, lo, hi, vf = area_metrics(pts)
     assert (lo, hi, vf) == (0.25, 2.0, 0.75) and dev == 4.0
     assert area_metrics([_pt(0.0, None, False)]) == (None, None, None, 0.0)
+    flat = [_pt(0.0, [0, 0, 10, 10]), _pt(0.1, [5, 5, 5, 9])]  # a zero-area box on a visible frame
+    dev, lo, hi, _ = area_metrics(flat)
+    assert math.isinf(dev) and lo == 0.0
+    v = judge(Track(instance_id="i", clip_id="c", video_id="v", video_path="/v", label="dog", start_s=0, end_s=1,
+                    duration_s=1, first_box_xyxy_px=[0, 0, 10, 10], num_frames=2, num_visible=2, points=flat),
+              flat, [0.3, 0.3], TrackFilterConfig())
+    assert "shrank to 0.00x" in v.reason and v.max_area_ratio is None
     many = [_pt(k / 10, [0, 0, 10, 10]) for k in range(20)]
     s = sample_points(many, 5)
     assert len(s) == 5 and s[0] is many[0] and s[-1] is many[-1]
