@@ -101,6 +101,18 @@ def gpu_slot(stage_name: str, limit: str | None):
         yield
 
 
+def _logger():
+    """The run logger inside a flow or task run; a plain logger when a flow's ``.fn`` is called directly."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger("motionforge.flows")
+
+
 def _api_url() -> str | None:
     from prefect.settings import PREFECT_API_URL
 
@@ -191,7 +203,7 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
 
         cluster_gpus = _ray_cluster_gpus()
         if cluster_gpus <= 0 and any(get_stage(n).resources.uses_gpu for n in stage_names):
-            get_run_logger().warning("the Ray cluster has no GPU: GPU stages request num_gpus=0 and run on CPU")
+            _logger().warning("the Ray cluster has no GPU: GPU stages request num_gpus=0 and run on CPU")
 
     def submit(name: str, k: int, waits: list):
         if not use_ray:
@@ -301,7 +313,7 @@ def _report_link(out: str) -> str:
     try:
         path = write_report(out)
     except Exception as exc:  # noqa: BLE001 -- a report failure must not fail the data run
-        get_run_logger().warning("dataset report not written: %s: %s", type(exc).__name__, exc)
+        _logger().warning("dataset report not written: %s: %s", type(exc).__name__, exc)
         return f"dataset report not written ({type(exc).__name__}: {exc}); run `motionforge report --out {out}`"
     url = str(path)
     if "://" not in url:
@@ -312,7 +324,10 @@ def _report_link(out: str) -> str:
 def publish_artifacts(out: str, stage_names: list[str], results: list[dict], failures: list[dict], seconds: float,
                       what: str) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.context import FlowRunContext
 
+    if FlowRunContext.get() is None:  # a flow's .fn called directly (tests, notebooks): no run to attach to
+        return
     for name in order(stage_names):
         if not any(r["stage"] == name for r in results) and not any(f["stage"] == name for f in failures):
             continue
