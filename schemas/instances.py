@@ -14,7 +14,10 @@ import pyarrow as pa
 
 from schemas._base import Record, record_schema
 
-BOX = pa.list_(pa.float64(), 4)  # x1, y1, x2, y2 in pixels of the decoded frame
+# x1, y1, x2, y2 in pixels of the decoded frame. A plain list, not a fixed-size one: this column is nullable,
+# and null entries of a fixed-size list column written by pyarrow 26 fail to read in older pyarrow releases
+# ("Expected all lists to be of size=4"), as seen on a GPU machine's image.
+BOX = pa.list_(pa.float64())
 
 SCHEMA = record_schema(
     [

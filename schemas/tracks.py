@@ -13,11 +13,13 @@ import pyarrow as pa
 
 from schemas._base import Record, record_schema
 
-BOX = pa.list_(pa.float64(), 4)
+BOX = pa.list_(pa.float64(), 4)  # x1, y1, x2, y2 pixels; non-null columns only
+# Nullable boxes are plain lists: null entries of fixed-size lists fail to read in older pyarrow releases.
+BOX_OR_NONE = pa.list_(pa.float64())
 TRACK_POINT = pa.struct([
     pa.field("t_s", pa.float64(), nullable=False),
     pa.field("frame_index", pa.int64(), nullable=False),
-    pa.field("box_xyxy_px", BOX),
+    pa.field("box_xyxy_px", BOX_OR_NONE),
     pa.field("visible", pa.bool_(), nullable=False),
     pa.field("mask_area_px", pa.int64(), nullable=False),
     pa.field("object_score", pa.float64(), nullable=False),
