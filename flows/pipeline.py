@@ -283,7 +283,9 @@ def stage_table(stage: str, results: list[dict], failures: list[dict]) -> tuple[
     for r in sorted((r for r in results if r["stage"] == stage), key=lambda r: r["shard"]):
         rows.append({
             "shard": r["shard"], "result": r["action"], "rows": r["rows"], "ok": r["ok"], "error": r["error"],
-            "skipped": r["skipped"], "seconds": round(r["seconds"], 3), "items_per_s": _items_per_s(r["rows"], r["seconds"]),
+            "skipped": r["skipped"], "seconds": round(r["seconds"], 3),
+            # a shard skipped as complete computed nothing: its rows over the skip check's time are no throughput
+            "items_per_s": _items_per_s(r["rows"], r["seconds"]) if r["action"] == "written" else None,
             "top_errors": "; ".join(f"{reason} (x{n})" for reason, n in r["top_errors"]),
         })
     for f in sorted((f for f in failures if f["stage"] == stage), key=lambda f: f["shard"]):
@@ -334,12 +336,13 @@ def publish_artifacts(out: str, stage_names: list[str], results: list[dict], fai
         rows, desc = stage_table(name, results, failures)
         create_table_artifact(table=rows, key=artifact_key(name), description=desc)
     by_stage = _stage_totals(results)
+    computed = _stage_totals([r for r in results if r["action"] == "written"])
     md = [f"# motionforge {what}", "", f"Output root: `{out}`, {seconds:.1f}s.", "", _report_link(out), "",
           "| stage | shards | rows | ok | error | skipped | items/s |", "|---|---|---|---|---|---|---|"]
     for name in order(by_stage):
         s = by_stage[name]
         md.append(f"| {name} | {s['shards']} | {s['rows']} | {s['ok']} | {s['error']} | {s['skipped']} | "
-                  f"{_items_per_s(s['rows'], s['seconds'])} |")
+                  f"{_items_per_s(c['rows'], c['seconds']) if (c := computed.get(name)) else '-'} |")
     if failures:
         md += ["", f"## {len(failures)} failed stage shard(s)", ""]
         md += [f"- `{_failure_line(f)[:500]}`" for f in failures]

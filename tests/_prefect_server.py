@@ -74,3 +74,27 @@ def start_worker(pool: str, home: Path, api_url: str, log: Path, extra_env: dict
     return subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
                             env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def drain_prefect_workers() -> None:
+    """Flush and stop this process's Prefect log and event workers.
+
+    They are process-wide singletons holding a client for the API URL they started with; left running after
+    their server stops, the next server's harness waits forever on them at its own shutdown.
+    """
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():
+        with contextlib.suppress(RuntimeError):  # the log worker may never have started
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tests._prefect_server import start_server, start_worker, stop
+from tests._prefect_server import drain_prefect_workers, start_server, start_worker, stop
 
 STAGES = ["ingest", "synthqa"]
 POOL = "mf-test-cpu"
@@ -27,8 +27,12 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("prefect-server")
     proc, api = start_server(base / "home", base / "server.log")
     try:
+        drain_prefect_workers()  # workers started for an earlier server (e.g. the session harness) must not serve this one
         with temporary_settings(updates={PREFECT_API_URL: api}):
-            yield {"api": api, "home": base / "home", "dir": base, "proc": proc}
+            try:
+                yield {"api": api, "home": base / "home", "dir": base, "proc": proc}
+            finally:
+                drain_prefect_workers()
     finally:
         stop(proc)
 

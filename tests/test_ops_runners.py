@@ -152,3 +152,24 @@ def test_ray_task_runner_matches_thread_pool(prefect_harness, tmp_path):
     for st in stages:
         assert outs["ray"][st].num_rows > 0
         assert outs["ray"][st].equals(outs["thread"][st]), f"{st}: Ray and thread-pool outputs differ"
+
+
+def test_stage_table_artifact_rows_and_reasons():
+    from flows.pipeline import artifact_key, stage_table
+
+    results = [
+        {"stage": "track", "shard": 2, "action": "written", "rows": 10, "ok": 8, "error": 2, "skipped": 0,
+         "seconds": 4.0, "top_errors": [["no box in first frame", 2]]},
+        {"stage": "track", "shard": 0, "action": "skipped-complete", "rows": 6, "ok": 5, "error": 1, "skipped": 0,
+         "seconds": 0.001, "top_errors": [["no box in first frame", 1]]},
+        {"stage": "detect", "shard": 0, "action": "written", "rows": 3, "ok": 3, "error": 0, "skipped": 0,
+         "seconds": 1.0, "top_errors": []},
+    ]
+    failures = [{"stage": "track", "shard": 1, "error": "OutOfMemoryError: CUDA out of memory"}]
+    rows, desc = stage_table("track", results, failures)
+    assert [(r["shard"], r["result"]) for r in rows] == [(0, "skipped-complete"), (2, "written"), (1, "FAILED")]
+    assert rows[1]["items_per_s"] == 2.5 and rows[0]["items_per_s"] is None  # a skipped shard computed nothing
+    assert rows[2]["top_errors"].startswith("OutOfMemoryError")
+    assert "3 shards (1 failed), rows ok 13, error 3" in desc and "2.5 items/s" in desc
+    assert "no box in first frame (x3)" in desc
+    assert artifact_key("track") == "motionforge-track" and artifact_key("Track_Filter") == "motionforge-track-filter"
