@@ -175,15 +175,23 @@ def hf_load(loader: Callable[..., Any], model_id: str, revision: str | None = No
 T = TypeVar("T")
 _CACHE: dict[str, Any] = {}
 _CACHE_LOCK = threading.Lock()
+_KEY_LOCKS: dict[str, threading.RLock] = {}
 
 
-def get_expert(spec: ModelSpec, loader: Callable[[Any], T]) -> T:
-    """Return the process-wide instance for ``spec``, loading it on first use (thread-safe)."""
-    key = spec.cache_key()
+def get_expert(spec: ModelSpec, loader: Callable[[Any], T], extra_key: str = "") -> T:
+    """Return the process-wide instance for ``spec``, loading it on first use (thread-safe).
+
+    ``extra_key`` separates instances that differ in something outside the spec (e.g. the response cache
+    an API client writes to)."""
+    key = spec.cache_key() + ("|" + extra_key if extra_key else "")
     inst = _CACHE.get(key)
     if inst is not None:
         return inst
+    # One lock per key: different models load in parallel, and a loader may itself call get_expert
+    # (e.g. a VLM wrapper sharing weights between specs) without deadlocking.
     with _CACHE_LOCK:
+        lock = _KEY_LOCKS.setdefault(key, threading.RLock())
+    with lock:
         inst = _CACHE.get(key)
         if inst is None:
             inst = loader(spec)

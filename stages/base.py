@@ -109,6 +109,14 @@ class ShardContext:
                 return _OVERRIDES[name]
         return factory()
 
+    def chat_expert(self, name: str, spec: Any, loader: Callable[..., T]) -> T:
+        """A VLM/LLM expert: an installed override, else the per-process instance for (spec, this root),
+        built as ``loader(spec, cache=<this root's response cache>)``."""
+        from experts.base import get_expert
+
+        return self.expert(name, lambda: get_expert(spec, lambda s: loader(s, cache=self.response_cache()),
+                                                    extra_key=self.root.url))
+
     def media_dir(self, *parts: str) -> str:
         return self.root.media_dir(self.stage.name, *parts)
 

@@ -92,7 +92,6 @@ def dynamic_request(track: Track, frames, static_caption: str, t1: float, t2: fl
 
 
 def process(ctx: ShardContext) -> list[Caption]:
-    from experts.base import get_expert
     from experts.vlm import load_vlm
 
     cfg: CaptionConfig = ctx.config
@@ -100,7 +99,7 @@ def process(ctx: ShardContext) -> list[Caption]:
     tracks = [t for t in ctx.read_records("track", Track) if t.instance_id in kept]
     if not tracks:
         return []
-    vlm = ctx.expert("caption.vlm", lambda: get_expert(cfg.vlm, lambda s: load_vlm(s, ctx.response_cache())))
+    vlm = ctx.chat_expert("caption.vlm", cfg.vlm, load_vlm)
     p_static = load_prompt("imove_it", cfg.static_prompt)
     p_dynamic = load_prompt("imove_it", cfg.dynamic_prompt)
     version = f"{p_static.version}+{p_dynamic.version}"

@@ -97,7 +97,6 @@ def check_request(cap: Caption, track: Track | None, frames, prompt: str) -> Vlm
 
 
 def process(ctx: ShardContext) -> list[CaptionVerdict]:
-    from experts.base import get_expert
     from experts.video import read_frames
     from experts.vlm import load_vlm
 
@@ -107,7 +106,7 @@ def process(ctx: ShardContext) -> list[CaptionVerdict]:
         return []
     tracks = {t.instance_id: t for t in ctx.read_records("track", Track)}
     prompt = load_prompt("imove_it", cfg.prompt)
-    vlm = ctx.expert("check.vlm", lambda: get_expert(cfg.vlm, lambda s: load_vlm(s, ctx.response_cache())))
+    vlm = ctx.chat_expert("check.vlm", cfg.vlm, load_vlm)
     rows: dict[str, CaptionVerdict] = {}
     reqs, order = [], []
     for cap in caps:

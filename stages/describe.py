@@ -315,7 +315,7 @@ def process(ctx: ShardContext) -> Iterable[Description]:
     done, todo = plan_descriptions(clips, imported, cfg)
     vlm_rows: list[Description] = []
     if todo:
-        vlm = ctx.expert("describe.vlm", lambda: load_vlm(cfg.vlm, cache=ctx.response_cache()))
+        vlm = ctx.chat_expert("describe.vlm", cfg.vlm, load_vlm)
         vlm_rows = describe_with_vlm(todo, vlm, cfg, _frame_loader(cfg))
     by_id = {r.clip_id: r for r in done + vlm_rows}
     ctx.progress(len(clips), len(clips))

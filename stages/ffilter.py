@@ -160,7 +160,7 @@ def process(ctx: ShardContext) -> list[FilterVerdict]:
     questions = ctx.read_records("qgen", Question)
     if not questions:
         return []
-    judges = {j.name: ctx.expert(f"ffilter.judge.{j.name}", lambda j=j: load_vlm(j.vlm, cache=ctx.response_cache()))
+    judges = {j.name: ctx.chat_expert(f"ffilter.judge.{j.name}", j.vlm, load_vlm)
               for j in cfg.judges}
     rows = filter_questions(questions, judges, cfg, lambda q: load_first_frame(q, cfg.frame_short_side_px))
     ctx.progress(len(questions), len(questions))

@@ -348,7 +348,7 @@ def process(ctx: ShardContext) -> list[Question]:
     if not descriptions:
         return []
     template, version = load_prompt(cfg.prompt_file)
-    llm = ctx.expert("qgen.llm", lambda: load_llm(cfg.llm, cache=ctx.response_cache()))
+    llm = ctx.chat_expert("qgen.llm", cfg.llm, load_llm)
     requests = [LlmRequest(prompt=render_prompt(template, d.first_frame_description, d.dynamic_description,
                                                 cfg.num_questions)) for d in descriptions]
     results = llm.generate_json(requests, GeneratedQuestions, repair_retries=cfg.repair_retries)

@@ -334,8 +334,6 @@ def test_first_frame_unreadable_and_judge_failure_are_error_rows():
     assert rows[-1].status == "ok" and rows[-1].kept
 
 
-@pytest.mark.skipif(not os.environ.get("MOTIONFORGE_PREFECT_TESTS"),
-                    reason="starts a Prefect test server (10-40 s on 2 shared cores); set MOTIONFORGE_PREFECT_TESTS=1")
 def test_branch_through_the_prefect_flow(mb_root, prefect_harness):
     """The same branch as one Prefect flow run (thread task runner, doubles installed process-wide)."""
     from flows.pipeline import pipeline
