@@ -127,7 +127,42 @@ def _tables(out: Path, stages) -> dict[str, pa.Table]:
     return res
 
 
-def test_ray_task_runner_matches_thread_pool(prefect_harness, tmp_path):
+def _processes_with_env(tag: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if tag.encode() in (d / "environ").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture
+def ray_cleanup(monkeypatch):
+    """Ray processes this test starts inherit a unique variable; any still alive afterwards (Ray can leave a
+    worker that was still starting when it shut down) are stopped by PID, never by name."""
+    import signal
+
+    tag = f"motionforge-ray-test-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MOTIONFORGE_TEST_RAY_TAG", tag)
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    deadline = time.monotonic() + 10
+    while _processes_with_env(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _processes_with_env(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_ray_task_runner_matches_thread_pool(prefect_harness, ray_cleanup, tmp_path):
     from flows.config import load_pipeline_config
     from flows.pipeline import pipeline
     from stages.synth import SynthConfig, render_dataset
