@@ -129,12 +129,14 @@ def test_openai_images_and_video_frames(key):
     assert res[0].text == "echo: What is this?" and res[1].error is None
     assert res[2].text is None and "shape" in res[2].error
     assert len(srv.requests) == 2  # the unreadable item never went out
-    img_msg = srv.requests[0]["messages"]
+    # requests run concurrently: find each by content, not by arrival order
+    img_msg = next(r["messages"] for r in srv.requests if r["messages"][0]["role"] == "system")
+    vid_msg = next(r["messages"] for r in srv.requests if r["messages"][0]["role"] == "user")
     assert img_msg[0] == {"role": "system", "content": "sys"}
     parts = img_msg[1]["content"]
     assert [p["type"] for p in parts] == ["image_url", "text"]
     assert _decode(parts[0]["image_url"]["url"]).size == (32, 24)  # downscaled to max_image_side_px
-    vparts = srv.requests[1]["messages"][0]["content"]
+    vparts = vid_msg[0]["content"]
     assert [p["type"] for p in vparts] == ["text", "image_url", "image_url", "image_url", "text"]
     assert "3 images are frames of one video" in vparts[0]["text"]
 
