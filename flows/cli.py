@@ -136,13 +136,24 @@ def run_stage(
 
 
 @app.command()
-def status(out: str = typer.Option(..., "--out", "-o"), as_json: bool = typer.Option(False, "--json")):
-    """Per stage: shards complete / stale / pending / failed, rows ok / error / skipped, first errors."""
+def status(out: str = typer.Option(..., "--out", "-o"), as_json: bool = typer.Option(False, "--json"),
+           server: Optional[bool] = typer.Option(None, "--server/--no-server",
+                                                 help="also list flow runs from the Prefect server (default: when PREFECT_API_URL is set)")):
+    """Per stage: shards complete / stale / pending / failed, rows ok / error / skipped, first errors; with a
+    Prefect server, also which flow runs are running or failed for which stages and shards."""
     from dashboards.status import root_status
+    from flows.server_status import server_configured, server_runs
 
     st = root_status(out)
+    use_server = server if server is not None else bool(server_configured())
+    runs = None
+    if use_server:
+        try:
+            runs = server_runs(out)
+        except Exception as exc:  # noqa: BLE001 -- the offline view still stands
+            console.print(f"[yellow]Prefect server not reachable ({type(exc).__name__}: {exc}); showing the output root only[/]")
     if as_json:
-        print(json.dumps(st, indent=1))
+        print(json.dumps({**st, "server": runs} if runs is not None else st, indent=1, default=str))
         return
     from rich.markup import escape
 
@@ -157,6 +168,10 @@ def status(out: str = typer.Option(..., "--out", "-o"), as_json: bool = typer.Op
     for s in st["stages"]:
         for e in s["first_errors"][:3]:
             out_console.print(f"  {s['stage']}: {escape(e)}", soft_wrap=True)
+    if runs is not None:
+        from flows.cli_ops import print_runs
+
+        print_runs(runs, out_console)
 
 
 @app.command()

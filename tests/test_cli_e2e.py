@@ -85,3 +85,12 @@ def test_run_stage_rewrites_one_shard_only(run_root):
     # a second plain run skips everything that is complete
     _invoke("run-stage", "scenes", "--out", str(out))
     assert {k: root.read_marker("scenes", k)["fingerprint"] for k in (0, 1)} == after
+
+
+def test_status_with_the_prefect_server(run_root):
+    _, out = run_root
+    st = json.loads(_invoke("status", "--out", str(out), "--json", "--server").output)
+    runs = st["server"]["runs"]
+    assert runs and all(str(r["out"]).rstrip("/") == str(out) for r in runs)
+    assert {r["state"] for r in runs} <= {"Completed", "Running"}
+    assert {s["stage"] for s in st["stages"]} == {"ingest", "scenes"}  # the offline view is still there
