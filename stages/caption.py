@@ -18,7 +18,7 @@ from schemas.track_verdicts import TrackVerdict
 from schemas.tracks import Track
 from stages.base import Resources, ShardContext, Stage, StageConfig
 from stages.prompts import load_prompt
-from stages.visual_prompts import box_at, crop, draw_box, scale_box
+from stages.visual_prompts import boxed_frames, crop, draw_box, scale_box
 
 
 class CaptionConfig(StageConfig):
@@ -80,15 +80,11 @@ def static_request(track: Track, first, box1: list[float], cfg: CaptionConfig, p
 
 def dynamic_request(track: Track, frames, static_caption: str, t1: float, t2: float, cfg: CaptionConfig,
                     prompt: str) -> VlmRequest:
-    images = []
-    for fr in frames:
-        h, w = fr.image.shape[:2]
-        b = box_at(track.points, fr.t_s)
-        images.append(draw_box(fr.image, scale_box(b, w / track.width, h / track.height) if b else None))
+    images = boxed_frames(frames, track.points, track.width, track.height)
     text = prompt.format(num_frames=len(images), t1=t1 - track.start_s, t2=t2 - track.start_s,
                          static_caption=static_caption.strip(), width=track.width, height=track.height,
                          trajectory=trajectory_text(track, t1, t2, cfg.max_trajectory_lines))
-    return VlmRequest(text=text, images=tuple(images))
+    return VlmRequest(text=text, images=images)
 
 
 def process(ctx: ShardContext) -> list[Caption]:

@@ -19,7 +19,7 @@ from schemas.captions import Caption
 from schemas.tracks import Track
 from stages.base import Resources, ShardContext, Stage, StageConfig
 from stages.prompts import load_prompt
-from stages.visual_prompts import box_at, draw_box, scale_box
+from stages.visual_prompts import boxed_frames
 
 
 class CheckConfig(StageConfig):
@@ -86,14 +86,10 @@ def verdict_row(cap: Caption, reply: str, cfg: CheckConfig, version: str) -> Cap
 
 
 def check_request(cap: Caption, track: Track | None, frames, prompt: str) -> VlmRequest:
-    images = []
-    for fr in frames:
-        h, w = fr.image.shape[:2]
-        b = box_at(track.points, fr.t_s) if track else None
-        images.append(draw_box(fr.image, scale_box(b, w / cap.width, h / cap.height) if b else None))
+    images = boxed_frames(frames, track.points if track else None, cap.width, cap.height)
     text = prompt.format(t1=cap.t1_s - cap.clip_start_s, t2=cap.t2_s - cap.clip_start_s, label=cap.label,
                          dynamic_caption=(cap.dynamic_caption or "").replace('"', "'"))
-    return VlmRequest(text=text, images=tuple(images))
+    return VlmRequest(text=text, images=images)
 
 
 def process(ctx: ShardContext) -> list[CaptionVerdict]:

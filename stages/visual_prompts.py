@@ -45,3 +45,14 @@ def box_at(points: Sequence[dict], t_s: float) -> list[float] | None:
 def scale_box(box: Sequence[float], sx: float, sy: float) -> list[float]:
     x1, y1, x2, y2 = box
     return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+
+
+def boxed_frames(frames, points: Sequence[dict] | None, width: int, height: int) -> tuple[np.ndarray, ...]:
+    """Each decoded frame with the track's box at that time drawn on it (frames may be resized: boxes are
+    scaled from the ``width`` x ``height`` pixel frame the track lives in)."""
+    out = []
+    for fr in frames:
+        h, w = fr.image.shape[:2]
+        b = box_at(points, fr.t_s) if points else None
+        out.append(draw_box(fr.image, scale_box(b, w / width, h / height) if b else None))
+    return tuple(out)

@@ -91,15 +91,17 @@ class OutputRoot:
         tmp = self._tmp_beside(path)
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
-            if self.is_local:
-                f.flush()
+        self._commit(tmp, path)
+
+    def _commit(self, tmp: str, final: str) -> None:
+        """Make a finished temp file durable (locally), then rename it over ``final``."""
         if self.is_local:
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self.fs.move(tmp, path)
+        self.fs.move(tmp, final)
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as f:
@@ -129,13 +131,7 @@ class OutputRoot:
         self.makedirs(posixpath.dirname(final))
         tmp = self._tmp_beside(final)
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
-        if self.is_local:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.fs.move(tmp, final)
+        self._commit(tmp, final)
         return final
 
     def read_shard(self, stage: str, shard: int, schema: pa.Schema | None = None) -> pa.Table:

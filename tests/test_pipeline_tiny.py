@@ -6,19 +6,10 @@ import json
 
 import pyarrow.dataset as ds
 import pytest
-from typer.testing import CliRunner
-
-from flows.cli import app
+from tests._cli import invoke as _invoke
 from storage.root import OutputRoot
 
 IMOVE = ["ingest", "scenes", "tag", "detect", "track", "trackfilter", "caption", "check", "tasks"]
-runner = CliRunner()
-
-
-def _invoke(*args: str):
-    res = runner.invoke(app, list(args), catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return res
 
 
 @pytest.fixture(scope="module")
