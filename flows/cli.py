@@ -196,22 +196,34 @@ def _small_profile_available() -> tuple[bool, list[str]]:
     missing = []
     for name in pc.model_fields:
         section = getattr(pc, name)
-        for field in getattr(type(section), "model_fields", {}):
-            spec = getattr(section, field)
+        if hasattr(section, "model_specs"):  # a config that knows which of its specs it will load
+            used = list(section.model_specs())
+        else:
+            used = [getattr(section, f) for f in getattr(type(section), "model_fields", {})]
+        for spec in used:
             specs = spec if isinstance(spec, (list, tuple)) else [spec]
             for sp in specs:
                 if isinstance(sp, ModelSpec) and getattr(sp, "backend", "transformers") != "openai":
-                    if not _resolvable(sp.model_id, sp.revision):
+                    if not _resolvable(sp.model_id, sp.revision, getattr(sp, "arch", None)):
                         missing.append(sp.model_id)
     return not missing, sorted(set(missing))
 
 
-def _resolvable(model_id: str, revision: str | None) -> bool:
+def _resolvable(model_id: str, revision: str | None, arch: str | None = None) -> bool:
     if os.path.exists(os.path.expanduser(model_id)):
         return True
     if os.environ.get("MOTIONFORGE_WEIGHTS") and os.path.exists(os.path.join(os.environ["MOTIONFORGE_WEIGHTS"], model_id)):
         return True
-    if "/" not in model_id:  # e.g. an open_clip architecture tag: resolved by its own loader
+    if model_id.startswith("hf-hub:"):
+        model_id = model_id[len("hf-hub:"):]
+    elif "/" not in model_id and arch:  # an open_clip pretrained tag: its weights live in a hub repo
+        try:
+            import open_clip
+
+            model_id = (open_clip.get_pretrained_cfg(arch, model_id) or {}).get("hf_hub", "").strip("/")
+        except Exception:  # noqa: BLE001
+            return False
+    if "/" not in model_id:
         return False
     try:
         from huggingface_hub import snapshot_download

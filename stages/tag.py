@@ -66,6 +66,10 @@ class TagConfig(StageConfig):
             raise ValueError(f"max_tags must be >= 1 or None, got {v}")
         return v
 
+    def model_specs(self) -> list:
+        """The one model this config will load (the other tagger's spec is unused)."""
+        return [self.ram_plus if self.tagger == "ram_plus" else self.clip]
+
 
 PROFILES = {
     # RAM++ ships only as Swin-L; the smallest real tagger is CLIP ViT-B/32 over the shipped vocabulary.
