@@ -63,6 +63,9 @@ class ChatSpec(ModelSpec):
     # -- OpenAI-compatible endpoint --
     base_url: str = "https://api.openai.com/v1"
     api_key_env: str | None = "OPENAI_API_KEY"  # None: the endpoint needs no key (local vLLM / SGLang)
+    # Name of a Prefect Secret block holding the key. The flow layer copies it into $api_key_env of the worker
+    # process before the stage runs (experts never talk to Prefect); the key itself is never in any config.
+    api_key_secret_block: str | None = None
     max_concurrency: int = Field(8, ge=1, le=1024)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)

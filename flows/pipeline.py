@@ -132,6 +132,9 @@ def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force:
     pc = pipeline_model().model_validate(config)
     root = OutputRoot(out)
     st = get_stage(stage)
+    from flows.secrets import load_api_keys
+
+    load_api_keys(pc.stage_config(stage))
     with gpu_slot(stage, pc.runtime.gpu_concurrency_limit):
         started = dt.datetime.now(dt.timezone.utc)
         outcome = run_shard(st, root, pc.stage_config(stage), shard, force=force, pipeline=config)
