@@ -274,6 +274,18 @@ def demo(
         console.print(f"iMOVE-IT: {n_samples} samples -> {Path(out) / 'imove_it.jsonl'}")
     except FileNotFoundError as exc:
         console.print(f"[yellow]no iMOVE-IT export: {exc}[/]")
+    try:
+        from schemas._base import from_table
+        from schemas.motionbench import SCHEMA as MB_SCHEMA, BenchmarkQuestion
+        from stages.finalize import export_meta
+        from storage.root import OutputRoot
+
+        rows = from_table(OutputRoot(root).read_stage("finalize", MB_SCHEMA), BenchmarkQuestion)
+        if rows:
+            meta, key = export_meta(rows, Path(out) / "motionbench")
+            console.print(f"MotionBench: {len(rows)} questions -> {meta} (test answer key {key})")
+    except FileNotFoundError as exc:
+        console.print(f"[yellow]no MotionBench export: {exc}[/]")
     console.print(f"report: {write_report(root)}")
     console.print(f"status: motionforge status --out {root}")
 
