@@ -12,19 +12,21 @@ from storage.manifest import read_manifest
 from storage.root import OutputRoot
 
 
-def root_status(out: str, max_errors: int = 5) -> dict[str, Any]:
+def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> dict[str, Any]:
+    """``stages``: name -> Stage to report on (default: every registered stage present under ``out``)."""
     root = OutputRoot(out)
     manifest = read_manifest(root)
     try:
         shards = plan_shards(root)
     except Exception:  # noqa: BLE001 -- no plan yet
         shards = []
+    known = stages
     stages = []
-    for name in STAGE_MODULES:
+    for name in (known or STAGE_MODULES):
         if name not in manifest["stages"] and not root.completed_shards(name):
             continue
         try:
-            st = get_stage(name)
+            st = known[name] if known else get_stage(name)
         except Exception:  # noqa: BLE001
             continue
         expected = [0] if st.scope == "global" else shards
@@ -45,9 +47,12 @@ def root_status(out: str, max_errors: int = 5) -> dict[str, Any]:
             for reason, n in m.get("top_errors", []):
                 reasons[reason] += n
         # shards with a table but no marker were interrupted mid-write or failed after retries
+        failures = []
         for k in expected:
-            if root.read_marker(name, k) is None and _has_failed_attempt(root, name, k):
+            note = _failed_attempt(root, name, k) if root.read_marker(name, k) is None else None
+            if note is not None:
                 failed.append(k)
+                failures.append(f"shard {k}: {note.get('error', 'failed')}")
         stages.append({
             "stage": name,
             "shards_expected": len(expected),
@@ -55,6 +60,8 @@ def root_status(out: str, max_errors: int = 5) -> dict[str, Any]:
             "stale": states["stale"],
             "pending": states["pending"],
             "failed": len(failed),
+            "failed_shards": failed,
+            "failures": failures[:max_errors],
             "stale_shards": stale_shards,
             "rows_ok": ok,
             "rows_error": err,
@@ -65,8 +72,9 @@ def root_status(out: str, max_errors: int = 5) -> dict[str, Any]:
     return {"out": root.url, "shards": len(shards), "stages": stages}
 
 
-def _has_failed_attempt(root: OutputRoot, stage: str, shard: int) -> bool:
-    return root.exists(root.path(stage, "_failed", f"shard-{shard:05d}.json"))
+def _failed_attempt(root: OutputRoot, stage: str, shard: int) -> dict | None:
+    """The note the runner leaves when a whole shard raised (cleared when the shard later completes)."""
+    return root.read_json(root.path(stage, "_failed", f"shard-{shard:05d}.json"))
 
 
 def first_error_rows(out: str, stage: str, n: int = 5) -> list[dict]:

@@ -166,6 +166,9 @@ def status(out: str = typer.Option(..., "--out", "-o"), as_json: bool = typer.Op
     out_console = Console()
     out_console.print(t)
     for s in st["stages"]:
+        for f in s.get("failures", []):
+            out_console.print(f"  [red]{s['stage']} FAILED {escape(f)}[/]  (motionforge run-stage {s['stage']} --out {out} --shard N)",
+                              soft_wrap=True)
         for e in s["first_errors"][:3]:
             out_console.print(f"  {s['stage']}: {escape(e)}", soft_wrap=True)
     if runs is not None:

@@ -130,3 +130,27 @@ def test_crash_mid_stage_then_resume_equals_clean_run(tmp_path):
     slow.run_all(crashed.url, 0.0)  # resume
     assert _rows(crashed.url) == _rows(clean.url)
     assert len(_rows(crashed.url)) == 24
+
+
+def test_whole_shard_failure_is_reported_then_cleared(tmp_path):
+    import dataclasses
+
+    from dashboards.status import root_status
+
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 4, 2)
+    record_stage_config(root, "slow", slow.SlowConfig().config_hash(), {}, [])
+
+    def boom(ctx):
+        raise OSError(f"disk full while processing shard {ctx.shard}")
+
+    broken = dataclasses.replace(slow.STAGE, process=boom)
+    run_shard(slow.STAGE, root, slow.SlowConfig(), 0)
+    with pytest.raises(OSError):
+        run_shard(broken, root, slow.SlowConfig(), 1)
+    st = {s["stage"]: s for s in root_status(root.url, stages={"slow": slow.STAGE})["stages"]}["slow"]
+    assert (st["complete"], st["failed"], st["failed_shards"]) == (1, 1, [1])
+    assert "disk full while processing shard 1" in st["failures"][0]
+    run_shard(slow.STAGE, root, slow.SlowConfig(), 1)  # the re-run succeeds: the failure note goes away
+    st = {s["stage"]: s for s in root_status(root.url, stages={"slow": slow.STAGE})["stages"]}["slow"]
+    assert (st["complete"], st["failed"]) == (2, 0)
