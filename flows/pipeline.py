@@ -74,13 +74,14 @@ def gpu_limit_name(configured: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def gpu_slot(stage_name: str, limit: str | None):
+def gpu_slot(stage_name: str, limit: str | None, stage_config: Any = None):
     """Hold one slot per GPU the stage needs of a Prefect global concurrency limit, if one is configured.
 
     Fractional requests (e.g. 0.25 GPU for a CLIP filter) still take one whole slot: the limit counts GPUs a
     worker may hand out, and sharing a slot between stages is what Ray's fractional ``num_gpus`` is for.
     """
-    gpus = get_stage(stage_name).resources.gpus
+    st = get_stage(stage_name)
+    gpus = (st.resources_for(stage_config) if stage_config is not None else st.resources).gpus
     limit = gpu_limit_name(limit)
     if not limit or gpus <= 0:
         yield
@@ -135,7 +136,7 @@ def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force:
     from flows.secrets import load_api_keys
 
     load_api_keys(pc.stage_config(stage))
-    with gpu_slot(stage, pc.runtime.gpu_concurrency_limit):
+    with gpu_slot(stage, pc.runtime.gpu_concurrency_limit, pc.stage_config(stage)):
         started = dt.datetime.now(dt.timezone.utc)
         outcome = run_shard(st, root, pc.stage_config(stage), shard, force=force, pipeline=config)
         ended = dt.datetime.now(dt.timezone.utc)
@@ -201,17 +202,19 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
     opts = stage_shard.with_options(retries=runtime.retries,
                                     retry_delay_seconds=exponential_backoff(backoff_factor=runtime.retry_delay_s))
     use_ray = runtime.task_runner == "ray"
+    pc = pipeline_model().model_validate(cfg)
+    resources = {n: get_stage(n).resources_for(pc.stage_config(n)) for n in stage_names}
     if use_ray:
         from prefect_ray.context import remote_options
 
         cluster_gpus = _ray_cluster_gpus()
-        if cluster_gpus <= 0 and any(get_stage(n).resources.uses_gpu for n in stage_names):
+        if cluster_gpus <= 0 and any(r.uses_gpu for r in resources.values()):
             _logger().warning("the Ray cluster has no GPU: GPU stages request num_gpus=0 and run on CPU")
 
     def submit(name: str, k: int, waits: list):
         if not use_ray:
             return opts.submit(name, k, out, cfg, force, wait_for=waits)
-        with remote_options(**ray_remote_options(get_stage(name).resources, cluster_gpus)):
+        with remote_options(**ray_remote_options(resources[name], cluster_gpus)):
             return opts.submit(name, k, out, cfg, force, wait_for=waits)
 
     for name in stage_names:

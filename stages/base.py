@@ -51,6 +51,13 @@ class Resources:
         return self.gpus > 0
 
 
+def chat_resources(gpu: "Resources", *specs: Any) -> "Resources":
+    """A VLM/LLM stage needs its GPU only when a model runs in-process; endpoint calls need one CPU."""
+    if specs and all(getattr(s, "backend", "transformers") == "openai" for s in specs):
+        return Resources(cpus=1, gpus=0)
+    return gpu
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
@@ -66,6 +73,11 @@ class Stage:
     # Inputs that live outside stage tables (e.g. imported human decisions): (root, shard) -> {name: digest}.
     # The runner adds them to the shard's input fingerprints, so changing them makes the shard stale.
     external_inputs: Callable[[OutputRoot, int], dict[str, str]] | None = None
+    # Resources that depend on the config (e.g. a VLM stage needs no GPU when it calls an HTTP endpoint).
+    resources_fn: Callable[[Any], Resources] | None = None
+
+    def resources_for(self, config: Any) -> Resources:
+        return self.resources_fn(config) if self.resources_fn is not None else self.resources
 
 
 # Test doubles and notebooks can put a ready expert in place of the loaded one, process-wide, by name.

@@ -30,7 +30,7 @@ from experts.vlm import VlmSpec
 from schemas._base import STATUS_ERROR, STATUS_SKIPPED
 from schemas.clips import Clip
 from schemas.descriptions import SCHEMA, Description
-from stages.base import Resources, ShardContext, Stage, StageConfig
+from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources
 from storage.root import OutputRoot
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "motionbench"
@@ -325,6 +325,7 @@ def process(ctx: ShardContext) -> Iterable[Description]:
 STAGE = Stage(
     name="describe", schema=SCHEMA, inputs=("scenes",), config_cls=DescribeConfig, process=process,
     expert=lambda cfg: (cfg.vlm.model_id, cfg.vlm.revision), resources=Resources(cpus=1, gpus=1.0),
+    resources_fn=lambda cfg: chat_resources(Resources(cpus=1, gpus=1.0), cfg.vlm),
     branch="motionbench", external_inputs=imported_fingerprint,
     description="dynamic-information description per clip (VLM, or imported human notes)",
 )

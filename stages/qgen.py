@@ -42,7 +42,7 @@ from experts.llm import LlmSpec
 from schemas._base import STATUS_ERROR
 from schemas.descriptions import Description
 from schemas.questions import SCHEMA, Question
-from stages.base import Resources, ShardContext, Stage, StageConfig
+from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "motionbench"
 LETTERS = ("A", "B", "C", "D")
@@ -362,5 +362,6 @@ def process(ctx: ShardContext) -> list[Question]:
 STAGE = Stage(
     name="qgen", schema=SCHEMA, inputs=("describe",), config_cls=QgenConfig, process=process,
     expert=lambda cfg: (cfg.llm.model_id, cfg.llm.revision), resources=Resources(cpus=1, gpus=1.0), branch="motionbench",
+    resources_fn=lambda cfg: chat_resources(Resources(cpus=1, gpus=1.0), cfg.llm),
     description="LLM question generation from dynamic descriptions (MotionBench 9.2)",
 )

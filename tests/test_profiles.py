@@ -28,3 +28,14 @@ def test_small_profile_detection(tmp_path, monkeypatch):
     for m in missing:  # put every missing checkpoint where MOTIONFORGE_WEIGHTS points
         os.makedirs(tmp_path / m, exist_ok=True)
     assert _small_profile_available() == (True, [])
+
+
+def test_vlm_stages_ask_for_a_gpu_only_for_in_process_models():
+    from stages.registry import get_stage
+
+    paper, tiny = load_pipeline_config("paper"), load_pipeline_config("tiny")
+    for name in ("caption", "check", "describe", "qgen", "ffilter"):
+        st = get_stage(name)
+        assert st.resources_for(paper.stage_config(name)).gpus == 0  # the paper's models sit behind endpoints
+        assert st.resources_for(tiny.stage_config(name)).gpus >= 1  # in-process transformers models
+    assert get_stage("track").resources_for(paper.track).gpus == 1
