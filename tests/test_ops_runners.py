@@ -29,7 +29,7 @@ class GpuProbe(Record):
 
 
 class GpuProbeConfig(StageConfig):
-    busy_s: float = 1.0
+    busy_s: float = 2.5  # long enough that, with two slots, both start before either ends even on a loaded machine
 
 
 def _busy(ctx):

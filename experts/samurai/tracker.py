@@ -73,13 +73,14 @@ class SamuraiSpec(ModelSpec):
 
     config: str | None = None
     hydra_overrides: tuple[str, ...] = ()
-    samurai_mode: bool = True
-    stable_frames_threshold: int = 15
-    stable_ious_threshold: float = 0.3
-    kf_score_weight: float = 0.15
-    memory_bank_iou_threshold: float = 0.5
-    memory_bank_obj_score_threshold: float = 0.0
-    memory_bank_kf_score_threshold: float = 0.0
+    # SAMURAI's thresholds: defaults come from MotionConfig, the one place they are written down.
+    samurai_mode: bool = MotionConfig.samurai_mode
+    stable_frames_threshold: int = MotionConfig.stable_frames_threshold
+    stable_ious_threshold: float = MotionConfig.stable_ious_threshold
+    kf_score_weight: float = MotionConfig.kf_score_weight
+    memory_bank_iou_threshold: float = MotionConfig.memory_bank_iou_threshold
+    memory_bank_obj_score_threshold: float = MotionConfig.memory_bank_obj_score_threshold
+    memory_bank_kf_score_threshold: float = MotionConfig.memory_bank_kf_score_threshold
     fps: float | None = None
     offload_state_to_cpu: bool = False
 
