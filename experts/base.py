@@ -172,6 +172,20 @@ def hf_load(loader: Callable[..., Any], model_id: str, revision: str | None = No
         raise WeightsNotFoundError(missing_weights_message(model_id, revision) + f" [{type(exc).__name__}]") from exc
 
 
+def inference_mode(fn):
+    """Run ``fn`` under ``torch.inference_mode()``; torch is imported lazily so expert modules import cheaply."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 T = TypeVar("T")
 _CACHE: dict[str, Any] = {}
 _CACHE_LOCK = threading.Lock()

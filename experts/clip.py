@@ -23,8 +23,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from experts.base import (TINY_SCHEME, ModelSpec, WeightsNotFoundError, missing_weights_message, register_tiny,
-                          resolve_device, resolve_dtype, resolve_tiny)
+from experts.base import (TINY_SCHEME, ModelSpec, WeightsNotFoundError, inference_mode, missing_weights_message,
+                          register_tiny, resolve_device, resolve_dtype, resolve_tiny)
 
 DEFAULT_TEMPLATE = "a photo of a {label}."
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -35,19 +35,6 @@ class ClipSpec(ModelSpec):
 
     model_id: str = "openai"
     arch: str = "ViT-B-32"
-
-
-def _inference_mode(fn):
-    """Run ``fn`` under ``torch.inference_mode()``; torch is imported lazily so the module imports cheaply."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        with torch.inference_mode():
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 class Clip:
@@ -80,7 +67,7 @@ class Clip:
 
     # ------------------------------------------------------------------------------------- encoders
 
-    @_inference_mode
+    @inference_mode
     def encode_images(self, images: list[np.ndarray], batch_size: int = 64) -> np.ndarray:
         """``[N, D]`` L2-normalised embeddings of HxWx3 uint8 RGB images (crops of any size)."""
         import torch
@@ -96,7 +83,7 @@ class Clip:
             out.append(_normalise(feats))
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
-    @_inference_mode
+    @inference_mode
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         """``[T, D]`` L2-normalised embeddings of texts, used as given (see :meth:`prompts`)."""
         _check_batch_size(batch_size)

@@ -11,7 +11,6 @@ is matched as a whole, and a query that only lights up separators or special tok
 """
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from experts.base import ModelSpec, hf_load, register_tiny, resolve_device, resolve_dtype
+from experts.base import ModelSpec, hf_load, inference_mode, register_tiny, resolve_device, resolve_dtype
 
 DEFAULT_MODEL_ID = "IDEA-Research/grounding-dino-base"
 
@@ -70,19 +69,6 @@ def _model_class(architecture: str):
 def build_grounding_dino(config: Any, architecture: str = "grounding_dino"):
     """Construction only: a randomly initialised model from a transformers config (no weights)."""
     return _model_class(architecture)(config)
-
-
-def _inference_mode(fn):
-    """Run ``fn`` under ``torch.inference_mode()``; torch is imported lazily so the module imports cheaply."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        with torch.inference_mode():
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 @dataclass(frozen=True)
@@ -182,7 +168,7 @@ class GroundingDino:
             dets.sort(key=lambda d: -d.score)
         return results
 
-    @_inference_mode
+    @inference_mode
     def _detect_batch(self, images: list[np.ndarray], batch: list[_Item], box_threshold: float,
                       text_threshold: float) -> list[list[Detection]]:
         prompts, spans = zip(*(build_prompt(it.labels) for it in batch))
