@@ -51,6 +51,11 @@ class Resources:
         return self.gpus > 0
 
 
+def vlm_expert_name(cfg: Any) -> tuple[str, str | None]:
+    """Provenance of a stage whose config carries one ``vlm`` spec: ("vlm:<backend>:<model id>", revision)."""
+    return (f"vlm:{cfg.vlm.backend}:{cfg.vlm.model_id}", cfg.vlm.revision)
+
+
 def chat_resources(gpu: "Resources", *specs: Any) -> "Resources":
     """A VLM/LLM stage needs its GPU only when a model runs in-process; endpoint calls need one CPU."""
     if specs and all(getattr(s, "backend", "transformers") == "openai" for s in specs):

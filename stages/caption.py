@@ -16,7 +16,7 @@ from schemas._base import STATUS_ERROR, STATUS_SKIPPED
 from schemas.captions import SCHEMA, Caption
 from schemas.track_verdicts import TrackVerdict
 from schemas.tracks import Track
-from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources
+from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources, vlm_expert_name
 from stages.prompts import load_prompt
 from stages.visual_prompts import boxed_frames, crop, draw_box, scale_box
 
@@ -156,13 +156,10 @@ def _replace(row: Caption, **kw) -> Caption:
     return dataclasses.replace(row, **kw)
 
 
-def _expert(cfg: CaptionConfig) -> tuple[str, str | None]:
-    return (f"vlm:{cfg.vlm.backend}:{cfg.vlm.model_id}", cfg.vlm.revision)
-
 
 STAGE = Stage(
     name="caption", schema=SCHEMA, inputs=("track", "trackfilter"), config_cls=CaptionConfig, process=process,
-    expert=_expert, resources=Resources(cpus=2, gpus=1), branch="imove_it",
+    expert=vlm_expert_name, resources=Resources(cpus=2, gpus=1), branch="imove_it",
     resources_fn=lambda cfg: chat_resources(Resources(cpus=2, gpus=1), cfg.vlm),
     description="VLM static then dynamic caption of each kept instance (iMOVE 3.1.1 Step-4)",
 )

@@ -17,7 +17,7 @@ from schemas._base import STATUS_ERROR, STATUS_SKIPPED
 from schemas.caption_verdicts import SCHEMA, CaptionVerdict
 from schemas.captions import Caption
 from schemas.tracks import Track
-from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources
+from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources, vlm_expert_name
 from stages.prompts import load_prompt
 from stages.visual_prompts import boxed_frames
 
@@ -126,13 +126,10 @@ def process(ctx: ShardContext) -> list[CaptionVerdict]:
     return [rows[c.instance_id] for c in caps]
 
 
-def _expert(cfg: CheckConfig) -> tuple[str, str | None]:
-    return (f"vlm:{cfg.vlm.backend}:{cfg.vlm.model_id}", cfg.vlm.revision)
-
 
 STAGE = Stage(
     name="check", schema=SCHEMA, inputs=("caption", "track"), config_cls=CheckConfig, process=process,
-    expert=_expert, resources=Resources(cpus=2, gpus=1), branch="imove_it",
+    expert=vlm_expert_name, resources=Resources(cpus=2, gpus=1), branch="imove_it",
     resources_fn=lambda cfg: chat_resources(Resources(cpus=2, gpus=1), cfg.vlm),
     description="second VLM checks each dynamic caption: correct and unique to the instance",
 )
