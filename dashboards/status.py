@@ -21,7 +21,7 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
     except Exception:  # noqa: BLE001 -- no plan yet
         shards = []
     known = stages
-    stages = []
+    report = []
     for name in (known or STAGE_MODULES):
         if name not in manifest["stages"] and not root.completed_shards(name):
             continue
@@ -31,12 +31,14 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
             continue
         expected = [0] if st.scope == "global" else shards
         states = collections.Counter()
-        stale_shards, failed = [], []
+        stale_shards, pending = [], []
         for k in expected:
             s = shard_state(st, root, k)
             states[s] += 1
             if s == "stale":
                 stale_shards.append(k)
+            elif s == "pending":
+                pending.append(k)
         ok = err = skipped = 0
         reasons: collections.Counter = collections.Counter()
         for k in root.completed_shards(name):
@@ -46,14 +48,14 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
             skipped += m.get("skipped", 0)
             for reason, n in m.get("top_errors", []):
                 reasons[reason] += n
-        # shards with a table but no marker were interrupted mid-write or failed after retries
-        failures = []
-        for k in expected:
-            note = _failed_attempt(root, name, k) if root.read_marker(name, k) is None else None
+        # a pending shard (no marker) whose last attempt raised carries the runner's failure note
+        failed, failures = [], []
+        for k in pending:
+            note = _failed_attempt(root, name, k)
             if note is not None:
                 failed.append(k)
                 failures.append(f"shard {k}: {note.get('error', 'failed')}")
-        stages.append({
+        report.append({
             "stage": name,
             "shards_expected": len(expected),
             "complete": states["complete"],
@@ -69,7 +71,7 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
             "first_errors": [f"{r} (x{n})" for r, n in reasons.most_common(max_errors)],
             "config_hash": manifest["stages"].get(name, {}).get("config_hash"),
         })
-    return {"out": root.url, "shards": len(shards), "stages": stages}
+    return {"out": root.url, "shards": len(shards), "stages": report}
 
 
 def _failed_attempt(root: OutputRoot, stage: str, shard: int) -> dict | None:
