@@ -139,8 +139,6 @@ class GroundingDino:
         ``text_threshold``. Images are batched by size, so no image is padded and a batch gives the same
         boxes as single calls.
         """
-        import torch
-
         if len(images) != len(labels):
             raise ValueError(f"got {len(images)} images but {len(labels)} label lists; pass one list per image")
         if batch_size < 1:

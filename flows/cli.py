@@ -5,7 +5,6 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +21,7 @@ console = Console(stderr=True)
 def _parse_stages(stages: Optional[str]) -> Optional[list[str]]:
     if not stages:
         return None
-    from stages.registry import available_stages, with_upstream  # noqa: F401
+    from stages.registry import available_stages
 
     names = [s.strip() for s in stages.split(",") if s.strip()]
     known = available_stages()

@@ -52,7 +52,6 @@ def _is_url(s: str) -> bool:
 
 
 def _read_manifest(path: str) -> list[str]:
-    import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
     import pyarrow.parquet as pq

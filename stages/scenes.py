@@ -567,7 +567,6 @@ def clips_for_video(video, cut: "CutResult", config: ScenesConfig) -> list:
 
 
 def process(ctx) -> list:
-    from schemas._base import STATUS_ERROR
     from schemas.videos import Video
 
     cfg: ScenesConfig = ctx.config

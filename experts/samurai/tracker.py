@@ -522,7 +522,6 @@ class TrackSession:
     # -- one frame
     def step(self, image: np.ndarray, frame_index: int | None = None, t_s: float | None = None) -> list[TrackPoint]:
         import torch
-        import torch.nn.functional as F
 
         tr = self.tracker
         m = self.model
