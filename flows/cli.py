@@ -183,7 +183,7 @@ def synth(
     seed: int = typer.Option(0, "--seed"),
 ):
     """Render procedural videos with ground truth (.json beside each .mp4)."""
-    from stages.synth import SynthConfig, render_dataset
+    from stages.synth.videos import SynthConfig, render_dataset
 
     paths = render_dataset(out, n, seed, SynthConfig())
     console.print(f"wrote {len(paths)} videos with ground truth to {out}")
@@ -246,7 +246,7 @@ def demo(
     import importlib.util
     import shutil
 
-    from stages.synth import SynthConfig, render_dataset
+    from stages.synth.videos import SynthConfig, render_dataset
 
     videos = Path(out) / "videos"
     render_dataset(videos, n, 0, SynthConfig())
@@ -279,7 +279,7 @@ def demo(
     try:
         from schemas._base import from_table
         from schemas.motionbench import SCHEMA as MB_SCHEMA, BenchmarkQuestion
-        from stages.finalize import export_meta
+        from stages.motionbench.finalize import export_meta
         from storage.root import OutputRoot
 
         rows = from_table(OutputRoot(root).read_stage("finalize", MB_SCHEMA), BenchmarkQuestion)

@@ -7,7 +7,7 @@
     motionforge eval score --meta META --responses RESP.json [--answers KEY] [--json]
     motionforge eval run --model SPEC --meta META --videos DIR [--num-frames N | --fps F] [--text-only | --first-frame]
 
-Wiring only: the logic is in stages.describe / stages.review / stages.finalize / stages.motionbench_eval.
+Wiring only: the logic is in stages.motionbench.describe / stages.motionbench.review / stages.motionbench.finalize / stages.motionbench_eval.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _print_score(result: dict) -> None:
 
 
 def score_files(meta: Path, responses: Path, answers: Path | None) -> dict:
-    from stages.motionbench_eval import meta_questions, read_answer_key, read_meta, score
+    from stages.evaluation.motionbench import meta_questions, read_answer_key, read_meta, score
 
     try:
         resp = json.loads(Path(responses).read_text(encoding="utf-8"))
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., "--out", "-o", help="output root"),
     ):
         """Store human dynamic descriptions; `describe` uses them instead of the VLM for those clips."""
-        from stages.describe import read_import_file, store_import
+        from stages.motionbench.describe import read_import_file, store_import
         from storage.root import OutputRoot
 
         try:
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
         include_decided: bool = typer.Option(False, "--all", help="also list questions already decided"),
     ):
         """Write the questions waiting for review, with clip paths and first-frame images."""
-        from stages.review import check_queue_path, first_frame_of_item, pending_items, write_first_frames, write_queue
+        from stages.motionbench.review import check_queue_path, first_frame_of_item, pending_items, write_first_frames, write_queue
         from storage.root import OutputRoot
 
         try:
@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
         reviewer: Optional[str] = typer.Option(None, "--reviewer", help="reviewer id for items that name none"),
     ):
         """Record accept / reject / edit decisions (all or nothing); review shards they touch become stale."""
-        from stages.review import import_decisions, store_decisions
+        from stages.motionbench.review import import_decisions, store_decisions
         from storage.root import OutputRoot
 
         root = OutputRoot(out)
@@ -162,7 +162,7 @@ def register(app: typer.Typer) -> None:
         """The benchmark in the released format (test answers NA) plus the test answer key."""
         from schemas._base import from_table
         from schemas.motionbench import SCHEMA, BenchmarkQuestion
-        from stages.finalize import export_meta
+        from stages.motionbench.finalize import export_meta
         from storage.root import OutputRoot
 
         try:
@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import Progress
 
         from experts.vlm import load_vlm
-        from stages.motionbench_eval import build_inputs, meta_questions, read_meta, resolve_video, run_model
+        from stages.evaluation.motionbench import build_inputs, meta_questions, read_meta, resolve_video, run_model
 
         if text_only and first_frame_only:
             _fail("--text-only and --first-frame exclude each other")

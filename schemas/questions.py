@@ -3,7 +3,7 @@
 Written by ``qgen`` (an LLM over a description, ``source="generated"``) and by ``synthqa`` (from a synthetic
 video's ground truth, ``source="synthetic"``). ``options`` holds the four option texts in the generated order
 and ``answer`` the letter of the correct one; ``finalize`` re-orders options to balance letters.
-``question_id = uuid5(clip namespace, normalised question text)`` (see :func:`stages.qgen.question_id`).
+``question_id = uuid5(clip namespace, normalised question text)`` (see :func:`stages.shared.motionbench_questions.question_id`).
 """
 from __future__ import annotations
 

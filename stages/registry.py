@@ -11,20 +11,20 @@ STAGE_MODULES: dict[str, str] = {
     "ingest": "stages.ingest",
     "scenes": "stages.scenes",
     # iMOVE-IT branch (iMOVE 3.1.1)
-    "tag": "stages.tag",
-    "detect": "stages.detect",
-    "track": "stages.track",
-    "trackfilter": "stages.trackfilter",
-    "caption": "stages.caption",
-    "check": "stages.check",
-    "tasks": "stages.tasks",
+    "tag": "stages.imove_it.tag",
+    "detect": "stages.imove_it.detect",
+    "track": "stages.imove_it.track",
+    "trackfilter": "stages.imove_it.trackfilter",
+    "caption": "stages.imove_it.caption",
+    "check": "stages.imove_it.check",
+    "tasks": "stages.imove_it.tasks",
     # MotionBench branch (MotionBench 3.1-3.2, 9)
-    "describe": "stages.describe",
-    "qgen": "stages.qgen",
-    "ffilter": "stages.ffilter",
-    "review": "stages.review",
-    "synthqa": "stages.synthqa",  # questions from synthetic videos' ground truth (MotionBench "virtual videos")
-    "finalize": "stages.finalize",
+    "describe": "stages.motionbench.describe",
+    "qgen": "stages.motionbench.qgen",
+    "ffilter": "stages.motionbench.ffilter",
+    "review": "stages.motionbench.review",
+    "synthqa": "stages.synth.synthqa",  # questions from synthetic videos' ground truth (MotionBench "virtual videos")
+    "finalize": "stages.motionbench.finalize",
 }
 
 

@@ -29,10 +29,10 @@ from experts.grounding_dino import Detection
 from experts.samurai import TrackPoint
 from experts.video import iter_frames
 from schemas.clips import Clip
-from stages.detect import box_iou, crop_box
+from stages.shared.geometry import box_iou, crop_box
 from stages.ingest import content_hash
 from stages.scenes import clip_id as make_clip_id
-from stages.synth import GroundTruth, SynthObject, load_truth
+from stages.synth.videos import GroundTruth, SynthObject, load_truth
 
 TRUE_CLIP = 0.31
 LOW_CLIP = 0.05
@@ -260,7 +260,7 @@ _ORACLES: dict[tuple, SynthOracle] = {}
 
 
 def synth_config():
-    from stages.synth import SynthConfig
+    from stages.synth.videos import SynthConfig
 
     # Every video gets a planted too-large object; 3 s at 25 fps, 1-3 shots.
     return SynthConfig(min_duration_s=3.0, max_duration_s=3.0, too_large_probability=1.0)
@@ -275,7 +275,7 @@ def synth_dir() -> Path:
 
 
 def synth_paths() -> list[Path]:
-    from stages.synth import render_dataset
+    from stages.synth.videos import render_dataset
 
     return render_dataset(synth_dir(), SYNTH_VIDEOS, SYNTH_SEED, synth_config())
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from stages.synth import SynthConfig, render_dataset
+from stages.synth.videos import SynthConfig, render_dataset
 from storage.root import OutputRoot
 from tests._cli import invoke
 

@@ -39,7 +39,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
-    from stages.synth import SynthConfig, render_dataset
+    from stages.synth.videos import SynthConfig, render_dataset
 
     d = tmp_path_factory.mktemp("videos")
     render_dataset(d, 2, 0, SynthConfig())

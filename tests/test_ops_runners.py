@@ -165,7 +165,7 @@ def ray_cleanup(monkeypatch):
 def test_ray_task_runner_matches_thread_pool(prefect_harness, ray_cleanup, tmp_path):
     from flows.config import load_pipeline_config
     from flows.pipeline import pipeline
-    from stages.synth import SynthConfig, render_dataset
+    from stages.synth.videos import SynthConfig, render_dataset
 
     videos = tmp_path / "videos"
     render_dataset(videos, 2, 0, SynthConfig())

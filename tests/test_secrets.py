@@ -7,8 +7,8 @@ import os
 import pytest
 
 from flows.secrets import SecretBlockError, chat_specs, load_api_keys
-from stages.caption import CaptionConfig
-from stages.ffilter import FfilterConfig
+from stages.imove_it.caption import CaptionConfig
+from stages.motionbench.ffilter import FfilterConfig
 
 
 def test_secret_block_fills_the_env_var(prefect_harness, monkeypatch):

@@ -1,0 +1,166 @@
+"""detect stage: box filters and NMS as pure functions; exactness against planted boxes; stable ids; tiny GD."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from schemas._base import from_table
+from schemas.instances import SCHEMA, Instance
+from schemas.tags import ClipTags
+from stages.base import install_expert_override
+from stages.imove_it.detect import (CLIP_EXPERT, DETECTOR_EXPERT, PROFILES, STAGE, Candidate, DetectConfig, box_iou, crop_box,
+                           instance_id, nms_across_tags)
+from stages.runner import run_shard
+from stages.imove_it.tag import STAGE as TAG_STAGE
+from stages.imove_it.tag import TAGGER_EXPERT, TagConfig
+from storage.root import OutputRoot
+from tests._imove_doubles import ALIAS_TAG, all_clips, oracle, video_of
+from tests._stage_tables import write_stage
+
+
+def test_box_helpers():
+    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
+    img = np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3)
+    assert crop_box(img, [10.0, 5.0, 20.0, 9.0]).shape == (4, 10, 3)
+    assert crop_box(img, [10.2, 5.5, 19.5, 8.1]).shape == (4, 10, 3)  # pixel edges floor / ceil
+    assert crop_box(img, [28, 18, 40, 40], padding=0.0).shape == (2, 2, 3)  # clipped to the frame
+    assert crop_box(img, [35, 0, 40, 5]) is None
+    a = instance_id("clip", "dog", [10.2, 20.4, 30.0, 40.0])
+    assert a == instance_id("clip", "dog", [10.4, 19.6, 30.3, 39.8])  # rounded to whole pixels
+    assert a != instance_id("clip", "cat", [10.2, 20.4, 30.0, 40.0]) != instance_id("clip2", "dog", [10, 20, 30, 40])
+
+
+def test_nms_across_tags_names_the_kept_instance():
+    def c(label, score, box, reason=None):
+        return Candidate(label=label, tag_score=None, box=box, score=score, area_ratio=0.1,
+                         instance_id=instance_id("c", label, box), reason=reason)
+
+    dog = c("dog", 0.9, [0, 0, 10, 10])
+    animal = c("animal", 0.8, [0, 0, 10, 11])
+    far = c("cat", 0.7, [50, 50, 60, 60])
+    big = c("dog", 0.95, [0, 0, 10, 10.5], reason="too large")  # already dropped: takes no part
+    nms_across_tags([animal, far, dog, big], 0.7)
+    assert dog.reason is None and far.reason is None and big.reason == "too large"
+    assert animal.duplicate_of == dog.instance_id and animal.duplicate_iou == pytest.approx(100 / 110)
+    assert animal.reason.startswith(f"NMS: overlaps instance {dog.instance_id}")
+
+
+def _tagged_root(tmp_path, o, clips):
+    root = OutputRoot(str(tmp_path / "out"))
+    write_stage(root, "scenes", 0, clips)
+    install_expert_override(TAGGER_EXPERT, o.tagger())
+    run_shard(TAG_STAGE, root, TagConfig(), 0)
+    return root
+
+
+def test_detect_is_exact_on_synthetic_videos(tmp_path):
+    o = oracle()
+    clips = all_clips(o)
+    root = _tagged_root(tmp_path, o, clips)
+    install_expert_override(DETECTOR_EXPERT, o.detector())
+    install_expert_override(CLIP_EXPERT, o.clip())
+    cfg = DetectConfig(batch_size=3)
+    run_shard(STAGE, root, cfg, 0)
+    table = root.read_shard("detect", 0)
+    assert table.schema.equals(SCHEMA, check_metadata=False)
+    rows = from_table(table, Instance)
+    assert len({r.instance_id for r in rows}) == len(rows)
+    for c in clips:
+        v = video_of(o, c.video_path)
+        mine = [r for r in rows if r.clip_id == c.clip_id]
+        gt = v.objects_at(c.start_frame)
+        real = sorted(tuple(b) for ob, b in gt if not ob.too_large)
+        kept = [r for r in mine if r.status == "ok"]
+        # Every real object is kept, with its exact box and label; nothing else is.
+        assert sorted(tuple(r.box_xyxy_px) for r in kept) == real
+        for r in kept:
+            ob = next(ob for ob, b in gt if b == r.box_xyxy_px)
+            assert r.label == ob.category and r.clip_score == pytest.approx(0.31) and r.area_ratio < 0.6
+            assert (r.width, r.height, r.frame_t_s) == (v.truth.width, v.truth.height, pytest.approx(c.start_s))
+        skipped = [r for r in mine if r.status == "skipped"]
+        # The planted too-large object is dropped by area, before CLIP.
+        large = [r for r in skipped if r.error.startswith("too large")]
+        assert sorted(tuple(r.box_xyxy_px) for r in large) == sorted(tuple(b) for ob, b in gt if ob.too_large)
+        for r in large:
+            assert r.area_ratio > 0.6 and r.clip_score is None and f"{r.area_ratio:.2f} > 0.6" in r.error
+        # The decoy on empty background is dropped by CLIP.
+        first_obj, first_box = o.first_object(v, c.start_frame)
+        low = [r for r in skipped if r.error.startswith("CLIP")]
+        assert [(r.label, r.box_xyxy_px) for r in low] == [(first_obj.category, o.decoy_box(v, c.start_frame))]
+        assert "0.050 < 0.2" in low[0].error
+        # The alias tag's copy of the first object is de-duplicated against it across tags.
+        dup = [r for r in skipped if r.error.startswith("NMS")]
+        original = next(r for r in kept if r.box_xyxy_px == first_box)
+        assert [(r.label, r.duplicate_of) for r in dup] == [(ALIAS_TAG, original.instance_id)]
+        assert dup[0].duplicate_iou > 0.7 and original.instance_id in dup[0].error
+        assert len(mine) == len(kept) + len(large) + len(low) + len(dup)
+    # Stable ids: a forced re-run and a fresh root give the same keys.
+    run_shard(STAGE, root, cfg, 0, force=True)
+    again = from_table(root.read_shard("detect", 0), Instance)
+    assert [(r.instance_id, r.status) for r in again] == [(r.instance_id, r.status) for r in rows]
+    root2 = _tagged_root(tmp_path / "b", o, clips)
+    run_shard(STAGE, root2, cfg, 0)
+    assert {r.instance_id for r in from_table(root2.read_shard("detect", 0), Instance)} == {r.instance_id for r in rows}
+
+
+def test_thresholds_move_the_drops(tmp_path):
+    o = oracle()
+    clips = all_clips(o)[:1]
+    root = _tagged_root(tmp_path, o, clips)
+    install_expert_override(DETECTOR_EXPERT, o.detector())
+    install_expert_override(CLIP_EXPERT, o.clip())
+    run_shard(STAGE, root, DetectConfig(min_clip_score=0.0, nms_iou_threshold=0.95, max_area_ratio=0.9), 0)
+    rows = from_table(root.read_shard("detect", 0), Instance)
+    assert all(r.status == "ok" for r in rows), [r.error for r in rows if r.error]
+    run_shard(STAGE, root, DetectConfig(max_boxes_per_tag=1, min_clip_score=0.0), 0)
+    rows = from_table(root.read_shard("detect", 0), Instance)
+    labels = [r.label for r in rows if r.status == "ok"]
+    assert len(labels) == len(set(labels))  # one box per tag at most; the others are reasoned skips
+    over = [r for r in rows if r.error and r.error.startswith("over the per-tag cap")]
+    assert over and all("max_boxes_per_tag=1" in r.error for r in over)
+    run_shard(STAGE, root, DetectConfig(max_instances_per_clip=2), 0)
+    rows = from_table(root.read_shard("detect", 0), Instance)
+    ok = [r for r in rows if r.status == "ok"]
+    capped = [r for r in rows if r.error and r.error.startswith("over the per-clip cap")]
+    assert len(ok) == 2 and len(capped) >= 1
+    assert min(r.detection_score for r in ok) >= max(r.detection_score for r in capped)
+
+
+def test_clip_without_tags_gives_no_rows_and_bad_frame_gives_error(tmp_path):
+    o = oracle()
+    good = all_clips(o)[0]
+    root = OutputRoot(str(tmp_path / "out"))
+    base = ClipTags(clip_id=good.clip_id, video_id=good.video_id, video_path=good.video_path,
+                    start_frame=good.start_frame, end_frame=good.end_frame, start_s=good.start_s, end_s=good.end_s,
+                    duration_s=good.duration_s, fps=good.fps, width=320, height=240, tagger="ram_plus",
+                    tags=[], dropped_tags=[{"tag": "sky", "score": 0.9}])
+    missing = dataclasses.replace(base, clip_id="missing", video_path=str(tmp_path / "nope.mp4"),
+                                  tags=[{"tag": "car", "score": 0.9}])
+    resized = dataclasses.replace(base, clip_id="resized", width=640, tags=[{"tag": "car", "score": 0.9}])
+    write_stage(root, "tag", 0, [base, missing, resized])
+    install_expert_override(DETECTOR_EXPERT, o.detector())
+    install_expert_override(CLIP_EXPERT, o.clip())
+    out = run_shard(STAGE, root, DetectConfig(), 0)
+    rows = {r.clip_id: r for r in from_table(root.read_shard("detect", 0), Instance)}
+    assert out.rows == 2 and out.error == 2 and good.clip_id not in rows
+    assert "nope.mp4" in rows["missing"].error and rows["missing"].label is None
+    assert "re-run tag" in rows["resized"].error
+
+
+def test_tiny_profile_with_real_tiny_grounding_dino_and_clip(tmp_path):
+    o = oracle()
+    clips = all_clips(o)[:2]
+    root = _tagged_root(tmp_path, o, clips)
+    cfg = DetectConfig.model_validate(PROFILES["tiny"])
+    out = run_shard(STAGE, root, cfg, 0)
+    table = root.read_shard("detect", 0)
+    assert table.schema.equals(SCHEMA, check_metadata=False)
+    rows = from_table(table, Instance)
+    tags = from_table(root.read_shard("tag", 0), ClipTags)
+    # At most 2 instances per clip (the tiny cap), every other box a reasoned skip, and some boxes survive.
+    assert out.error == 0 and 0 < out.ok <= 2 * len(tags)
+    assert all(r.status == "ok" or r.error for r in rows)
+    assert all(r.clip_score is not None for r in rows if r.status == "ok")

@@ -1,0 +1,125 @@
+"""finalize: letter balance, split by video, and the official export parsed back by an independent parser."""
+from __future__ import annotations
+
+import collections
+import json
+import re
+
+import pytest
+
+from schemas.questions import Question
+from schemas.reviews import Review
+from stages.motionbench.finalize import FinalizeConfig, assign_letters, build_benchmark, export_meta, place_answer, split_by_video
+
+LETTERS = "ABCD"
+CATS = ("MR", "LM", "AO", "RC", "MO", "CM")
+
+
+def _reviewed(n_videos: int, per_video: int, answer="A") -> list[Review]:
+    rows = []
+    for v in range(n_videos):
+        for k in range(per_video):
+            i = v * per_video + k
+            opts = [f"right {i}", f"wrong {i} a", f"wrong {i} b", f"wrong {i} c"]
+            rows.append(Review(question_id=f"q{i:04d}", clip_id=f"clip{v}", video_id=f"vid{v}",
+                               video_path=f"/videos/vid{v}.mp4", start_s=1.0, end_s=4.5,
+                               question=f"What happens in part {i}?", options=opts, answer=answer,
+                               category=CATS[i % 6], decision="accept", reviewer="r1", review_mode="required"))
+    return rows
+
+
+def test_letters_balanced_on_400_questions_even_when_all_generated_answers_are_a():
+    reviewed = _reviewed(100, 4, answer="A")
+    original = {r.question_id: set(r.options) for r in reviewed}
+    rows = build_benchmark(reviewed, [], FinalizeConfig(seed=3))
+    assert len(rows) == 400
+    for split in ("dev", "test", None):
+        sel = [r for r in rows if split is None or r.split == split]
+        counts = collections.Counter(r.answer for r in sel)
+        for letter in LETTERS:
+            assert abs(counts[letter] / len(sel) - 0.25) <= 0.02, (split, counts)
+    for r in rows:  # the right option moved with its letter
+        assert r.options[LETTERS.index(r.answer)].startswith("right ")
+        assert set(r.options) == original[r.question_id] and len(r.options) == 4
+
+
+def test_split_is_by_video_with_ratio_and_seed():
+    rows = build_benchmark(_reviewed(40, 3), [], FinalizeConfig(seed=1, dev_ratio=0.5))
+    by_video = collections.defaultdict(set)
+    for r in rows:
+        by_video[r.video_id].add(r.split)
+    assert all(len(s) == 1 for s in by_video.values())  # never split inside a video
+    n_dev = sum(r.split == "dev" for r in rows)
+    assert abs(n_dev - 60) <= 3
+    again = build_benchmark(_reviewed(40, 3), [], FinalizeConfig(seed=1, dev_ratio=0.5))
+    assert [(r.question_id, r.split, r.answer, r.options) for r in rows] == \
+           [(r.question_id, r.split, r.answer, r.options) for r in again]
+    other = build_benchmark(_reviewed(40, 3), [], FinalizeConfig(seed=2, dev_ratio=0.5))
+    assert {r.question_id: r.split for r in rows} != {r.question_id: r.split for r in other}
+    s = split_by_video({"a": 10, "b": 10, "c": 10, "d": 10}, 0.25, 0)
+    assert collections.Counter(s.values()) == {"dev": 1, "test": 3}
+
+
+def test_assign_letters_and_place_answer():
+    letters = assign_letters([f"q{i}" for i in range(10)], 0)
+    assert sorted(collections.Counter(letters.values()).values()) == [2, 2, 3, 3]
+    opts = place_answer(["w", "x", "y", "z"], "C", "A", 0, "q")
+    assert opts[0] == "y" and sorted(opts) == ["w", "x", "y", "z"]
+
+
+# ---- an independent reader, written from the released format's description ---------------------------------
+def parse_released(path) -> dict[str, dict]:
+    """uid -> {key, video_path, video_type, question_type, stem, options, answer}, using only: one JSON object per
+    line with key / video_path / video_type / question_type / qa[{uid, question, answer}], where question is the
+    stem followed by lines "A. ..." to "D. ..." and answer is a letter or "NA"."""
+    out = {}
+    for line in open(path, encoding="utf-8"):
+        video = json.loads(line)
+        assert set(video) >= {"key", "video_path", "video_type", "question_type", "qa"}
+        assert isinstance(video["question_type"], str)
+        for qa in video["qa"]:
+            assert set(qa) >= {"uid", "question", "answer"}
+            lines = qa["question"].split("\n")
+            assert len(lines) == 5
+            opts = []
+            for letter, ln in zip(LETTERS, lines[1:]):
+                m = re.fullmatch(rf"{letter}\. (.+)", ln)
+                assert m, ln
+                opts.append(m.group(1))
+            assert qa["answer"] in ("A", "B", "C", "D", "NA")
+            out[qa["uid"]] = dict(key=video["key"], video_path=video["video_path"], video_type=video["video_type"],
+                                  question_type=qa.get("question_type", video["question_type"]), stem=lines[0],
+                                  options=opts, answer=qa["answer"])
+    return out
+
+
+def test_export_round_trip(tmp_path):
+    synthetic = [Question(question_id=f"s{i}", clip_id="synthvid", video_id="synthvid", video_path="/s/synth.mp4",
+                          start_s=0.0, end_s=4.0, source="synthetic", question=f"How many times does it jump {i}?",
+                          options=["1", "2", "3", "4"], answer="C", category="RC", kind="repetition_count")
+                 for i in range(3)]
+    rows = build_benchmark(_reviewed(10, 3), synthetic, FinalizeConfig(seed=5))
+    meta, key_path = export_meta(rows, tmp_path)
+    parsed = parse_released(meta)
+    key = json.loads(key_path.read_text())
+    assert len(parsed) == len(rows) == 33
+    assert len({p["key"] for p in parsed.values()}) == 11  # one line per video
+    assert sum(1 for _ in open(meta)) == 11
+    for r in rows:
+        p = parsed[r.question_id]
+        assert p["stem"] == r.question and p["options"] == list(r.options)
+        assert p["question_type"] == {"MR": "Motion Recognition", "LM": "Location-related Motion",
+                                      "AO": "Action Order", "RC": "Repetition Count",
+                                      "MO": "Motion-related Objects", "CM": "Camera Motion"}[r.category]
+        if r.split == "test":
+            assert p["answer"] == "NA" and key[r.question_id] == r.answer
+        else:
+            assert p["answer"] == r.answer and r.question_id not in key
+        assert p["video_type"] == ("virtual" if r.source == "synthetic" else "real")
+    assert {r.split for r in rows} == {"dev", "test"}
+    # scoring the export with the answer key and perfect replies gives 1.0
+    from stages.evaluation.motionbench import meta_questions, read_meta, score
+
+    perfect = {r.question_id: f"The answer is {r.answer}." for r in rows}
+    s = score(meta_questions(read_meta(meta)), perfect, key)
+    assert s.overall == pytest.approx(1.0) and s.scored == 33
