@@ -30,20 +30,28 @@ def test_sigkill_mid_stage_then_resume(tmp_path, prefect_harness):
     crashed = tmp_path / "crashed"
     env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-crash"))
     env.pop("PREFECT_API_URL", None)  # the child runs its own temporary server, killed with it
+    log = open(tmp_path / "child.log", "wb")  # the child's output, shown when it fails
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "--input", str(videos), "--out", str(crashed), "--stages", STAGES,
          "--shard-size", "1", "--profile", "tiny"],
-        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     root = OutputRoot(crashed)
     deadline = time.time() + 240
     try:
         while len(root.completed_shards("scenes")) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Prefect server and its worker processes
+        exited_early = proc.poll()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Prefect server and its worker processes
+        except ProcessLookupError:
+            pass  # the whole group had already exited: the asserts below say why, with the child's output
         proc.wait()
+        log.close()
+    output = (tmp_path / "child.log").read_text(errors="replace")[-4000:]
     done = root.completed_shards("scenes")
-    assert 2 <= len(done) < 10, f"the kill should land in the middle of scenes (completed shards {done})"
+    assert exited_early is None, f"the child run exited (code {exited_early}) before the kill:\n{output}"
+    assert 2 <= len(done) < 10, f"the kill should land in the middle of scenes (completed shards {done}):\n{output}"
     assert root.exists(root.path("_lock"))  # the dead run left its lock behind
 
     invoke("run", "--input", str(videos), "--out", str(crashed), "--stages", STAGES, "--shard-size", "1",

@@ -123,7 +123,10 @@ def test_openai_generate_and_params():
         finally:
             llm.close()
     assert [r.text for r in res] == ["echo: hi", "echo: yo"]
-    a, b = srv.requests
+    # The two requests run concurrently: find each by its content, never by arrival order.
+    by_user = {r["messages"][-1]["content"]: r for r in srv.requests}
+    assert set(by_user) == {"hi", "yo"} and len(srv.requests) == 2
+    a, b = by_user["hi"], by_user["yo"]
     assert a["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}]
     assert (a["max_tokens"], a["temperature"], a["seed"]) == (33, 0.5, 7)
     assert (b["max_tokens"], b["temperature"]) == (5, 0.0)

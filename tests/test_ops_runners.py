@@ -2,7 +2,9 @@
 are ready together; RayTaskRunner (local Ray, CPU only) produces the same tables as the thread pool."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import os
 import sys
 import time
@@ -38,30 +40,36 @@ def _busy(ctx):
     return [GpuProbe(item=f"shard-{ctx.shard}", start_s=start, end_s=time.time())]
 
 
-@pytest.fixture
-def gpu_stages():
-    """Two test-only stages that declare one GPU each and have no inputs, so both are ready at once."""
+@contextlib.contextmanager
+def _registered(stages: list[Stage]):
+    """Test-only stages in the registry (and so in the pipeline config) for the duration of the block."""
     import flows.pipeline  # noqa: F401 -- its parameter annotations must be built from the real stages
     from flows.config import pipeline_model
     from stages import registry
 
-    names = ("gpu_probe_a", "gpu_probe_b")
     with pytest.MonkeyPatch.context() as mp:
-        for name in names:
-            mod = types.ModuleType(f"tests._stage_{name}")
-            mod.STAGE = Stage(name=name, schema=GPU_SCHEMA, inputs=(), config_cls=GpuProbeConfig, process=_busy,
-                              resources=Resources(cpus=1, gpus=1))
+        for st in stages:
+            mod = types.ModuleType(f"tests._stage_{st.name}")
+            mod.STAGE = st
             mp.setitem(sys.modules, mod.__name__, mod)
-            mp.setitem(registry.STAGE_MODULES, name, mod.__name__)
+            mp.setitem(registry.STAGE_MODULES, st.name, mod.__name__)
         registry.get_stage.cache_clear()
         pipeline_model.cache_clear()
         try:
-            yield names
+            yield [st.name for st in stages]
         finally:
             registry.get_stage.cache_clear()
             pipeline_model.cache_clear()
     registry.get_stage.cache_clear()
     pipeline_model.cache_clear()
+
+
+@pytest.fixture
+def gpu_stages():
+    """Two test-only stages that declare one GPU each and have no inputs, so both are ready at once."""
+    with _registered([Stage(name=name, schema=GPU_SCHEMA, inputs=(), config_cls=GpuProbeConfig, process=_busy,
+                            resources=Resources(cpus=1, gpus=1)) for name in ("gpu_probe_a", "gpu_probe_b")]) as names:
+        yield tuple(names)
 
 
 def _create_limit(slots: int) -> str:
@@ -208,3 +216,56 @@ def test_stage_table_artifact_rows_and_reasons():
     assert "3 shards (1 failed), rows ok 13, error 3" in desc and "2.5 items/s" in desc
     assert "no box in first frame (x3)" in desc
     assert artifact_key("track") == "motionforge-track" and artifact_key("Track_Filter") == "motionforge-track-filter"
+
+
+# -- streaming: shard k of a stage waits only for shard k of its inputs -------------------------------------
+STREAM_SCHEMA = record_schema([pa.field("item", pa.string(), nullable=False),
+                               pa.field("saw_downstream_start", pa.bool_(), nullable=False)], name="stream_probe")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StreamProbe(Record):
+    item: str
+    saw_downstream_start: bool
+
+
+class StreamProbeConfig(StageConfig):
+    # Only reached when streaming is broken (the downstream shard cannot start): then the test fails, slowly.
+    wait_s: float = 120.0
+
+
+DOWNSTREAM_STARTED = threading.Event()
+
+
+def _upstream(ctx):
+    # The LAST upstream shard holds until downstream shard 0 has started. With streaming it starts as soon
+    # as upstream shard 0 is complete; a flow that made it wait for every upstream shard never lets it start.
+    seen = DOWNSTREAM_STARTED.wait(ctx.config.wait_s) if ctx.shard == 1 else False
+    return [StreamProbe(item=f"up-{ctx.shard}", saw_downstream_start=seen)]
+
+
+def _downstream(ctx):
+    if ctx.shard == 0:
+        DOWNSTREAM_STARTED.set()
+    return [StreamProbe(item=f"down-{ctx.shard}", saw_downstream_start=False)]
+
+
+def test_later_stage_starts_before_earlier_stage_ends(prefect_harness, tmp_path):
+    from flows.config import pipeline_model
+    from flows.pipeline import _run_graph
+    from storage.root import OutputRoot
+    from tests._slow_stage import plan
+
+    DOWNSTREAM_STARTED.clear()
+    up = Stage(name="stream_up", schema=STREAM_SCHEMA, inputs=(), config_cls=StreamProbeConfig, process=_upstream)
+    down = Stage(name="stream_down", schema=STREAM_SCHEMA, inputs=("stream_up",), config_cls=StreamProbeConfig,
+                 process=_downstream)
+    with _registered([up, down]) as names:
+        out = tmp_path / "stream"
+        plan(OutputRoot(str(out)), 2, 1)
+        pc = pipeline_model().model_validate({"runtime": {"retries": 0, "max_workers": 4}})
+        results, failures = _run_graph(str(out), names, [0, 1], pc.model_dump(mode="json"), False, pc.runtime)
+        assert not failures and len(results) == 4
+        rows = {r["item"]: r for r in OutputRoot(str(out)).read_stage("stream_up").to_pylist()}
+    assert rows["up-1"]["saw_downstream_start"], \
+        "downstream shard 0 did not start while upstream shard 1 was running: shards are not streamed"

@@ -10,7 +10,8 @@ from schemas._base import from_table
 from schemas.instances import SCHEMA, Instance
 from schemas.tags import ClipTags
 from stages.base import install_expert_override
-from stages.imove_it.detect import (CLIP_EXPERT, DETECTOR_EXPERT, PROFILES, STAGE, Candidate, DetectConfig, box_iou, crop_box,
+from stages.imove_it.detect import (CLIP_EXPERT, DETECTOR_EXPERT, PROFILES, STAGE, Candidate, DetectConfig, box_iou,
+                                    candidates_from_detections, crop_box,
                            instance_id, nms_across_tags)
 from stages.runner import run_shard
 from stages.imove_it.tag import STAGE as TAG_STAGE
@@ -164,3 +165,33 @@ def test_tiny_profile_with_real_tiny_grounding_dino_and_clip(tmp_path):
     assert out.error == 0 and 0 < out.ok <= 2 * len(tags)
     assert all(r.status == "ok" or r.error for r in rows)
     assert all(r.clip_score is not None for r in rows if r.status == "ok")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Det:
+    label: str
+    score: float
+    box_xyxy_px: tuple
+
+
+def test_box_filters_at_their_edges():
+    """Each rule at its exact edge: ``area_ratio > max_area_ratio`` drops (equal keeps); a side
+    ``< min_box_side_px`` drops (equal keeps). The numbers are exact in binary floating point (6000 / 10000 is
+    the double nearest 0.6, the same as the literal), so no tolerance is involved."""
+    cfg = DetectConfig(max_area_ratio=0.6, min_box_side_px=2.0, max_boxes_per_tag=None)
+    dets = [
+        _Det("a", 0.9, (0.0, 0.0, 60.0, 100.0)),   # area ratio exactly 0.6: kept
+        _Det("b", 0.8, (0.0, 0.0, 61.0, 100.0)),   # 0.61: too large
+        _Det("c", 0.7, (10.0, 10.0, 11.0, 50.0)),  # 1 px wide: degenerate
+        _Det("d", 0.6, (10.0, 10.0, 12.0, 50.0)),  # 2 px wide: exactly the minimum, kept
+        _Det("e", 0.5, (10.0, 10.0, 50.0, 11.0)),  # 1 px high: degenerate
+    ]
+    got = {c.label: c for c in candidates_from_detections("clip", dets, {}, 100, 100, cfg)}
+    assert got["a"].area_ratio == 0.6 and got["a"].reason is None
+    assert got["b"].reason == "too large: area ratio 0.61 > 0.6"
+    assert got["c"].reason.startswith("degenerate box: 1.0 x 40.0 px")
+    assert got["d"].reason is None
+    assert got["e"].reason.startswith("degenerate box: 40.0 x 1.0 px")
+    # and a 1-pixel-wide box still crops to exactly one column of pixels where it is allowed
+    img = np.zeros((100, 100, 3), np.uint8)
+    assert crop_box(img, got["c"].box).shape == (40, 1, 3)

@@ -60,6 +60,26 @@ def test_judge_lists_every_reason():
         TrackFilterConfig(max_area_ratio=0.5)
 
 
+def test_area_drift_at_exactly_the_limit():
+    """A track whose box area reaches exactly k times (or 1/k of) the first box passes; a hair beyond drops.
+    Areas 100 -> 250 and 100 -> 40 give ratios 2.5 and 0.4 exactly (1 / 0.4 == 2.5 in binary floating point
+    too), so no tolerance is involved."""
+    def track(*boxes):
+        pts = [_pt(0.1 * k, b) for k, b in enumerate(boxes)]
+        t = Track(instance_id="i", clip_id="c", video_id="v", video_path="/v", label="dog", start_s=0, end_s=1,
+                  duration_s=1, first_box_xyxy_px=boxes[0], num_frames=len(pts), num_visible=len(pts), points=pts)
+        return judge(t, sample_points(pts, 8), [0.3] * min(len(pts), 8),
+                     TrackFilterConfig(max_area_ratio=2.5, min_visible_fraction=None, min_clip_score=None))
+
+    assert 1 / 0.4 == 2.5
+    assert track([0, 0, 10, 10], [0, 0, 25, 10]).kept  # grew to exactly 2.5x
+    assert track([0, 0, 10, 10], [0, 0, 4, 10]).kept  # shrank to exactly 1/2.5
+    grew = track([0, 0, 10, 10], [0, 0, 25.1, 10])
+    assert not grew.kept and "grew to 2.51x the first box (limit 2.5x" in grew.reason
+    shrank = track([0, 0, 10, 10], [0, 0, 3.9, 10])
+    assert not shrank.kept and "shrank to 0.39x the first box (limit 2.5x" in shrank.reason
+
+
 def _expected_gt_drop(v, obj, frames, k, min_vis):
     """From the ground truth alone: would a perfect tracker's trajectory fail the area / visibility rules?"""
     boxes = [v.box(obj, f) for f in frames]

@@ -123,3 +123,26 @@ def test_export_round_trip(tmp_path):
     perfect = {r.question_id: f"The answer is {r.answer}." for r in rows}
     s = score(meta_questions(read_meta(meta)), perfect, key)
     assert s.overall == pytest.approx(1.0) and s.scored == 33
+
+
+def test_split_with_unequal_question_counts_replays_the_rule():
+    """Videos with 1 to 12 questions: the split equals an independent replay of the documented rule (videos
+    in sha256(seed, "split", video) order; a video joins dev while dev + half its questions stays at or under
+    dev_ratio x total), every video lands in exactly one split, and dev overshoots its target by at most half
+    of the largest video."""
+    import hashlib
+
+    counts = {"v0": 1, "v1": 12, "v2": 3, "v3": 7, "v4": 2, "v5": 9, "v6": 1, "v7": 5, "v8": 11, "v9": 4}
+    for seed in range(25):
+        for ratio in (0.3, 0.5):
+            got = split_by_video(counts, ratio, seed)
+            order = sorted(counts, key=lambda v: hashlib.sha256(f"{seed}\x1fsplit\x1f{v}".encode()).hexdigest())
+            target, dev, want = ratio * sum(counts.values()), 0, {}
+            for v in order:
+                want[v] = "dev" if dev + counts[v] / 2 <= target else "test"
+                dev += counts[v] if want[v] == "dev" else 0
+            assert got == want, (seed, ratio)
+            assert dev <= target + max(counts.values()) / 2
+    # The edge: a video whose half lands exactly on the target joins dev (<=, not <).
+    s = split_by_video({"a": 4, "b": 4}, 0.25, 0)
+    assert sorted(s.values()) == ["dev", "test"]
