@@ -129,23 +129,46 @@ def test_two_objects_keep_independent_filter_states(tiny_model):
     assert (plain[20:] == 1).all()  # plain SAM 2 swaps identities
 
 
-def test_stable_count_restarts_when_motion_disagrees(tiny_model):
-    tracker = make_tracker(tiny_model, samurai_mode=True)
-    sess = tracker.session([("a", (0, 0, 1, 1))])
+def _five_stable_frames(sess):
     for t in range(5):
         sess.choose_candidates(square_logits(LOW, 4 + t, 10, 8)[None, None].repeat(1, 3, 1, 1),
                                torch.tensor([[0.9, 0.5, 0.1]]))
     assert sess.objects[0].motion.stable_frames == 5
-    # a jump across the frame during the stable phase: taken (highest IoU) but the filter restarts
+
+
+def test_stable_count_follows_predicted_mask_iou_as_in_the_release(tiny_model):
+    tracker = make_tracker(tiny_model, samurai_mode=True)
+    sess = tracker.session([("a", (0, 0, 1, 1))])
+    _five_stable_frames(sess)
+    # a jump across the frame with a confident mask: the release measures it and keeps counting
+    jump = square_logits(LOW, 50, 50, 8)[None, None].repeat(1, 3, 1, 1)
+    sess.choose_candidates(jump, torch.tensor([[0.9, 0.5, 0.1]]))
+    assert sess.objects[0].motion.stable_frames == 6
+    # an unconfident best mask (predicted IoU <= 0.3) restarts the count
+    sess.choose_candidates(jump, torch.tensor([[0.3, 0.2, 0.1]]))
+    assert sess.objects[0].motion.stable_frames == 0
+
+
+def test_box_agreement_gate_is_an_option(tiny_model):
+    tracker = make_tracker(tiny_model, samurai_mode=True, motion_gate="box_agreement")
+    sess = tracker.session([("a", (0, 0, 1, 1))])
+    _five_stable_frames(sess)
+    # the same confident jump: with the box-agreement gate the filter no longer trusts the motion
     sess.choose_candidates(square_logits(LOW, 50, 50, 8)[None, None].repeat(1, 3, 1, 1),
                            torch.tensor([[0.9, 0.5, 0.1]]))
     assert sess.objects[0].motion.stable_frames == 0
+    defaults = SamuraiSpec(model_id="tiny://sam2")
+    assert defaults.motion_gate == "predicted_iou" and not defaults.skip_empty_measurements
 
 
 def test_memory_gate_and_selection():
     cfg = MotionConfig()
     assert admit_to_memory(0.6, 0.1, 0.2, cfg)
     assert admit_to_memory(0.6, 0.1, None, cfg)
+    # the release scans memory candidates from frame 2: the first tracked frame never is one
+    assert not admit_to_memory(0.9, 5.0, None, cfg, frames_after_prompt=1)
+    assert admit_to_memory(0.9, 5.0, None, cfg, frames_after_prompt=2)
+    assert admit_to_memory(0.0, -5.0, 0.0, MotionConfig(samurai_mode=False), frames_after_prompt=1)
     assert not admit_to_memory(0.5, 0.1, 0.2, cfg)
     assert not admit_to_memory(0.6, -0.1, 0.2, cfg)
     assert not admit_to_memory(0.6, 0.1, 0.0, cfg)
@@ -193,7 +216,7 @@ def test_end_to_end_shapes_and_rows(present_model):
             assert 0 <= x1 < x2 <= 128 and 0 <= y1 < y2 <= 96
             ys, xs = np.nonzero(mask)
             assert (x1, y1, x2, y2) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-        assert p.visible == (p.mask_area_px > 0 and p.object_score > 0)
+        assert p.visible == (p.mask_area_px > 0 and p.object_score > -1)
         assert p.kf_score is None  # the motion-aware phase starts after 15 stable frames
 
 
