@@ -324,3 +324,50 @@ def test_motion_choice_that_disagrees_with_sam_is_what_gets_output(present_model
     assert base[0].mask_rle == other[0].mask_rle  # the prompt frame has a single candidate
     assert other[1].kf_score == 0.75 and base[1].kf_score is None
     assert any(b.mask_rle != o.mask_rle for b, o in zip(base[1:], other[1:]))
+
+
+# ------------------------------------------------------------------ release rules in the tracker
+
+
+def test_candidate_boxes_use_the_inclusive_max_pixel(tiny_model):
+    sess = make_tracker(tiny_model).session([("a", (0, 0, 1, 1))])
+    logits = torch.stack([square_logits(LOW, 5, 9, 8), square_logits(LOW, 0, 0, 1),
+                          torch.full((LOW, LOW), -10.0)])[None]
+    boxes = sess.candidate_boxes(logits)[0].tolist()
+    # 4x bilinear upsampling (256 px model input): low-res pixels [5, 13) cover model pixels 20..51
+    assert boxes == [[20.0, 36.0, 51.0, 67.0], [0.0, 0.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("samurai_mode", [True, False])
+def test_filter_starts_after_the_prompt_frame_and_first_tracked_frame_is_no_memory(present_model, samurai_mode):
+    tracker = make_tracker(present_model, samurai_mode=samurai_mode,
+                           memory_bank_iou_threshold=-1.0)  # the gate passes everything it is asked about
+    sess = tracker.session(PROMPTS[:1])
+    frames = moving_squares(4, h=64, w=64)
+    obj = sess.objects[0]
+    sess.step(next(frames))  # the prompt frame: one mask from the box, nothing to choose
+    assert obj.motion.mean is None and obj.motion.stable_frames == 0 and obj.motion.history == []
+    sess.step(next(frames))
+    if samurai_mode:
+        assert obj.motion.mean is not None and obj.motion.stable_frames == 1 and len(obj.motion.history) == 1
+        assert list(obj.admitted) == []  # the release scans memory candidates from frame 2 on
+    else:
+        assert obj.motion.mean is None and [i for i, _ in obj.admitted] == [1]
+    assert obj.last[0] == 1
+    sess.step(next(frames))
+    sess.step(next(frames))
+    assert [i for i, _ in obj.admitted] == ([2, 3] if samurai_mode else [1, 2, 3])
+
+
+def test_object_counts_as_present_above_logit_minus_one_in_samurai_mode(present_model):
+    frame = next(moving_squares(1, h=64, w=64))
+    confident = make_tracker(present_model, samurai_mode=True).session(PROMPTS[:1]).step(frame)[0]
+    assert confident.mask_area_px > 0
+    bias = present_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
+    with torch.no_grad():
+        bias.add_(-0.5 - confident.object_score)  # this frame's object logit becomes -0.5
+    samurai = make_tracker(present_model, samurai_mode=True).session(PROMPTS[:1]).step(frame)[0]
+    plain = make_tracker(present_model, samurai_mode=False).session(PROMPTS[:1]).step(frame)[0]
+    assert samurai.object_score == pytest.approx(-0.5, abs=1e-3) and plain.object_score == pytest.approx(-0.5, abs=1e-3)
+    assert samurai.mask_area_px == confident.mask_area_px and samurai.visible
+    assert plain.mask_area_px == 0 and not plain.visible
