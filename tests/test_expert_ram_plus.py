@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -24,8 +26,10 @@ from experts.ram_plus import (
     official_state_dict_shapes,
 )
 from experts.ram_plus.__main__ import main as cli_main
+from experts.ram_plus.loading import PACKAGED_VOCAB_DIR, load_vocabulary
 from experts.ram_plus.swin import SHIFT_MASK_VALUE, relative_position_index, shifted_window_mask
 from experts.ram_plus.tiny import TINY_CHECKPOINT_FILE, TINY_TAGS, build_tiny_ram_plus
+from tests._ram_plus_layout import TINY, Geometry, official_layout, random_official_state_dict
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "ram_plus_swin_l_384_state_dict.json"
 
@@ -67,47 +71,44 @@ def _tiny_state(tiny_dir: Path) -> dict[str, torch.Tensor]:
 # --- released configuration -------------------------------------------------------------------------
 
 
-def test_official_swin_l_state_dict_matches_snapshot():
-    shapes = official_state_dict_shapes("swin_l", 384)
-    expected = json.loads(SNAPSHOT.read_text())
-    assert sorted(shapes) == sorted(expected)
-    assert shapes == expected
+def _as_lists(layout: dict) -> dict:
+    return {k: list(v) for k, v in layout.items()}
+
+
+def test_snapshot_is_the_hand_written_reference_layout():
+    """The snapshot file is the hand-written description (tests/_ram_plus_layout.py), not our model's output."""
+    assert json.loads(SNAPSHOT.read_text()) == _as_lists(official_layout(Geometry.released("swin_l", 384)))
+
+
+@pytest.mark.parametrize("variant,size", [("swin_l", 384), ("swin_l", 224), ("swin_b", 384), ("swin_b", 224)])
+def test_model_state_dict_equals_reference_layout(variant, size):
+    ours = official_state_dict_shapes(variant, size)
+    reference = _as_lists(official_layout(Geometry.released(variant, size)))
+    assert sorted(set(ours) - set(reference)) == [] and sorted(set(reference) - set(ours)) == []
+    assert ours == reference
+
+
+def test_tiny_variant_has_the_reference_layout_at_miniature_size():
+    assert official_state_dict_shapes("tiny") == _as_lists(official_layout(TINY))
 
 
 def test_official_layout_matches_reference_facts():
-    """Facts read off the reference code, independent of the snapshot file."""
-    s = official_state_dict_shapes("swin_l", 384)
-    assert s["label_embed"] == [4585 * 51, 512]
-    assert s["logit_scale"] == []
-    assert "reweight_scale" not in s  # not in the released checkpoint; fixed at log(1/0.07)
-    assert s["visual_encoder.patch_embed.proj.weight"] == [192, 3, 4, 4]
-    assert s["visual_encoder.layers.0.blocks.0.attn.relative_position_bias_table"] == [23 * 23, 6]
-    assert s["visual_encoder.layers.3.blocks.1.attn.relative_position_bias_table"] == [23 * 23, 48]
-    assert s["visual_encoder.layers.2.downsample.reduction.weight"] == [1536, 3072]
+    """A few entries spelled out, as cross-checks of the hand-written description itself."""
+    s = official_layout(Geometry.released("swin_l", 384))
+    assert s["label_embed"] == (4585 * 51, 512)
+    assert s["reweight_scale"] == ()  # nn.Parameter(torch.ones([]) * log(1/0.07)) in ram_plus.py
+    assert "logit_scale" not in s
+    assert s["visual_encoder.layers.0.blocks.0.attn.relative_position_bias_table"] == (23 * 23, 6)
+    assert s["visual_encoder.layers.2.downsample.reduction.weight"] == (1536, 3072)
     assert "visual_encoder.layers.3.downsample.reduction.weight" not in s
-    assert s["visual_encoder.norm.weight"] == [1536]
-    assert s["image_proj.weight"] == [512, 1536]
-    assert s["wordvec_proj.weight"] == [768, 512]
-    assert s["tagging_head.encoder.layer.1.crossattention.self.key.weight"] == [768, 512]
-    assert s["tagging_head.encoder.layer.1.crossattention.self.query.weight"] == [768, 768]
-    assert s["tagging_head.encoder.layer.0.intermediate.dense.weight"] == [3072, 768]
-    assert s["fc.weight"] == [1, 768]
-    # The reference deletes the head's embeddings and self-attention and builds no pooler.
+    assert s["image_proj.weight"] == (512, 1536)
+    assert s["tagging_head.encoder.layer.1.crossattention.self.key.weight"] == (768, 512)
     assert not any(k.startswith("tagging_head.embeddings") or ".attention." in k or "pooler" in k for k in s)
-    assert {k for k in s if k.startswith("tagging_head.")} == {
-        f"tagging_head.encoder.layer.{i}.{m}.{p}"
-        for i in range(2)
-        for m in ("crossattention.self.query", "crossattention.self.key", "crossattention.self.value",
-                  "crossattention.output.dense", "crossattention.output.LayerNorm", "intermediate.dense",
-                  "output.dense", "output.LayerNorm")
-        for p in ("weight", "bias")
-    }
-    # Shifted blocks carry a mask buffer, except in the last stage where the 12x12 map is one window.
     masks = {k: v for k, v in s.items() if k.endswith("attn_mask")}
     assert set(masks) == {f"visual_encoder.layers.{i}.blocks.1.attn_mask" for i in (0, 1)} | {
         f"visual_encoder.layers.2.blocks.{j}.attn_mask" for j in range(1, 18, 2)}
-    assert masks["visual_encoder.layers.0.blocks.1.attn_mask"] == [64, 144, 144]
-    assert masks["visual_encoder.layers.2.blocks.17.attn_mask"] == [4, 144, 144]
+    assert masks["visual_encoder.layers.0.blocks.1.attn_mask"] == (64, 144, 144)
+    assert masks["visual_encoder.layers.2.blocks.17.attn_mask"] == (4, 144, 144)
     assert sum(k.endswith("relative_position_index") for k in s) == 24
     assert len(s) == 402
 
@@ -147,7 +148,8 @@ def test_reweighting_equals_per_tag_softmax(tiny):
     cfg = model.config
     cls = torch.randn(2, cfg.text_embed_dim)
     got = model.reweighted_label_queries(cls)
-    scale = 1 / 0.07
+    scale = math.exp(float(model.reweight_scale))
+    assert scale == pytest.approx(1 / 0.07)  # the tiny checkpoint stores the reference initial value
     emb = model.label_embed.view(cfg.num_tags, cfg.descriptions_per_tag, -1)
     for b in range(2):
         c = cls[b] / cls[b].norm()
@@ -240,7 +242,7 @@ def test_module_level_strict_load_rejects_missing_and_extra_keys(tiny_dir):
     with pytest.raises(RuntimeError, match="Missing key"):
         model.load_state_dict({k: v for k, v in state.items() if k != "fc.bias"}, strict=True)
     with pytest.raises(RuntimeError, match="Unexpected key"):
-        model.load_state_dict({**state, "reweight_scale": torch.tensor(1.0)}, strict=True)
+        model.load_state_dict({**state, "logit_scale": torch.tensor(1.0)}, strict=True)
 
 
 def test_wrong_variant_is_reported(tiny_dir):
@@ -251,7 +253,7 @@ def test_wrong_variant_is_reported(tiny_dir):
 def test_accepts_bare_state_dict_and_legacy_head_name(tiny_dir, tmp_path, tiny):
     state = _tiny_state(tiny_dir)
     legacy = {k.replace("tagging_head.", "vision_multi.", 1): v for k, v in state.items()}
-    legacy["logit_scale"] = legacy["logit_scale"].reshape(1)
+    legacy["reweight_scale"] = legacy["reweight_scale"].reshape(1)
     d = _copy_checkpoint_dir(tiny_dir, tmp_path / "legacy", None)
     torch.save(legacy, d / TINY_CHECKPOINT_FILE)
     tagger = load_ram_plus(RamPlusSpec(model_id=str(d / TINY_CHECKPOINT_FILE), variant="tiny", device="cpu"))
@@ -275,8 +277,12 @@ def test_missing_vocabulary_names_the_files(tiny_dir, tmp_path):
     d = tmp_path / "novocab"
     d.mkdir()
     shutil.copy(tiny_dir / TINY_CHECKPOINT_FILE, d / TINY_CHECKPOINT_FILE)
-    with pytest.raises(VocabularyNotFoundError, match=f"{TAG_LIST_FILE}.*{TAG_THRESHOLD_FILE}.*vocab_dir"):
+    # No tag list beside the checkpoint: the shipped 4,585-tag list is used, which does not fit 24 tags.
+    with pytest.raises(CheckpointMismatchError, match="4585 tags"):
         load_ram_plus(RamPlusSpec(model_id=str(d), variant="tiny", device="cpu"))
+    with pytest.raises(VocabularyNotFoundError, match=f"vocab_dir.*{TAG_LIST_FILE}.*{TAG_THRESHOLD_FILE}"):
+        load_ram_plus(RamPlusSpec(model_id=str(d), vocab_dir=str(tmp_path / "nothing"), variant="tiny",
+                                  device="cpu"))
     # vocab_dir points elsewhere
     tagger = load_ram_plus(RamPlusSpec(model_id=str(d), vocab_dir=str(tiny_dir), variant="tiny", device="cpu"))
     assert tagger.tags == TINY_TAGS
@@ -299,3 +305,93 @@ def test_tag_list_that_does_not_fit_the_checkpoint(tiny_dir, tmp_path):
     (d / TAG_LIST_FILE).write_text("\n".join(TINY_TAGS[:5]) + "\n")
     with pytest.raises(CheckpointMismatchError, match="does not belong to this checkpoint"):
         load_ram_plus(RamPlusSpec(model_id=str(d), variant="tiny", device="cpu"))
+
+
+# --- the released vocabulary ships with the package --------------------------------------------------
+
+
+def test_shipped_vocabulary_is_the_released_one():
+    tags, thresholds = load_vocabulary(PACKAGED_VOCAB_DIR)
+    assert len(tags) == len(thresholds) == 4585
+    assert len(set(tags)) == 4585
+    # first and last lines of ram/data/ram_tag_list.txt at recognize-anything 7cb804a
+    assert tags[:3] == ["3D CG rendering", "3D glasses", "abacus"]
+    assert all(0 < t <= 1 for t in thresholds) and min(thresholds) < max(thresholds)
+    license_text = (PACKAGED_VOCAB_DIR / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0" in license_text
+    assert "recognize-anything" in (PACKAGED_VOCAB_DIR / "NOTICE").read_text()
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"experts.ram_plus" = ["data/*.txt", "data/LICENSE", "data/NOTICE"]' in pyproject
+
+
+# --- checkpoints in the reference layout --------------------------------------------------------------
+
+
+def _reference_checkpoint_dir(tmp_path: Path, state: dict, name: str = "ref") -> Path:
+    """A checkpoint folder holding ``state`` plus the tiny vocabulary (24 tags)."""
+    d = tmp_path / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / TAG_LIST_FILE).write_text("\n".join(TINY_TAGS) + "\n", encoding="utf-8")
+    torch.save({"model": state}, d / "ram_plus_reference_layout.pth")
+    return d
+
+
+def test_reference_layout_checkpoint_loads_strictly_with_its_reweight_scale(tmp_path, caplog):
+    state = random_official_state_dict(TINY, seed=3, reweight_scale=1.25)
+    d = _reference_checkpoint_dir(tmp_path, state)
+    with caplog.at_level(logging.INFO, logger="experts.ram_plus.loading"):
+        tagger = load_ram_plus(RamPlusSpec(model_id=str(d), variant="tiny", device="cpu"))
+    assert caplog.records == []  # the official layout needs no adjustment
+    assert float(tagger.model.reweight_scale) == pytest.approx(1.25)
+    loaded = tagger.model.state_dict()
+    for key, value in state.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue  # geometry buffers are recomputed, not trusted
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+    # the trained temperature matters: the reference initial value gives other scores
+    images = _images(2)
+    scores = tagger.scores(images)
+    assert np.isfinite(scores).all()
+    with torch.no_grad():
+        tagger.model.reweight_scale.fill_(math.log(1 / 0.07))
+    assert np.abs(tagger.scores(images) - scores).max() > 1e-4
+
+
+def test_variant_with_extra_logit_scale_is_accepted_with_a_note(tmp_path, caplog):
+    state = random_official_state_dict(TINY, seed=4, reweight_scale=2.0)
+    state["logit_scale"] = torch.tensor([4.6052])
+    d = _reference_checkpoint_dir(tmp_path, state)
+    with caplog.at_level(logging.INFO, logger="experts.ram_plus.loading"):
+        tagger = load_ram_plus(RamPlusSpec(model_id=str(d), variant="tiny", device="cpu"))
+    assert "logit_scale" in caplog.text and "dropped" in caplog.text
+    assert float(tagger.model.reweight_scale) == pytest.approx(2.0)
+    assert "logit_scale" not in tagger.model.state_dict()
+
+
+def test_variant_without_reweight_scale_uses_the_reference_initial_value(tmp_path, caplog):
+    state = random_official_state_dict(TINY, seed=5)
+    del state["reweight_scale"]
+    d = _reference_checkpoint_dir(tmp_path, state)
+    with caplog.at_level(logging.INFO, logger="experts.ram_plus.loading"):
+        tagger = load_ram_plus(RamPlusSpec(model_id=str(d), variant="tiny", device="cpu"))
+    assert "reweight_scale" in caplog.text and "log(1/0.07)" in caplog.text
+    assert float(tagger.model.reweight_scale) == pytest.approx(math.log(1 / 0.07))
+
+
+@pytest.mark.parametrize("change", ["unexpected", "missing", "both"])
+def test_any_other_difference_is_refused_naming_the_keys(tmp_path, change):
+    state = random_official_state_dict(TINY, seed=6)
+    missing_key = "tagging_head.encoder.layer.0.crossattention.output.LayerNorm.weight"
+    extra_key = "tagging_head.embeddings.word_embeddings.weight"
+    if change in ("missing", "both"):
+        del state[missing_key]
+    if change in ("unexpected", "both"):
+        state[extra_key] = torch.zeros(8, 32)
+    d = _reference_checkpoint_dir(tmp_path, state)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_ram_plus(RamPlusSpec(model_id=str(d), variant="tiny", device="cpu"))
+    msg = str(info.value)
+    assert ("missing keys 'tagging_head.encoder.layer.0.crossattention.output.LayerNorm.weight'" in msg) \
+        == (change != "unexpected")
+    assert ("unexpected keys 'tagging_head.embeddings.word_embeddings.weight'" in msg) == (change != "missing")
+    assert "variant" in msg  # says what to check

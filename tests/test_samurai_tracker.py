@@ -129,23 +129,46 @@ def test_two_objects_keep_independent_filter_states(tiny_model):
     assert (plain[20:] == 1).all()  # plain SAM 2 swaps identities
 
 
-def test_stable_count_restarts_when_motion_disagrees(tiny_model):
-    tracker = make_tracker(tiny_model, samurai_mode=True)
-    sess = tracker.session([("a", (0, 0, 1, 1))])
+def _five_stable_frames(sess):
     for t in range(5):
         sess.choose_candidates(square_logits(LOW, 4 + t, 10, 8)[None, None].repeat(1, 3, 1, 1),
                                torch.tensor([[0.9, 0.5, 0.1]]))
     assert sess.objects[0].motion.stable_frames == 5
-    # a jump across the frame during the stable phase: taken (highest IoU) but the filter restarts
+
+
+def test_stable_count_follows_predicted_mask_iou_as_in_the_release(tiny_model):
+    tracker = make_tracker(tiny_model, samurai_mode=True)
+    sess = tracker.session([("a", (0, 0, 1, 1))])
+    _five_stable_frames(sess)
+    # a jump across the frame with a confident mask: the release measures it and keeps counting
+    jump = square_logits(LOW, 50, 50, 8)[None, None].repeat(1, 3, 1, 1)
+    sess.choose_candidates(jump, torch.tensor([[0.9, 0.5, 0.1]]))
+    assert sess.objects[0].motion.stable_frames == 6
+    # an unconfident best mask (predicted IoU <= 0.3) restarts the count
+    sess.choose_candidates(jump, torch.tensor([[0.3, 0.2, 0.1]]))
+    assert sess.objects[0].motion.stable_frames == 0
+
+
+def test_box_agreement_gate_is_an_option(tiny_model):
+    tracker = make_tracker(tiny_model, samurai_mode=True, motion_gate="box_agreement")
+    sess = tracker.session([("a", (0, 0, 1, 1))])
+    _five_stable_frames(sess)
+    # the same confident jump: with the box-agreement gate the filter no longer trusts the motion
     sess.choose_candidates(square_logits(LOW, 50, 50, 8)[None, None].repeat(1, 3, 1, 1),
                            torch.tensor([[0.9, 0.5, 0.1]]))
     assert sess.objects[0].motion.stable_frames == 0
+    defaults = SamuraiSpec(model_id="tiny://sam2")
+    assert defaults.motion_gate == "predicted_iou" and not defaults.skip_empty_measurements
 
 
 def test_memory_gate_and_selection():
     cfg = MotionConfig()
     assert admit_to_memory(0.6, 0.1, 0.2, cfg)
     assert admit_to_memory(0.6, 0.1, None, cfg)
+    # the release scans memory candidates from frame 2: the first tracked frame never is one
+    assert not admit_to_memory(0.9, 5.0, None, cfg, frames_after_prompt=1)
+    assert admit_to_memory(0.9, 5.0, None, cfg, frames_after_prompt=2)
+    assert admit_to_memory(0.0, -5.0, 0.0, MotionConfig(samurai_mode=False), frames_after_prompt=1)
     assert not admit_to_memory(0.5, 0.1, 0.2, cfg)
     assert not admit_to_memory(0.6, -0.1, 0.2, cfg)
     assert not admit_to_memory(0.6, 0.1, 0.0, cfg)
@@ -193,7 +216,7 @@ def test_end_to_end_shapes_and_rows(present_model):
             assert 0 <= x1 < x2 <= 128 and 0 <= y1 < y2 <= 96
             ys, xs = np.nonzero(mask)
             assert (x1, y1, x2, y2) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-        assert p.visible == (p.mask_area_px > 0 and p.object_score > 0)
+        assert p.visible == (p.mask_area_px > 0 and p.object_score > -1)
         assert p.kf_score is None  # the motion-aware phase starts after 15 stable frames
 
 
@@ -301,3 +324,50 @@ def test_motion_choice_that_disagrees_with_sam_is_what_gets_output(present_model
     assert base[0].mask_rle == other[0].mask_rle  # the prompt frame has a single candidate
     assert other[1].kf_score == 0.75 and base[1].kf_score is None
     assert any(b.mask_rle != o.mask_rle for b, o in zip(base[1:], other[1:]))
+
+
+# ------------------------------------------------------------------ release rules in the tracker
+
+
+def test_candidate_boxes_use_the_inclusive_max_pixel(tiny_model):
+    sess = make_tracker(tiny_model).session([("a", (0, 0, 1, 1))])
+    logits = torch.stack([square_logits(LOW, 5, 9, 8), square_logits(LOW, 0, 0, 1),
+                          torch.full((LOW, LOW), -10.0)])[None]
+    boxes = sess.candidate_boxes(logits)[0].tolist()
+    # 4x bilinear upsampling (256 px model input): low-res pixels [5, 13) cover model pixels 20..51
+    assert boxes == [[20.0, 36.0, 51.0, 67.0], [0.0, 0.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("samurai_mode", [True, False])
+def test_filter_starts_after_the_prompt_frame_and_first_tracked_frame_is_no_memory(present_model, samurai_mode):
+    tracker = make_tracker(present_model, samurai_mode=samurai_mode,
+                           memory_bank_iou_threshold=-1.0)  # the gate passes everything it is asked about
+    sess = tracker.session(PROMPTS[:1])
+    frames = moving_squares(4, h=64, w=64)
+    obj = sess.objects[0]
+    sess.step(next(frames))  # the prompt frame: one mask from the box, nothing to choose
+    assert obj.motion.mean is None and obj.motion.stable_frames == 0 and obj.motion.history == []
+    sess.step(next(frames))
+    if samurai_mode:
+        assert obj.motion.mean is not None and obj.motion.stable_frames == 1 and len(obj.motion.history) == 1
+        assert list(obj.admitted) == []  # the release scans memory candidates from frame 2 on
+    else:
+        assert obj.motion.mean is None and [i for i, _ in obj.admitted] == [1]
+    assert obj.last[0] == 1
+    sess.step(next(frames))
+    sess.step(next(frames))
+    assert [i for i, _ in obj.admitted] == ([2, 3] if samurai_mode else [1, 2, 3])
+
+
+def test_object_counts_as_present_above_logit_minus_one_in_samurai_mode(present_model):
+    frame = next(moving_squares(1, h=64, w=64))
+    confident = make_tracker(present_model, samurai_mode=True).session(PROMPTS[:1]).step(frame)[0]
+    assert confident.mask_area_px > 0
+    bias = present_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
+    with torch.no_grad():
+        bias.add_(-0.5 - confident.object_score)  # this frame's object logit becomes -0.5
+    samurai = make_tracker(present_model, samurai_mode=True).session(PROMPTS[:1]).step(frame)[0]
+    plain = make_tracker(present_model, samurai_mode=False).session(PROMPTS[:1]).step(frame)[0]
+    assert samurai.object_score == pytest.approx(-0.5, abs=1e-3) and plain.object_score == pytest.approx(-0.5, abs=1e-3)
+    assert samurai.mask_area_px == confident.mask_area_px and samurai.visible
+    assert plain.mask_area_px == 0 and not plain.visible

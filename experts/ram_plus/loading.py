@@ -5,12 +5,20 @@ The released checkpoint is a ``torch.save`` of ``{"model": state_dict, ...}``. I
 (no random initialisation of ~330 M parameters), the tensors are assigned with ``strict=True`` -- any
 missing, unexpected or mis-shaped entry is an error -- and only then is it moved to the spec's device/dtype.
 
-The tag vocabulary is not on PyPI: no registry package ships the 4,585 tag names or their thresholds, so
-they are read from ``ram_tag_list.txt`` / ``ram_tag_list_threshold.txt`` placed beside the checkpoint (see
-``spec.py`` for the format).
+Layout: the reference model's state dict (recognize-anything ``ram/models/ram_plus.py``), whose trained
+``reweight_scale`` is used as stored. Two variants that other code bases save are accepted with a logged
+note: an extra ``logit_scale`` (a CLIP-style training scalar tagging never reads; dropped) and a missing
+``reweight_scale`` (its reference initial value ``log(1/0.07)`` is used). Any other missing or unexpected
+key is an error that names the keys.
+
+The tag vocabulary (the released 4,585 tag names and per-tag thresholds, Apache-2.0) ships in this package
+(``data/``); ``RamPlusSpec.vocab_dir``, or the two files placed beside the checkpoint, take precedence
+(see ``spec.py`` for the format).
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 import pickle
 from pathlib import Path
@@ -27,8 +35,13 @@ from experts.base import (
 )
 
 from .inference import RamPlus
-from .model import RamPlusConfig, RamPlusModel, build_ram_plus_model
+from .model import DEFAULT_REWEIGHT_SCALE, RamPlusConfig, RamPlusModel, build_ram_plus_model
 from .spec import DEFAULT_TAG_THRESHOLD, TAG_LIST_FILE, TAG_THRESHOLD_FILE, RamPlusSpec
+
+log = logging.getLogger(__name__)
+
+# The released vocabulary, shipped as package data (LICENSE and NOTICE beside it).
+PACKAGED_VOCAB_DIR = Path(__file__).resolve().parent / "data"
 
 
 class VocabularyNotFoundError(WeightsNotFoundError):
@@ -83,6 +96,16 @@ def _from_hugging_face(spec: RamPlusSpec) -> Path:
     return Path(path)
 
 
+def vocabulary_dir(spec: RamPlusSpec, checkpoint: Path) -> Path:
+    """Where the tag list comes from: ``spec.vocab_dir`` if set; else the checkpoint's folder when it holds
+    a tag list (a re-trained or miniature checkpoint brings its own); else the released list in the package."""
+    if spec.vocab_dir:
+        return Path(spec.vocab_dir)
+    if (checkpoint.parent / TAG_LIST_FILE).is_file():
+        return checkpoint.parent
+    return PACKAGED_VOCAB_DIR
+
+
 def load_vocabulary(directory: str | os.PathLike[str]) -> tuple[list[str], list[float]]:
     """Tag names and per-tag thresholds from ``directory``.
 
@@ -93,10 +116,10 @@ def load_vocabulary(directory: str | os.PathLike[str]) -> tuple[list[str], list[
     tag_file = d / TAG_LIST_FILE
     if not tag_file.is_file():
         raise VocabularyNotFoundError(
-            f"RAM++ tag list {tag_file} not found. Place {TAG_LIST_FILE} (UTF-8, one tag per line, in the "
-            f"checkpoint's label order: the 4,585-line ram/data/{TAG_LIST_FILE} of the recognize-anything "
-            f"release) and optionally {TAG_THRESHOLD_FILE} (one threshold per line, same order) beside the "
-            f"checkpoint, or point RamPlusSpec.vocab_dir at their folder"
+            f"RAM++ tag list {tag_file} not found. Point RamPlusSpec.vocab_dir at a folder holding "
+            f"{TAG_LIST_FILE} (UTF-8, one tag per line, in the checkpoint's label order) and optionally "
+            f"{TAG_THRESHOLD_FILE} (one threshold per line, same order), or leave vocab_dir unset to use the "
+            f"released 4,585-tag list shipped with motionforge"
         )
     tags = tag_file.read_text(encoding="utf-8").splitlines()
     while tags and not tags[-1].strip():
@@ -128,8 +151,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
     Accepts ``{"model": state_dict, ...}`` (the reference training scripts' format) or a bare state dict.
     The one key rename the reference loader applies (``vision_multi.`` -> ``tagging_head.``, from an older
-    naming of the tagging head) is applied here too, and a one-element ``logit_scale`` is read as a scalar;
-    nothing is dropped or added, so ``strict=True`` still sees every entry.
+    naming of the tagging head) is applied here too, and one-element scalars (``reweight_scale``,
+    ``logit_scale``) saved as ``[1]`` are read as ``[]``; nothing is dropped or added here (see
+    :func:`reconcile_variants`), so ``strict=True`` still sees every entry.
     """
     path = Path(path)
     try:
@@ -156,11 +180,42 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if key.startswith("vision_multi."):
             key = "tagging_head." + key[len("vision_multi."):]
-        if key == "logit_scale" and value.numel() == 1:
-            # An unused training scalar; accept it saved as [] or [1] (CLIP code bases use both).
+        if key in SCALAR_KEYS and value.numel() == 1:
+            # Scalars are saved as [] or [1] depending on the code base; the model holds them as [].
             value = value.reshape(())
         state[key] = value
     return state
+
+
+SCALAR_KEYS = ("reweight_scale", "logit_scale")
+
+
+def reconcile_variants(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The official layout, from the two accepted variants; each adjustment is logged.
+
+    * ``logit_scale`` present: a CLIP-style alignment temperature that some training forks save; the
+      reference model has no such entry and tagging does not read it, so it is dropped.
+    * ``reweight_scale`` absent: checkpoints saved from forks that kept it as a constant; the reference
+      initial value ``log(1/0.07)`` is what such a fork ran with, so that value is used.
+
+    Everything else is left for the strict load to accept or refuse.
+    """
+    state = dict(state)
+    if "logit_scale" in state:
+        value = state.pop("logit_scale")
+        log.info("RAM++ %s: dropped 'logit_scale' (%s), which the reference model does not have and tagging "
+                 "does not use", source, _describe(value))
+    if "reweight_scale" not in state:
+        like = state.get("label_embed")
+        state["reweight_scale"] = torch.tensor(DEFAULT_REWEIGHT_SCALE, dtype=like.dtype if like is not None
+                                               and like.is_floating_point() else torch.float32)
+        log.info("RAM++ %s: no 'reweight_scale' in the checkpoint; using the reference initial value "
+                 "log(1/0.07) = %.4f", source, DEFAULT_REWEIGHT_SCALE)
+    return state
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"value {float(t):.4f}" if t.numel() == 1 else f"shape {list(t.shape)}"
 
 
 def config_for(spec: RamPlusSpec, state: dict[str, torch.Tensor], num_tags: int) -> RamPlusConfig:
@@ -178,24 +233,44 @@ def config_for(spec: RamPlusSpec, state: dict[str, torch.Tensor], num_tags: int)
 
 
 def load_into(model: RamPlusModel, state: dict[str, torch.Tensor], source: str) -> RamPlusModel:
-    """``load_state_dict(strict=True, assign=True)`` with an error that names the file and the fix."""
+    """``load_state_dict(strict=True, assign=True)`` with an error that names the file, the missing and
+    unexpected keys, and the fix."""
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    hint = (f"Check RamPlusSpec.variant and image_size (the released ram_plus_swin_large_14m.pth is "
+            f"variant='swin_l', image_size=384)")
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"{source} does not have the RAM++ layout for {model.config.image_size} px / Swin embed "
+            f"{model.config.swin_embed_dim}: missing keys {_key_list(missing)}; unexpected keys "
+            f"{_key_list(unexpected)}. {hint}")
     try:
         model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # same names, different shapes
         raise CheckpointMismatchError(
             f"{source} does not match the RAM++ architecture {model.config.image_size} px / "
-            f"Swin embed {model.config.swin_embed_dim}: {exc}. Check RamPlusSpec.variant and image_size "
-            f"(the released ram_plus_swin_large_14m.pth is variant='swin_l', image_size=384)"
+            f"Swin embed {model.config.swin_embed_dim}: {exc}. {hint}"
         ) from exc
+    scale = float(model.reweight_scale.detach())
+    if not math.isfinite(scale):
+        raise CheckpointMismatchError(f"{source}: reweight_scale is {scale}, not a finite number")
     model.reset_derived_buffers()
     return model
+
+
+def _key_list(keys: list[str], limit: int = 12) -> str:
+    if not keys:
+        return "(none)"
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def load_ram_plus(spec: RamPlusSpec) -> RamPlus:
     """Build RAM++ for ``spec``, load its checkpoint strictly, move it to the spec's device and dtype."""
     checkpoint = resolve_checkpoint(spec)
-    tags, thresholds = load_vocabulary(spec.vocab_dir or checkpoint.parent)
-    state = read_state_dict(checkpoint)
+    tags, thresholds = load_vocabulary(vocabulary_dir(spec, checkpoint))
+    state = reconcile_variants(read_state_dict(checkpoint), str(checkpoint))
     cfg = config_for(spec, state, len(tags))
     model = load_into(build_ram_plus_model(cfg, device="meta"), state, str(checkpoint))
     device = resolve_device(spec.device)

@@ -12,14 +12,15 @@ Structure and parameter names follow the released ``ram_plus_swin_large_14m.pth`
                       ``tagging_head.encoder.layer.<i>.{crossattention.self.{query,key,value},
                       crossattention.output.{dense,LayerNorm}, intermediate.dense, output.{dense,LayerNorm}}``;
 * ``fc``              linear head width -> 1, one logit per tag query;
-* ``logit_scale``     a scalar the released checkpoint carries from training (image-text alignment
-                      temperature). Tagging does not use it; it exists so ``strict=True`` loading succeeds.
+* ``reweight_scale``  a trained scalar (log of the inverse temperature of description reweighting),
+                      initialised to ``log(1/0.07)`` as in the reference model, where it is an
+                      ``nn.Parameter`` and so part of the state dict.
 
 Description reweighting (RAM++ paper, "multi-grained text supervision"): the image's pooled embedding is
 L2-normalised, compared with every description embedding at temperature ``exp(reweight_scale)``, a softmax
 over each tag's descriptions gives weights, and the tag query is the weighted sum of its descriptions.
-``reweight_scale`` is a non-persistent buffer fixed at ``log(1/0.07)``: the released checkpoint has no such
-entry, so the reference implementation runs with exactly this initial value.
+Checkpoints saved by other code bases may lack ``reweight_scale`` or carry a CLIP-style ``logit_scale``;
+``loading.py`` accepts those two variants explicitly (with a logged note), nothing else.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ from .swin import SwinTransformer
 OFFICIAL_NUM_TAGS = 4585
 OFFICIAL_DESCRIPTIONS_PER_TAG = 51
 REWEIGHT_TEMPERATURE = 0.07
+# Initial value of the trained ``reweight_scale`` in the reference model; also what a checkpoint without
+# that entry is loaded with.
+DEFAULT_REWEIGHT_SCALE = math.log(1 / REWEIGHT_TEMPERATURE)
 
 
 @dataclass(frozen=True)
@@ -190,15 +194,12 @@ class RamPlusModel(nn.Module):
             self.wordvec_proj = nn.Identity()
         self.tagging_head = TaggingHead(cfg)
         self.fc = nn.Linear(cfg.head_hidden_size, 1)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / REWEIGHT_TEMPERATURE)))
-        self.register_buffer("reweight_scale", torch.tensor(math.log(1 / REWEIGHT_TEMPERATURE)), persistent=False)
+        self.reweight_scale = nn.Parameter(torch.tensor(DEFAULT_REWEIGHT_SCALE))
 
     def reset_derived_buffers(self) -> None:
         """Recompute buffers that are functions of the configuration (after meta-device construction or
         after loading a checkpoint whose stored copies should not be trusted)."""
-        device = self.image_proj.weight.device
         self.visual_encoder.reset_derived_buffers()
-        self.reweight_scale = torch.tensor(math.log(1 / REWEIGHT_TEMPERATURE), device=device)
 
     def init_random_weights(self, generator: torch.Generator | None = None) -> None:
         """Random initialisation (truncated normal 0.02 for linear/bias tables, unit LayerNorms, unit-norm
@@ -221,6 +222,7 @@ class RamPlusModel(nn.Module):
         with torch.no_grad():
             emb = torch.randn(self.label_embed.shape, generator=generator)
             self.label_embed.copy_(F.normalize(emb, dim=-1))
+            self.reweight_scale.fill_(DEFAULT_REWEIGHT_SCALE)
 
     def reweighted_label_queries(self, image_cls: torch.Tensor) -> torch.Tensor:
         """``[B, E]`` pooled image embeddings -> ``[B, num_tags, E]`` description-weighted tag embeddings."""

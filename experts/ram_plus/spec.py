@@ -12,7 +12,8 @@ DEFAULT_MODEL_ID = "xinyu1205/recognize-anything-plus-model"
 DEFAULT_CHECKPOINT_FILE = "ram_plus_swin_large_14m.pth"
 TINY_MODEL_ID = f"{TINY_SCHEME}ram_plus"
 
-# Files read from beside the checkpoint (or from ``vocab_dir``); names as in the reference release's
+# Vocabulary files, read from ``vocab_dir``, else from beside the checkpoint, else from the copy of the
+# released files shipped in ``experts/ram_plus/data/``; names as in the reference release's
 # ``ram/data/`` folder. The tag list: UTF-8, one tag per line, in label_embed order (4,585 lines for the
 # released model). The thresholds: one decimal number per line, same order; tags past its end, or all
 # tags when the file is absent, use DEFAULT_TAG_THRESHOLD.
@@ -35,8 +36,9 @@ class RamPlusSpec(ModelSpec):
     ``model_id``: a Hugging Face repo id (the checkpoint file ``checkpoint_file`` inside it), a local ``.pth``
     file, a local directory holding ``checkpoint_file`` (or exactly one ``.pth``), or ``tiny://ram_plus``.
     ``vocab_dir``: where ``ram_tag_list.txt`` / ``ram_tag_list_threshold.txt`` are; default: the checkpoint's
-    directory. ``variant`` and ``image_size`` pick the architecture; ``tiny://`` ids default to
-    ``variant="tiny"``, and ``variant="tiny"`` defaults to ``image_size=64``.
+    directory when it holds a tag list, else the released 4,585-tag vocabulary shipped with the package.
+    ``variant`` and ``image_size`` pick the architecture; ``tiny://`` ids default to ``variant="tiny"``, and
+    ``variant="tiny"`` defaults to ``image_size=64``.
     """
 
     model_id: str = DEFAULT_MODEL_ID

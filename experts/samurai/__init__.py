@@ -5,13 +5,12 @@ so importing this package is cheap and registers the ``tiny://sam2`` builder.
 """
 from __future__ import annotations
 
-from experts.samurai.kalman import KalmanBoxFilter, box_iou, xyah_to_xyxy, xyxy_to_xyah
+from experts.samurai.kalman import KalmanBoxFilter, box_iou, prediction_iou, xyah_to_xyxy, xyxy_to_xyah
 from experts.samurai.motion import (
     Choice,
     MotionConfig,
     MotionState,
     admit_to_memory,
-    observe_prompt,
     select_candidate,
     select_memory,
 )
@@ -30,6 +29,6 @@ from experts.samurai.tracker import (
 __all__ = [
     "Choice", "KalmanBoxFilter", "MotionConfig", "MotionState", "SamuraiSpec", "SamuraiTracker", "TrackPoint",
     "TrackSession", "admit_to_memory", "box_iou", "build_tiny_sam2", "load_tracker", "mask_to_rle",
-    "observe_prompt", "resolve_sam2_checkpoint", "rle_to_mask", "select_candidate", "select_memory",
+    "prediction_iou", "resolve_sam2_checkpoint", "rle_to_mask", "select_candidate", "select_memory",
     "xyah_to_xyxy", "xyxy_to_xyah",
 ]

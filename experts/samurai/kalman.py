@@ -17,10 +17,13 @@ STD_WEIGHT_VELOCITY = 1.0 / 160
 
 
 def xyxy_to_xyah(box_xyxy: Sequence[float]) -> np.ndarray:
-    """``(x1, y1, x2, y2)`` -> ``(cx, cy, w/h, h)``. A zero-height box gives aspect 0."""
+    """``(x1, y1, x2, y2)`` -> ``(cx, cy, w/h, h)``. A zero-height box (a one-row mask, or the empty mask's
+    ``(0, 0, 0, 0)``) is read with height 1, as SAMURAI's release does, so the filter never divides by 0."""
     x1, y1, x2, y2 = (float(v) for v in box_xyxy)
     w, h = x2 - x1, y2 - y1
-    return np.array([x1 + w / 2.0, y1 + h / 2.0, w / h if h > 0 else 0.0, h], dtype=np.float64)
+    if h == 0:
+        h = 1.0
+    return np.array([(x1 + x2) / 2.0, (y1 + y2) / 2.0, w / h, h], dtype=np.float64)
 
 
 def xyah_to_xyxy(xyah: Sequence[float]) -> np.ndarray:
@@ -43,6 +46,19 @@ def box_iou(box_xyxy: Sequence[float], boxes_xyxy: np.ndarray | Sequence[Sequenc
     areas = np.clip(bs[:, 2] - bs[:, 0], 0, None) * np.clip(bs[:, 3] - bs[:, 1], 0, None)
     union = area_b + areas - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def prediction_iou(pred_xyxy: Sequence[float], boxes_xyxy: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """IoU of the Kalman prediction with ``K`` candidate boxes, as SAMURAI's release scores it: a candidate
+    ``(0, 0, 0, 0)`` (empty mask) scores 0; areas are ``(x2 - x1) * (y2 - y1)`` without clipping (a
+    prediction whose height went negative is scored as the release scores it); a zero union scores 0."""
+    p = np.asarray(pred_xyxy, dtype=np.float64).reshape(4)
+    bs = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    inter = (np.maximum(0.0, np.minimum(p[2], bs[:, 2]) - np.maximum(p[0], bs[:, 0]))
+             * np.maximum(0.0, np.minimum(p[3], bs[:, 3]) - np.maximum(p[1], bs[:, 1])))
+    union = (p[2] - p[0]) * (p[3] - p[1]) + (bs[:, 2] - bs[:, 0]) * (bs[:, 3] - bs[:, 1]) - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union != 0)
+    return np.where(np.all(bs == 0, axis=1), 0.0, iou)
 
 
 class KalmanBoxFilter:

@@ -10,6 +10,11 @@ composes the model's parts frame by frame:
   SAMURAI's gate, the last ``max_obj_ptrs_in_encoder - 1`` object pointers) and its own Kalman state,
   so memory does not grow with clip length and frames are consumed one at a time.
 
+In SAMURAI mode the decisions are the release's (``motion.py``): the prompt frame decodes one mask from
+its box and does not touch the filter; the filter starts on the next frame; candidate boxes use the
+inclusive max pixel index; objects count as present above an object-score logit of -1; the first tracked
+frame is never a memory candidate.
+
 ``SAM2VideoPredictor`` keeps every frame and every frame's output for interactive editing; a dataset
 builder only needs forward tracking from first-frame boxes, which is what this module does.
 """
@@ -36,9 +41,9 @@ from experts.base import (
 from experts.samurai.kalman import KalmanBoxFilter
 from experts.samurai.motion import (
     MotionConfig,
+    MotionGate,
     MotionState,
     admit_to_memory,
-    observe_prompt,
     select_candidate,
     select_memory,
 )
@@ -78,9 +83,13 @@ class SamuraiSpec(ModelSpec):
     stable_frames_threshold: int = MotionConfig.stable_frames_threshold
     stable_ious_threshold: float = MotionConfig.stable_ious_threshold
     kf_score_weight: float = MotionConfig.kf_score_weight
+    min_obj_score_logits: float = MotionConfig.min_obj_score_logits
     memory_bank_iou_threshold: float = MotionConfig.memory_bank_iou_threshold
     memory_bank_obj_score_threshold: float = MotionConfig.memory_bank_obj_score_threshold
     memory_bank_kf_score_threshold: float = MotionConfig.memory_bank_kf_score_threshold
+    # Variations of ours, off by default (see MotionConfig for why they exist).
+    motion_gate: MotionGate = MotionConfig.motion_gate
+    skip_empty_measurements: bool = MotionConfig.skip_empty_measurements
     fps: float | None = None
     offload_state_to_cpu: bool = False
 
@@ -97,9 +106,12 @@ class SamuraiSpec(ModelSpec):
             stable_frames_threshold=self.stable_frames_threshold,
             stable_ious_threshold=self.stable_ious_threshold,
             kf_score_weight=self.kf_score_weight,
+            min_obj_score_logits=self.min_obj_score_logits,
             memory_bank_iou_threshold=self.memory_bank_iou_threshold,
             memory_bank_obj_score_threshold=self.memory_bank_obj_score_threshold,
             memory_bank_kf_score_threshold=self.memory_bank_kf_score_threshold,
+            motion_gate=self.motion_gate,
+            skip_empty_measurements=self.skip_empty_measurements,
         )
 
 
@@ -112,9 +124,9 @@ class TrackPoint:
     t_s: float | None             # from timestamps_s, else frame_index / spec.fps, else None
     box_xyxy_px: tuple[float, float, float, float] | None  # None when the mask is empty
     mask_area_px: int
-    object_score: float           # SAM 2 object-score logit (> 0: object present)
+    object_score: float           # SAM 2 object-score logit (present above -1 in SAMURAI mode, 0 in plain mode)
     kf_score: float | None        # IoU(mask box, Kalman prediction); None outside the motion-aware phase
-    visible: bool
+    visible: bool                 # the mask is non-empty and the object present
     mask_rle: dict | None = None  # COCO uncompressed RLE {"size": [H, W], "counts": [...]}
 
 
@@ -146,19 +158,22 @@ def rle_to_mask(rle: dict) -> np.ndarray:
     return vals.reshape((w, h)).T
 
 
-def masks_to_boxes(masks):
-    """``[..., H, W]`` bool tensor -> ``[..., 4]`` float xyxy (exclusive max), zeros for empty masks."""
+def masks_to_boxes(masks, inclusive: bool = False):
+    """``[..., H, W]`` bool tensor -> ``[..., 4]`` float xyxy, zeros for empty masks. The max corner is
+    exclusive (pixel edges, what outputs report) or, with ``inclusive``, the last mask pixel's index (what
+    SAMURAI's release feeds its Kalman filter)."""
     import torch
 
+    end = 0 if inclusive else 1
     h, w = masks.shape[-2:]
     rows = masks.any(dim=-1)
     cols = masks.any(dim=-2)
     ar_h = torch.arange(h, device=masks.device)
     ar_w = torch.arange(w, device=masks.device)
     y1 = torch.where(rows, ar_h, h).amin(dim=-1)
-    y2 = torch.where(rows, ar_h, -1).amax(dim=-1) + 1
+    y2 = torch.where(rows, ar_h, -1).amax(dim=-1) + end
     x1 = torch.where(cols, ar_w, w).amin(dim=-1)
-    x2 = torch.where(cols, ar_w, -1).amax(dim=-1) + 1
+    x2 = torch.where(cols, ar_w, -1).amax(dim=-1) + end
     boxes = torch.stack([x1, y1, x2, y2], dim=-1).float()
     return torch.where(rows.any(dim=-1, keepdim=True), boxes, torch.zeros_like(boxes))
 
@@ -437,10 +452,11 @@ class TrackSession:
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
             multimask_output=multimask, repeat_image=False, high_res_features=high_res)
         if m.pred_obj_scores:
-            # an absent object gets an empty mask everywhere, as in SAM 2's own head
+            # an absent object gets an empty mask everywhere, as in SAM 2's own head (SAMURAI: logit > -1)
             from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
-            low = torch.where(obj_logits[:, :, None, None] > 0, low, NO_OBJ_SCORE)
+            present = obj_logits[:, :, None, None] > self.tracker.motion.object_present_logit
+            low = torch.where(present, low, NO_OBJ_SCORE)
         return low.float(), ious.float(), tokens, obj_logits.float()
 
     def _object_pointer(self, tokens, choice, obj_logits):
@@ -451,7 +467,8 @@ class TrackSession:
         tok = tokens[torch.arange(b, device=tokens.device), choice] if tokens.size(1) > 1 else tokens[:, 0]
         ptr = m.obj_ptr_proj(tok)
         if m.pred_obj_scores:
-            appear = obj_logits.sigmoid() if m.soft_no_obj_ptr else (obj_logits > 0).to(ptr.dtype)
+            present = (obj_logits > self.tracker.motion.object_present_logit).to(ptr.dtype)
+            appear = obj_logits.sigmoid() if m.soft_no_obj_ptr else present
             if m.fixed_no_obj_ptr:
                 ptr = appear * ptr
             ptr = ptr + (1 - appear) * m.no_obj_ptr
@@ -466,13 +483,14 @@ class TrackSession:
         return feat
 
     def candidate_boxes(self, cand_logits):
-        """``[N, M, h, w]`` low-res logits -> ``[N, M, 4]`` boxes of the masks at the model resolution
-        (the Kalman filter lives in model pixels, like the reference's high-resolution masks)."""
+        """``[N, M, h, w]`` low-res logits -> ``[N, M, 4]`` boxes of the masks at the model resolution, with
+        the inclusive max pixel index (the Kalman filter lives in model pixels, like the release's
+        high-resolution masks)."""
         import torch.nn.functional as F
 
         s = self.model.image_size
         high = F.interpolate(cand_logits.float(), size=(s, s), mode="bilinear", align_corners=False)
-        return masks_to_boxes(high > 0)
+        return masks_to_boxes(high > 0, inclusive=True)
 
     def choose_from_boxes(self, boxes: np.ndarray, pred_ious: np.ndarray) -> tuple[list[int], list[float | None]]:
         """Per object, SAMURAI's (or plain SAM 2's) pick among candidates given as numpy boxes/IoUs."""
@@ -580,11 +598,11 @@ class TrackSession:
                 feat_j = self._store(mem_feat[j:j + 1])
                 ptr_j = self._store(ptr[j:j + 1])
                 if fi == 0:
+                    # the prompt frame: one mask from the box, no candidates, so the filter waits (release)
                     o.cond_feat, o.cond_ptr, o.cond_index = feat_j, ptr_j, 0
-                    if tr.motion.samurai_mode:
-                        observe_prompt(o.motion, tr.kf, stats[j, :4] * [s / vw, s / vh, s / vw, s / vh])
                     continue
-                if admit_to_memory(float(stats[j, 6]), float(stats[j, 5]), kf_scores[j], tr.motion):
+                if admit_to_memory(float(stats[j, 6]), float(stats[j, 5]), kf_scores[j], tr.motion,
+                                   frames_after_prompt=fi - o.cond_index):
                     o.admitted.append((fi, feat_j))
                 o.last = (fi, feat_j)
                 o.ptrs.append((fi, ptr_j))
@@ -594,7 +612,7 @@ class TrackSession:
         for j, o in enumerate(self.objects):
             area = int(stats[j, 4])
             score = float(stats[j, 5])
-            visible = area > 0 and score > 0
+            visible = area > 0 and score > tr.motion.object_present_logit
             box = tuple(float(v) for v in stats[j, :4]) if area > 0 else None
             points.append(TrackPoint(
                 instance_id=o.instance_id, frame_index=int(frame_index), t_s=t_s, box_xyxy_px=box,

@@ -116,3 +116,30 @@ def test_tiny_profile_with_real_tiny_tagger(tmp_path, tagger):
         assert r.expert == f"{tagger}:tiny://{tagger}" and r.tagger == tagger
         if tagger == "clip":
             assert {t["tag"] for t in r.tags + r.dropped_tags} <= set(read_word_list(DEFAULT_CLIP_VOCABULARY_FILE))
+
+
+def test_tag_stage_runs_on_a_reference_layout_checkpoint(tmp_path):
+    """A checkpoint built from the hand-written reference layout (random values, miniature geometry) loads
+    strictly through the production loader and the stage tags with it."""
+    import torch
+
+    from experts.ram_plus import TAG_LIST_FILE, TAG_THRESHOLD_FILE
+    from experts.ram_plus.tiny import TINY_TAGS
+    from tests._ram_plus_layout import TINY, random_official_state_dict
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"model": random_official_state_dict(TINY, seed=11)}, ckpt / "ram_plus_reference_layout.pth")
+    (ckpt / TAG_LIST_FILE).write_text("\n".join(TINY_TAGS) + "\n", encoding="utf-8")
+    (ckpt / TAG_THRESHOLD_FILE).write_text("\n".join("0.0" for _ in TINY_TAGS) + "\n", encoding="utf-8")
+    o = oracle()
+    clips = all_clips(o)[:2]
+    root = _root(tmp_path, clips)
+    cfg = TagConfig.model_validate({"tagger": "ram_plus", "max_tags": 3,
+                                    "ram_plus": {"model_id": str(ckpt), "variant": "tiny", "device": "cpu"}})
+    out = run_shard(STAGE, root, cfg, 0)
+    assert (out.rows, out.ok, out.error) == (len(clips), len(clips), 0)
+    for r in from_table(root.read_shard("tag", 0), ClipTags):
+        # every tag passes a 0.0 threshold, so the 3 best unblocked ones are kept
+        assert len(r.tags) == 3 and {t["tag"] for t in r.tags} <= set(TINY_TAGS)
+        assert r.expert == f"ram_plus:{ckpt}"
