@@ -279,13 +279,14 @@ def demo(
     try:
         from schemas._base import from_table
         from schemas.motionbench import SCHEMA as MB_SCHEMA, BenchmarkQuestion
-        from stages.motionbench.finalize import export_meta
+        from stages.export.motionbench import export_release
         from storage.root import OutputRoot
 
         rows = from_table(OutputRoot(root).read_stage("finalize", MB_SCHEMA), BenchmarkQuestion)
         if rows:
-            meta, key = export_meta(rows, Path(out) / "motionbench")
-            console.print(f"MotionBench: {len(rows)} questions -> {meta} (test answer key {key})")
+            res = export_release(rows, Path(out) / "motionbench")
+            console.print(f"MotionBench: {res.questions} questions, {res.clips} clips -> {res.meta} "
+                          f"(test answer key {res.answer_key})")
     except FileNotFoundError as exc:
         console.print(f"[yellow]no MotionBench export: {exc}[/]")
     console.print(f"report: {write_report(root)}")
