@@ -272,9 +272,10 @@ def demo(
     try:
         from flows.cli_imove import export_imove_it
 
-        n_samples = export_imove_it(root, Path(out) / "imove_it.jsonl")
-        console.print(f"iMOVE-IT: {n_samples} samples -> {Path(out) / 'imove_it.jsonl'}")
-    except FileNotFoundError as exc:
+        res = export_imove_it(root, Path(out) / "imove_it")
+        console.print(f"iMOVE-IT: {res.samples} samples, {res.clips} clips -> {res.folder} "
+                      f"({', '.join(p.name for p in res.files.values())})")
+    except (FileNotFoundError, ValueError) as exc:
         console.print(f"[yellow]no iMOVE-IT export: {exc}[/]")
     try:
         from schemas._base import from_table
