@@ -290,6 +290,14 @@ def demo(
                           f"(test answer key {res.answer_key})")
     except FileNotFoundError as exc:
         console.print(f"[yellow]no MotionBench export: {exc}[/]")
+    try:
+        from stages.export.hf import export_hf
+        from storage.root import OutputRoot
+
+        hf = export_hf(OutputRoot(root), Path(out) / "hf")
+        console.print(f"Hugging Face dataset: {len(hf.configs)} configs -> {hf.folder} (datasets.load_dataset(DIR, STAGE))")
+    except ValueError as exc:
+        console.print(f"[yellow]no Hugging Face export: {exc}[/]")
     console.print(f"report: {write_report(root)}")
     console.print(f"status: motionforge status --out {root}")
 

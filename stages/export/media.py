@@ -39,7 +39,8 @@ class ClipSource:
 
 
 def write_clips(clips: Iterable[ClipSource], media_dir: str | Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Write every distinct clip once. Returns (name -> "copy" | "reencode" | "file", name -> error message).
+    """Write every distinct clip once into ``media_dir`` (an export's own folder: ``.mp4`` files there that are
+    not wanted any more are removed). Returns (name -> "copy" | "reencode" | "file", name -> error message).
 
     A clip that cannot be written (source missing, ffmpeg failure, a zero-length span) is reported in the
     error map, not raised, so one bad source loses only its own samples.
@@ -54,6 +55,9 @@ def write_clips(clips: Iterable[ClipSource], media_dir: str | Path) -> tuple[dic
         if prev is not None and prev != c:
             raise ValueError(f"two different clips would be written as {c.name}: {prev} and {c}")
         by_name[c.name] = c
+    for old in media_dir.glob("*.mp4"):  # clips of an earlier export into this folder that are no longer wanted
+        if old.name not in by_name:
+            old.unlink()
     keyframes: dict[str, list[float]] = {}
     for name, c in sorted(by_name.items()):
         dst = media_dir / name

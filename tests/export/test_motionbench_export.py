@@ -271,3 +271,12 @@ def test_cli_export_motionbench(sources, tmp_path):
     assert f"{len(rows)} questions over {len(SPANS) + 1} clips" in " ".join(res.output.split())
     assert len((tmp_path / "mb" / META_FILE).read_text().splitlines()) == len(rows)
     assert len(list((tmp_path / "mb" / "videos").glob("*.mp4"))) == len(SPANS) + 1
+
+
+def test_re_export_replaces_the_folder_content(sources, tmp_path):
+    rows = _rows(sources)
+    export_release(rows, tmp_path / "mb")
+    keep = {rows[0].key}
+    res = export_release([r for r in rows if r.key in keep], tmp_path / "mb")
+    assert sorted(p.name for p in (tmp_path / "mb" / "videos").iterdir()) == [f"{k}.mp4" for k in keep]
+    assert len((tmp_path / "mb" / META_FILE).read_text().splitlines()) == res.questions
