@@ -99,10 +99,11 @@ def _provenance(manifest: dict, stage: str) -> dict:
 
 def _card_body(source: str, configs: list[ConfigExport], empty: list[str], manifest: dict, experts: dict,
                hide_test_answers: bool, license_id: str, pretty_name: str) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     lines = [EXPORT_MARK, f"# {pretty_name}", "",
-             f"Stage tables of a motionforge run (source root `{source}`), exported "
-             f"{_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()}.", "",
-             "```python", "import datasets", "ds = datasets.load_dataset(\"path/to/this/folder\", \"<config>\")", "```", "",
+             f"Stage tables of a motionforge run (source root `{source}`), exported {now}.", "",
+             "```python", "import datasets",
+             "ds = datasets.load_dataset(\"path/to/this/folder\", \"<config>\")", "```", "",
              "## Configs", "", "| config | splits (rows) | status | expert(s) | stage config hash | updated |",
              "|---|---|---|---|---|---|"]
     for c in configs:
@@ -116,10 +117,11 @@ def _card_body(source: str, configs: list[ConfigExport], empty: list[str], manif
                   + ", ".join(f"`{s}`" for s in empty) + "."]
     lines += ["", "## Provenance", "",
               "Every row keeps its stage's provenance columns (`stage`, `expert`, `expert_revision`, `config_hash`, "
-              "`created_at`, `status`, `error`). Each stage's full configuration is in the source root's `_manifest.json`; "
-              "its inputs:", ""]
+              "`created_at`, `status`, `error`). Each stage's full configuration is in the source root's "
+              "`_manifest.json`; its inputs:", ""]
     for c in configs:
-        lines.append(f"- `{c.name}` <- {', '.join(f'`{i}`' for i in (_provenance(manifest, c.name)['inputs'] or [])) or 'the input videos'}")
+        inputs = _provenance(manifest, c.name)["inputs"] or []
+        lines.append(f"- `{c.name}` <- {', '.join(f'`{i}`' for i in inputs) or 'the input videos'}")
     if any(c.name == "finalize" for c in configs):
         lines += ["", "The `finalize` config is the MotionBench-style benchmark; "
                   + ("its `test` split has `answer` = `NA` (the key is kept out of this folder)."

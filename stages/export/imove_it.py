@@ -12,8 +12,9 @@ trainer reads must BE the clip: each clip is cut once into ``DIR/videos/<clip_id
 ``llava``     LLaVA-NeXT / LLaVA-Video: ``imove_it_llava.json``, a JSON LIST (what a plain ``--data_path`` reads)
               of ``{id, video, conversations}`` with ONE ``<image>`` placeholder (the whole video) at the start of
               the first human turn; ``<video>`` is never expanded there. Train with ``--video_folder DIR``.
-``sharegpt``  LLaMA-Factory / ms-swift: ``imove_it_sharegpt.jsonl``, ``{id, messages: [{role: user|assistant,
-              content}], videos: [path]}`` with one ``<video>`` per entry of ``videos``, plus LLaMA-Factory's
+``sharegpt``  LLaMA-Factory (ms-swift documents the same layout): ``imove_it_sharegpt.jsonl``,
+              ``{id, messages: [{role: user|assistant, content}], videos: [path]}`` with one ``<video>`` per entry
+              of ``videos``, plus LLaMA-Factory's
               ``dataset_info.json`` (``--dataset_dir DIR --dataset motionforge_imove_it``; media paths resolve
               against ``DIR``).
 

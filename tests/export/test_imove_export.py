@@ -3,6 +3,7 @@
 * ShareGPT (LLaMA-Factory): its REAL data code (llamafactory 0.9.5: dataset_info.json parser, loader, ShareGPT
   converter, the multimodal plugin's placeholder check and video reader) runs in a subprocess of
   .venv-consumers (tests/export/_llamafactory_load.py says exactly what runs and what is not LLaMA-Factory's).
+* ms-swift: not checked beyond the shared ``messages`` + ``videos`` layout (no written contract, not installed).
 * LLaVA-NeXT / LLaVA-Video and InternVL chat: not on the registry, so each is checked against its DOCUMENTED
   contract (shared/design/CONSUMERS.md sections 4 and 5) by readers written here from that text.
 """
@@ -124,7 +125,9 @@ def test_llamafactory_rejects_a_placeholder_mismatch(run, tmp_path):
     assert got["accepted"] == len(samples) - 1 and "does not match" in next(iter(got["rejected"].values()))
 
 
-def test_sharegpt_records_follow_the_ms_swift_layout(run):
+def test_sharegpt_records_one_video_tag_per_video(run):
+    """The ``messages`` + ``videos`` layout, one ``<video>`` per listed video. ms-swift reads the same layout by
+    its own description, but neither its code nor a written contract of it (CONSUMERS.md has none) is checked here."""
     d, src, samples, out = run
     for line in (out / "imove_it_sharegpt.jsonl").read_text().splitlines():
         rec = json.loads(line)
