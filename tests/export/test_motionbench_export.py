@@ -280,3 +280,19 @@ def test_re_export_replaces_the_folder_content(sources, tmp_path):
     res = export_release([r for r in rows if r.key in keep], tmp_path / "mb")
     assert sorted(p.name for p in (tmp_path / "mb" / "videos").iterdir()) == [f"{k}.mp4" for k in keep]
     assert len((tmp_path / "mb" / META_FILE).read_text().splitlines()) == res.questions
+
+
+def test_eval_run_reads_the_copied_release_folder(release, tmp_path):
+    """Our own evaluator on a copied release: it finds the clips in DIR/videos without --videos, and every
+    question gets frames (a tiny random Qwen2-VL; only the data path matters here)."""
+    from tests._cli import invoke
+
+    rows, out, _ = release
+    moved = tmp_path / "copy"
+    shutil.copytree(out, moved)
+    resp = tmp_path / "replies.json"
+    invoke("eval", "run", "--model", "tiny://qwen2_vl", "--meta", str(moved / META_FILE), "--limit", "4",
+           "--num-frames", "2", "--short-side", "32", "--responses", str(resp), "--json")
+    replies = json.loads(resp.read_text())
+    assert len(replies) == 4 and all(v is not None for v in replies.values())
+    assert not resp.with_suffix(".errors.json").exists()
