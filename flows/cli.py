@@ -272,28 +272,38 @@ def demo(
     try:
         from flows.cli_imove import export_imove_it
 
-        n_samples = export_imove_it(root, Path(out) / "imove_it.jsonl")
-        console.print(f"iMOVE-IT: {n_samples} samples -> {Path(out) / 'imove_it.jsonl'}")
-    except FileNotFoundError as exc:
+        res = export_imove_it(root, Path(out) / "imove_it")
+        console.print(f"iMOVE-IT: {res.samples} samples, {res.clips} clips -> {res.folder} "
+                      f"({', '.join(p.name for p in res.files.values())})")
+    except (FileNotFoundError, ValueError) as exc:
         console.print(f"[yellow]no iMOVE-IT export: {exc}[/]")
     try:
         from schemas._base import from_table
         from schemas.motionbench import SCHEMA as MB_SCHEMA, BenchmarkQuestion
-        from stages.motionbench.finalize import export_meta
+        from stages.export.motionbench import export_release
         from storage.root import OutputRoot
 
         rows = from_table(OutputRoot(root).read_stage("finalize", MB_SCHEMA), BenchmarkQuestion)
         if rows:
-            meta, key = export_meta(rows, Path(out) / "motionbench")
-            console.print(f"MotionBench: {len(rows)} questions -> {meta} (test answer key {key})")
+            res = export_release(rows, Path(out) / "motionbench")
+            console.print(f"MotionBench: {res.questions} questions, {res.clips} clips -> {res.meta} "
+                          f"(test answer key {res.answer_key})")
     except FileNotFoundError as exc:
         console.print(f"[yellow]no MotionBench export: {exc}[/]")
+    try:
+        from stages.export.hf import export_hf
+        from storage.root import OutputRoot
+
+        hf = export_hf(OutputRoot(root), Path(out) / "hf")
+        console.print(f"Hugging Face dataset: {len(hf.configs)} configs -> {hf.folder} (datasets.load_dataset(DIR, STAGE))")
+    except ValueError as exc:
+        console.print(f"[yellow]no Hugging Face export: {exc}[/]")
     console.print(f"report: {write_report(root)}")
     console.print(f"status: motionforge status --out {root}")
 
 
 # Command groups that live in their own modules (one file, one job) register themselves here.
-CLI_MODULES = ("flows.cli_imove", "flows.cli_motionbench", "flows.cli_ops", "flows.cli_report")
+CLI_MODULES = ("flows.cli_imove", "flows.cli_motionbench", "flows.cli_hf", "flows.cli_ops", "flows.cli_report")
 
 
 def _register_extensions() -> None:

@@ -7,7 +7,7 @@
     motionforge eval score --meta META --responses RESP.json [--answers KEY] [--json]
     motionforge eval run --model SPEC --meta META --videos DIR [--num-frames N | --fps F] [--text-only | --first-frame]
 
-Wiring only: the logic is in stages.motionbench.describe / stages.motionbench.review / stages.motionbench.finalize / stages.motionbench_eval.
+Wiring only: the logic is in stages.motionbench.describe / stages.motionbench.review / stages.export.motionbench / stages.evaluation.motionbench.
 """
 from __future__ import annotations
 
@@ -157,25 +157,33 @@ def register(app: typer.Typer) -> None:
     @export_app.command("motionbench")
     def _export_motionbench(
         out: str = typer.Option(..., "--out", "-o", help="output root of a pipeline run"),
-        to: Path = typer.Option(..., "--to", help="folder for video_info.meta.jsonl and test_answers.json"),
+        to: Path = typer.Option(..., "--to", help="release folder: video_info.meta.jsonl, test_answers.json, videos/"),
     ):
-        """The benchmark in the released format (test answers NA) plus the test answer key."""
+        """The benchmark as a release folder: one question per meta line (exact category; the official scorer
+        and lmms-eval read it), test answers NA plus the answer key, and each clip cut into videos/."""
         from schemas._base import from_table
         from schemas.motionbench import SCHEMA, BenchmarkQuestion
-        from stages.motionbench.finalize import export_meta
+        from stages.export.motionbench import export_release
         from storage.root import OutputRoot
 
+        root = OutputRoot(out)
+        if not root.is_local:
+            _fail(f"{out}: the MotionBench export cuts clips with ffmpeg and needs a local output root")
         try:
-            table = OutputRoot(out).read_stage("finalize", SCHEMA)
+            table = root.read_stage("finalize", SCHEMA)
         except FileNotFoundError as exc:
             _fail(f"{exc}; run the pipeline through finalize first")
         rows = from_table(table, BenchmarkQuestion)
         if not rows:
             _fail(f"{out}: finalize has no questions (is review required and nothing accepted yet?)")
-        meta, key = export_meta(rows, to)
-        n_dev = sum(1 for r in rows if r.ok and r.split == "dev")
-        console.print(f"{len(rows)} questions over {len({r.key for r in rows})} videos (dev {n_dev}, "
-                      f"test {len(rows) - n_dev}) -> {meta}; test answer key -> {key}")
+        res = export_release(rows, to)
+        console.print(f"{res.questions} questions over {res.clips} clips (dev {res.dev}, test {res.test}) -> "
+                      f"{res.meta}; clips -> {res.videos}; test answer key -> {res.answer_key}")
+        if res.dropped:
+            console.print(f"[yellow]{len(res.dropped)} question(s) left out: their clip could not be written "
+                          f"(reasons in {Path(to) / 'export_errors.json'})[/]")
+        if res.questions == 0:
+            raise typer.Exit(1)
 
     @eval_app.command("score")
     def _eval_score(
@@ -224,6 +232,8 @@ def register(app: typer.Typer) -> None:
             _fail("--text-only and --first-frame exclude each other")
         if num_frames is not None and fps is not None:
             _fail("give --num-frames or --fps, not both")
+        if videos is None and (meta.parent / "videos").is_dir():
+            videos = meta.parent / "videos"  # the release folder written by `export motionbench`
         questions = meta_questions(read_meta(meta))[:limit]
         inputs = build_inputs(questions, videos, text_only)
         spec = parse_model_spec(model, base_url, api_key_env)

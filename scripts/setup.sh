@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up: ffmpeg from apt when missing, a virtualenv in .venv with pinned dependencies.
+# Idempotent set-up: ffmpeg from apt when missing, a virtualenv in .venv with pinned dependencies, and
+# .venv-consumers with the outside tools the export tests run (scripts/setup_consumers.sh).
 # A second run reuses .venv unless pyproject.toml or constraints.txt changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ fi
 PY=${PYTHON:-python3}
 stamp_src=$(cat pyproject.toml $(ls constraints.txt 2>/dev/null) | sha256sum | cut -c1-16)
 if [ -f .venv/.stamp ] && [ "$(cat .venv/.stamp)" = "$stamp_src" ]; then
-  exit 0
+  exec bash scripts/setup_consumers.sh  # outside tools the export tests run, in their own venv
 fi
 echo "[setup] creating .venv (first run takes a few minutes)" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -25,3 +26,5 @@ $PIP $CONS -e ".[test]"
 # sam2 would otherwise build in an isolated env that downloads another torch.
 SAM2_BUILD_CUDA=0 $PIP $CONS --no-build-isolation "sam2==1.1.0"
 echo "$stamp_src" > .venv/.stamp
+# Outside tools the export tests run (lmms-eval ...), in their own venv: they do not fit our pins.
+bash scripts/setup_consumers.sh

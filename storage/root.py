@@ -130,7 +130,12 @@ class OutputRoot:
         final = self.shard_file(stage, shard)
         self.makedirs(posixpath.dirname(final))
         tmp = self._tmp_beside(final)
-        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+        if table.num_rows:
+            pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+        else:
+            # No row group at all: pyarrow would write one with 0 rows, and Hugging Face `datasets` takes the
+            # first row group's size as its batch size (ArrowInvalid: BatchSize must be greater than 0).
+            pq.ParquetWriter(tmp, table.schema, filesystem=self.fs, compression="zstd").close()
         self._commit(tmp, final)
         return final
 

@@ -57,8 +57,8 @@ def test_rerun_one_stage_one_shard_and_exports(tiny_run):
     # downstream of the rewritten shard is now stale, the other shard is not
     st = {s["stage"]: s for s in json.loads(_invoke("status", "--out", str(out), "--json").output)["stages"]}
     assert st["track"]["stale_shards"] == [1]
-    _invoke("export", "imove-it", "--out", str(out), "--to", str(d / "imove_it.jsonl"))
-    lines = (d / "imove_it.jsonl").read_text().splitlines()
+    _invoke("export", "imove-it", "--out", str(out), "--to", str(d / "imove_it"))
+    lines = (d / "imove_it" / "imove_it_sharegpt.jsonl").read_text().splitlines()
     n_ok = sum(1 for r in ds.dataset(str(out / "tasks"), format="parquet").to_table().to_pylist() if r["status"] == "ok")
     assert len(lines) == n_ok > 0
     _invoke("report", "--out", str(out), "--to", str(d / "report.html"))

@@ -7,11 +7,12 @@ The released ``video_info.meta.jsonl`` has one JSON object per video::
     {"key": ..., "video_path": ..., "video_type": ..., "question_type": ...,
      "qa": [{"uid": ..., "question": "<stem>\\nA. ...\\nB. ...\\nC. ...\\nD. ...", "answer": "B" | "NA"}]}
 
-Our export also writes ``question_type`` inside each qa (a video can hold questions of several categories);
-:func:`qa_category` prefers it and falls back to the video's. The released scorer wraps the video-level
-``question_type`` in a list once per qa, so it crashes on any video with two questions; :func:`score`
-handles any number of questions per video, never mutates its input, and does not score ``NA`` answers
-unless an answer key supplies them.
+Our export (:mod:`stages.export.motionbench`) writes one question per line, so the line's ``question_type``
+is that question's category; :func:`qa_category` also reads a per-qa ``question_type`` (older exports) and
+falls back to the line's. The released scorer wraps the line-level ``question_type`` in a list once per
+answered qa, so it crashes on a line with two answered questions; :func:`score` handles any number of
+questions per line, never mutates its input, and does not score ``NA`` answers unless an answer key
+supplies them.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""finalize: the benchmark itself (global stage): balanced answer letters, dev/test split, official export.
+"""finalize: the benchmark itself (global stage): balanced answer letters, dev/test split.
 
 * Inputs: reviewed questions that go forward (``review``) and ground-truth questions of synthetic videos
   (``synthqa``, ``video_type="virtual"``).
@@ -9,18 +9,14 @@
   ``i`` gets letter ``"ABCD"[i % 4]``, so each letter's share is within one question of 25 % per split (the
   paper: options "generally adhere to a random distribution"). The correct option moves to its letter and
   the three distractors take the other places in a seeded shuffle.
-* :func:`export_meta` writes ``video_info.meta.jsonl`` in the released format (one line per video: ``key``,
-  ``video_path``, ``video_type``, ``question_type``, ``qa: [{uid, question, answer}]``; options embedded in
-  ``question`` as ``A. ...`` lines; test answers ``NA``) and ``test_answers.json`` (uid -> letter). Each qa
-  also carries its own ``question_type``, because one video can hold questions of several categories.
+* The release folder the scorers read (one question per meta line, cut clip files, the test answer key) is
+  written by :mod:`stages.export.motionbench` (``motionforge export motionbench``).
 """
 from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import random
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from pydantic import Field
@@ -29,11 +25,7 @@ from schemas.motionbench import SCHEMA, BenchmarkQuestion
 from schemas.questions import Question
 from schemas.reviews import Review
 from stages.base import Resources, ShardContext, Stage, StageConfig
-from stages.shared.motionbench_format import CATEGORY_NAMES, LETTERS, NA, format_question
-
-META_FILE = "video_info.meta.jsonl"
-ANSWER_KEY_FILE = "test_answers.json"
-
+from stages.shared.motionbench_format import CATEGORY_NAMES, LETTERS
 
 class FinalizeConfig(StageConfig):
     seed: int = 0
@@ -134,47 +126,3 @@ STAGE = Stage(
     branch="motionbench", description="balanced letters, dev/test split by video, official export",
 )
 
-
-# -- export --------------------------------------------------------------------------------------------------
-def _video_question_type(categories: list[str]) -> str:
-    counts = collections.Counter(categories)
-    order = list(CATEGORY_NAMES)
-    best = max(counts, key=lambda c: (counts[c], -order.index(c)))
-    return CATEGORY_NAMES[best]
-
-
-def meta_lines(rows: Iterable[BenchmarkQuestion]) -> tuple[list[dict], dict[str, str]]:
-    """(lines of video_info.meta.jsonl, test answer key uid -> letter)."""
-    videos: dict[str, dict] = {}
-    cats: dict[str, list[str]] = collections.defaultdict(list)
-    key_out: dict[str, str] = {}
-    for r in rows:
-        if not r.ok:
-            continue
-        line = videos.get(r.key)
-        if line is None:
-            line = {"key": r.key, "video_path": r.video_path, "video_type": r.video_type, "question_type": None,
-                    "qa": []}
-            if r.start_s is not None:
-                line["start_s"], line["end_s"] = r.start_s, r.end_s
-            videos[r.key] = line
-        hidden = r.split == "test"
-        line["qa"].append({"uid": r.question_id, "question": format_question(r.question, r.options),
-                           "answer": NA if hidden else r.answer, "question_type": r.question_type})
-        cats[r.key].append(r.category)
-        if hidden:
-            key_out[r.question_id] = r.answer
-    for k, line in videos.items():
-        line["question_type"] = _video_question_type(cats[k])
-    return list(videos.values()), key_out
-
-
-def export_meta(rows: Iterable[BenchmarkQuestion], out_dir: str | Path) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lines, key = meta_lines(rows)
-    meta = out / META_FILE
-    meta.write_text("".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in lines), encoding="utf-8")
-    answers = out / ANSWER_KEY_FILE
-    answers.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    return meta, answers

@@ -170,12 +170,13 @@ def test_export_jsonl_and_datasets_loading(tmp_path, synthetic):
     test_language_stages_exact_against_truth(tmp_path, synthetic)
     from flows.cli_imove import export_imove_it
 
-    n = export_imove_it(str(tmp_path / "r"), tmp_path / "x" / "imove_it.jsonl")
-    lines = [json.loads(l) for l in (tmp_path / "x" / "imove_it.jsonl").read_text().splitlines()]
+    res = export_imove_it(str(tmp_path / "r"), tmp_path / "x")
+    n = res.samples
+    lines = [json.loads(l) for l in (tmp_path / "x" / "imove_it_internvl.jsonl").read_text().splitlines()]
     assert n == len(lines) > 0
     for rec in lines:
-        assert {"id", "video", "conversations", "task"} <= set(rec)
-        assert rec["conversations"][0]["from"] == "human" and rec["conversations"][0]["value"].startswith("<video>")
+        assert {"id", "video", "conversations", "task"} <= set(rec) and (tmp_path / "x" / rec["video"]).is_file()
+        assert rec["conversations"][0]["from"] == "human" and rec["conversations"][0]["value"].startswith("<video>\n")
         assert rec["conversations"][1]["from"] == "gpt"
     assert len({r["id"] for r in lines}) == n
     import datasets
