@@ -251,7 +251,7 @@ def test_plain_mode_matches_official_video_predictor(present_model, tmp_path):
     assert isinstance(present_model, SAM2VideoPredictor)
     frames = list(moving_squares(8, h=64, w=64))
     tracker = make_tracker(present_model, samurai_mode=False)
-    sess = tracker.session(PROMPTS[:1], return_masks=True)
+    sess = tracker.session(PROMPTS[:1], return_masks=True, num_frames=len(frames))
     ours = [sess.step(f)[0] for f in frames]
 
     # the official predictor, fed our preprocessed frames so that only tracking logic is compared

@@ -238,8 +238,8 @@ def load_into(model: RamPlusModel, state: dict[str, torch.Tensor], source: str) 
     expected = model.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    hint = (f"Check RamPlusSpec.variant and image_size (the released ram_plus_swin_large_14m.pth is "
-            f"variant='swin_l', image_size=384)")
+    hint = ("Check RamPlusSpec.variant and image_size (the released ram_plus_swin_large_14m.pth is "
+            "variant='swin_l', image_size=384)")
     if missing or unexpected:
         raise CheckpointMismatchError(
             f"{source} does not have the RAM++ layout for {model.config.image_size} px / Swin embed "

@@ -302,7 +302,7 @@ class TrackSession:
     """Streaming state for one clip. ``step(image)`` consumes one frame and returns its TrackPoints."""
 
     def __init__(self, tracker: "SamuraiTracker", prompts: Sequence[tuple[str, Sequence[float]]],
-                 return_masks: bool = False) -> None:
+                 return_masks: bool = False, num_frames: int | None = None) -> None:
         if not prompts:
             raise ValueError("track() needs at least one (instance_id, box_xyxy_px) prompt")
         ids = [str(i) for i, _ in prompts]
@@ -315,8 +315,15 @@ class TrackSession:
             if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
                 raise ValueError(f"prompt box for instance {i!r} must be (x1, y1, x2, y2) px with x2 > x1 and "
                                  f"y2 > y1, got {box}")
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1 or None, got {num_frames}")
         self.return_masks = return_masks
+        # SAM 2 scales object-pointer temporal offsets by min(clip frames, max_obj_ptrs_in_encoder) - 1. A
+        # stream's length is unknown, so without num_frames the long-clip value is used; on clips shorter
+        # than max_obj_ptrs_in_encoder frames, pass num_frames to match the release exactly.
         m = self.model
+        ptr_span = m.max_obj_ptrs_in_encoder if num_frames is None else min(num_frames, m.max_obj_ptrs_in_encoder)
+        self.ptr_offset_scale = max(ptr_span - 1, 1)
         self.objects = [_ObjectMemory(i, m.num_maskmem - 1,
                                       (m.max_obj_ptrs_in_encoder - 1) if m.use_obj_ptrs_in_encoder else 0)
                         for i in ids]
@@ -404,8 +411,7 @@ class TrackSession:
             ptrs = torch.stack(ptrs, 0)  # [P, B, C]
             if m.add_tpos_enc_to_obj_ptrs:
                 tpos_dim = c if m.proj_tpos_enc_in_obj_ptrs else m.mem_dim
-                # the clip length is unknown while streaming, so normalise as for a long clip
-                rel = torch.tensor(offsets, device=dev, dtype=torch.float32) / (m.max_obj_ptrs_in_encoder - 1)
+                rel = torch.tensor(offsets, device=dev, dtype=torch.float32) / self.ptr_offset_scale
                 ptr_pos = m.obj_ptr_tpos_proj(get_1d_sine_pe(rel, dim=tpos_dim))
                 ptr_pos = ptr_pos.unsqueeze(1).expand(-1, b, m.mem_dim)
             else:
@@ -645,8 +651,10 @@ class SamuraiTracker:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def session(self, prompts: Sequence[tuple[str, Sequence[float]]], return_masks: bool = False) -> TrackSession:
-        return TrackSession(self, prompts, return_masks=return_masks)
+    def session(self, prompts: Sequence[tuple[str, Sequence[float]]], return_masks: bool = False,
+                num_frames: int | None = None) -> TrackSession:
+        """A streaming session; ``num_frames``: frames it will process, when known (see TrackSession)."""
+        return TrackSession(self, prompts, return_masks=return_masks, num_frames=num_frames)
 
     def track_iter(self, frames: Iterable[Any], prompts: Sequence[tuple[str, Sequence[float]]],
                    timestamps_s: Iterable[float] | None = None,
