@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from dashboards import review_data as rd
@@ -126,7 +127,8 @@ def create_app(out: str, token: str | None = None, claim_s: float = 600.0) -> Fa
             payload = await request.json()
         except ValueError:
             raise rd.RequestError("the request body is not JSON") from None
-        return JSONResponse(queue.decide(payload), status_code=201)
+        # the store write blocks; run it off the event loop so reviewers' requests proceed side by side
+        return JSONResponse(await run_in_threadpool(queue.decide, payload), status_code=201)
 
     # -- explorer API -------------------------------------------------------------------------------------
     @app.get("/api/imove/instances")

@@ -88,7 +88,7 @@ const SPEEDS = [0.1, 0.25, 0.5, 1, 1.5, 2];
 
 function playerControls(container, player) {
   container.innerHTML = `
-    <button type="button" data-act="toggle" title="play / pause (space)">⏯</button>
+    <button type="button" data-act="toggle" title="play / pause (space)">play / pause</button>
     <button type="button" data-act="back" title="one frame back (,)">◀ frame</button>
     <button type="button" data-act="fwd" title="one frame forward (.)">frame ▶</button>
     <label>speed <select data-act="speed">${SPEEDS.map(s => `<option value="${s}" ${s === 1 ? "selected" : ""}>${s}×</option>`).join("")}</select></label>

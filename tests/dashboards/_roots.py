@@ -37,17 +37,25 @@ MB_QUESTIONS = [
 ]
 
 
-def motionbench_root(tmp: Path) -> tuple[OutputRoot, dict[str, tuple]]:
-    """Returns the root and question_id -> its MB_QUESTIONS entry (the first three are pending review)."""
-    video = make_testsrc(tmp / "source.mp4", width=320, height=240, duration_s=4.0)
+def extra_questions(n: int) -> list[tuple]:
+    """``n`` more pending questions (one judge right) for tests that need a longer queue."""
+    return [(f"How many times does light {k} blink?", ["Once", "Twice", "Three times", "Never"], "C", "RC", ("C", "A"))
+            for k in range(n)]
+
+
+def motionbench_root(tmp: Path, extra: int = 0) -> tuple[OutputRoot, dict[str, tuple]]:
+    """Returns the root and question_id -> its entry of MB_QUESTIONS (+ ``extra`` more); all but
+    MB_QUESTIONS[3] are pending review. The source video is 6 s long; every question is about [1 s, 2 s]."""
+    video = make_testsrc(tmp / "source.mp4", width=320, height=240, duration_s=6.0)
     root = OutputRoot(tmp / "root")
     clip = clip_for(video, "vid-src", 0, CLIP_START_S, CLIP_END_S)
     clip = dataclasses.replace(clip, width=320, height=240)
     seed_clips(root, {0: [clip]})
     questions, verdicts, by_id = [], [], {}
-    for i, (stem, options, answer, category, judged) in enumerate(MB_QUESTIONS):
+    for i, entry in enumerate(MB_QUESTIONS + extra_questions(extra)):
+        stem, options, answer, category, judged = entry
         qid = question_id(clip.clip_id, stem)
-        by_id[qid] = MB_QUESTIONS[i]
+        by_id[qid] = entry
         questions.append(Question(question_id=qid, clip_id=clip.clip_id, video_id=clip.video_id,
                                   video_path=str(video), start_s=CLIP_START_S, end_s=CLIP_END_S, source="vlm",
                                   question=stem, options=options, answer=answer, category=category,
