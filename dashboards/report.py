@@ -291,9 +291,47 @@ def _stats_html(data: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def write_report(out: str, to: str | Path | None = None) -> Path:
+REPORT_URL_ENV = "MOTIONFORGE_REPORT_URL"
+
+
+def summary_markdown(data: dict[str, Any], out: str, report_path: str | Path | None = None,
+                     base_url: str | None = None) -> str:
+    """The report's key numbers as markdown (for the Prefect UI, which cannot open local files): a link to the
+    report served over HTTP when ``base_url`` (a running ``motionforge review serve``) is known, the numbers
+    MotionBench and iMOVE report for themselves, and the top drop causes per stage."""
+    md = []
+    if base_url:
+        md.append(f"[dataset report]({base_url.rstrip('/')}/report) (served by `motionforge review serve`)")
+    else:
+        where = f" written to `{report_path}`;" if report_path else ""
+        md.append(f"dataset report:{where} open it in a browser with `motionforge review serve --out {out}` "
+                  f"and http://127.0.0.1:8765/report (set {REPORT_URL_ENV} to that server's address to get a link "
+                  "here)")
+    mb = data.get("motionbench")
+    if mb:
+        dens = mb["annotation_density"]
+        md += ["", f"**MotionBench** ({mb['source']}): {mb['questions']} questions over {mb['videos']} clips, "
+               f"{mb['questions_per_video']} per clip, mean clip {mb['clip_duration_mean_s']} s; annotation density "
+               + ", ".join(f"{v} {k}" for k, v in dens.items()) + f" (release: {mb['release']['annotation_density']})",
+               "", "| category | " + " | ".join(sorted({s for v in mb['categories_per_split'].values() for s in v})) + " |"]
+        splits = sorted({s for v in mb["categories_per_split"].values() for s in v})
+        md.append("|---|" + "---|" * len(splits))
+        md += [f"| {c} | " + " | ".join(str(v.get(s, 0)) for s in splits) + " |" for c, v in mb["categories_per_split"].items()]
+    im = data.get("imove_it")
+    if im:
+        md += ["", f"**iMOVE-IT**: {im['objects']} objects in {im['categories']} categories, {im['samples']} samples "
+               "(" + ", ".join(f"{k} {v}" for k, v in im["samples_per_task"].items()) + f") from {im['videos']} videos"]
+    if data["drop_reasons"]:
+        md += ["", "| stage | top drop / error causes |", "|---|---|"]
+        for stage, groups in data["drop_reasons"].items():
+            causes = "; ".join(f"{g['reason']} (x{g['count']})" for g in groups[:3]).replace("|", "/")
+            md.append(f"| {stage} | {causes} |")
+    return "\n".join(md)
+
+
+def write_report(out: str, to: str | Path | None = None, data: dict[str, Any] | None = None) -> Path:
     root = OutputRoot(out)
-    page = render_html(collect(out))
+    page = render_html(data if data is not None else collect(out))
     if to is None:
         if not root.is_local:
             raise ValueError("for a remote output root, give a local --to path for the report")

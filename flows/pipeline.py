@@ -315,18 +315,18 @@ def stage_table(stage: str, results: list[dict], failures: list[dict]) -> tuple[
 
 
 def _report_link(out: str) -> str:
-    """Write the dataset report and return a markdown link to it (or why there is none)."""
-    from dashboards.report import write_report
+    """Write the dataset report and return markdown for the run summary: a link the browser can open (the
+    report served by `motionforge review serve` at $MOTIONFORGE_REPORT_URL) and the key numbers inline, never
+    a file:// path (the UI cannot open those)."""
+    from dashboards.report import REPORT_URL_ENV, collect, summary_markdown, write_report
 
     try:
-        path = write_report(out)
+        data = collect(out)
+        path = write_report(out, data=data) if OutputRoot(out).is_local else None
+        return summary_markdown(data, out, path, os.environ.get(REPORT_URL_ENV))
     except Exception as exc:  # noqa: BLE001 -- a report failure must not fail the data run
         _logger().warning("dataset report not written: %s: %s", type(exc).__name__, exc)
         return f"dataset report not written ({type(exc).__name__}: {exc}); run `motionforge report --out {out}`"
-    url = str(path)
-    if "://" not in url:
-        url = "file://" + os.path.abspath(url)
-    return f"[dataset report]({url}) (`{path}`)"
 
 
 def publish_artifacts(out: str, stage_names: list[str], results: list[dict], failures: list[dict], seconds: float,

@@ -80,3 +80,18 @@ def test_imove_it_counts_and_report_over_http(tmp_path):
     assert im["release"]["objects"] == 114705
     page = TestClient(create_app(root.url)).get("/report")
     assert page.status_code == 200 and "iMOVE-IT statistics" in page.text and "mean CLIP score &lt;n&gt;" in page.text
+
+
+def test_prefect_summary_links_a_report_the_browser_can_open(tmp_path, monkeypatch):
+    from flows.pipeline import _report_link
+
+    root, _ = imove_root(tmp_path)
+    monkeypatch.delenv("MOTIONFORGE_REPORT_URL", raising=False)
+    md = _report_link(root.url)
+    assert "file://" not in md and "dataset report" in md and "motionforge review serve" in md
+    assert (tmp_path / "root" / "_report" / "index.html").is_file()
+    assert "**iMOVE-IT**: 1 objects in 1 categories, 3 samples" in md
+    assert "| trackfilter | mean CLIP score <n> < <n> over <n> sampled frames (x1) |" in md
+    monkeypatch.setenv("MOTIONFORGE_REPORT_URL", "http://review.example:8765/")
+    md = _report_link(root.url)
+    assert md.startswith("[dataset report](http://review.example:8765/report)")
