@@ -71,6 +71,7 @@ class ReviewQueue:
         self._judges: dict[str, list[dict]] = {}
         self._ffilter: dict[str, dict] = {}
         self._clips: dict[str, dict] = {}
+        self._batches: dict = {}  # parsed decision batch files (never rewritten, so never invalid)
 
     # -- tables (re-read when a stage rewrites a shard) ----------------------------------------------------
     def _refresh(self) -> None:
@@ -106,7 +107,7 @@ class ReviewQueue:
     def _history(self) -> dict[str, list[rv.Decision]]:
         out: dict[str, list[rv.Decision]] = {}
         for shard in sorted({s for s, _ in self._index.values()}):
-            for d in rv.decision_history(self.root, shard):
+            for d in rv.decision_history(self.root, shard, self._batches):
                 out.setdefault(d.question_id, []).append(d)
         return out
 
@@ -117,7 +118,7 @@ class ReviewQueue:
             if qid not in self._index:
                 raise RequestError(f"unknown question {qid!r}: not in the qgen table of {self.root.url}", 404)
             shard, q = self._index[qid]
-            history = [d for d in rv.decision_history(self.root, shard) if d.question_id == qid]
+            history = [d for d in rv.decision_history(self.root, shard, self._batches) if d.question_id == qid]
         item = rv.export_item(q, history[-1] if history else None)
         clip = self._clips.get(q.clip_id, {})
         return {

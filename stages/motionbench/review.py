@@ -160,15 +160,23 @@ def _batch_files(root: OutputRoot, shard: int) -> list[str]:
     return [n for n in root.list_dir(root.path(*DECISIONS_DIR, shard_name(shard))) if n.endswith(".jsonl")]
 
 
-def decision_history(root: OutputRoot, shard: int) -> list[Decision]:
-    """Every decision stored for this shard, oldest batch first (batch names start with their UTC time)."""
+def decision_history(root: OutputRoot, shard: int, cache: dict | None = None) -> list[Decision]:
+    """Every decision stored for this shard, oldest batch first (batch names start with their UTC time).
+    ``cache`` (kept by a long-running reader) holds parsed batches: batch files are never rewritten."""
     out: list[Decision] = []
     for name in _batch_files(root, shard):
+        if cache is not None and (shard, name) in cache:
+            out += cache[(shard, name)]
+            continue
+        batch = []
         for line in root.read_bytes(root.path(*DECISIONS_DIR, shard_name(shard), name)).decode().splitlines():
             if line.strip():
                 d = json.loads(line)
                 d["options"] = tuple(d["options"]) if d.get("options") else None
-                out.append(Decision(**d))
+                batch.append(Decision(**d))
+        if cache is not None:
+            cache[(shard, name)] = batch
+        out += batch
     return out
 
 

@@ -4,7 +4,12 @@ off loopback, and the explorer's filters."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -184,3 +189,36 @@ def test_explorer_api_filters(tmp_path):
     assert detail["check"]["accepted"] is True and detail["caption"]["static_caption"]
     assert client.get("/api/imove/instances/nope").status_code == 404
     assert client.get(detail["video_url"], headers={"Range": "bytes=0-9"}).status_code == 206
+
+
+def _serve(root, *extra: str):
+    from tests.dashboards._browser import _free_port
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MOTIONFORGE_REVIEW_TOKEN", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "review", "serve", "--out", root.url, "--port", str(port),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return proc, port
+
+
+def test_cli_serves_and_needs_a_token_off_loopback(mb):
+    root, _, pending = mb
+    proc, port = _serve(root, "--host", "0.0.0.0")
+    try:
+        line = proc.stdout.readline()  # the URL to open, printed once the app is built
+        assert "?token=" in line, line
+        token = line.split("?token=")[1].split()[0]
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):  # uvicorn binds just after printing; wait for it (up to 60 s on a loaded machine)
+            try:
+                r = httpx.get(f"{url}/api/review/progress", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert r.status_code == 401
+        r = httpx.get(f"{url}/api/review/progress", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert r.status_code == 200 and r.json()["total"] == len(pending)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
