@@ -150,6 +150,7 @@ def test_two_reviewers_at_once_lose_nothing(tmp_path):
         bob.wait_for_selector("#conflict:not([hidden])", timeout=WAIT_MS)
         bob.wait_for_function("q => document.querySelector(`#conflicts a[href='/review/${q}']`)", arg=q, timeout=WAIT_MS)
         assert "ann reject vs bob accept" in bob.locator("#conflicts").inner_text()
+        _shot(bob, "review_conflict.png", tmp_path)
 
 
 def test_player_stays_in_the_clip_and_loops(tmp_path):
@@ -246,3 +247,24 @@ def test_explorer_draws_the_tracks_box(tmp_path):
             # H.264 at crf 18 and the browser's YUV->RGB conversion move a flat colour by a few levels
             assert max(abs(g - w) for g, w in zip(got, obj.rgb)) < 40, (got, obj.rgb)
         _shot(page, "explorer_imove.png", tmp_path)
+        page.goto(f"{url}/report")
+        assert "iMOVE-IT statistics" in page.locator("body").inner_text()
+        _shot(page, "report.png", tmp_path)
+
+
+def test_motionbench_explorer_by_category_with_the_clip(tmp_path):
+    root, by_id = motionbench_root(tmp_path)
+    with live_server(create_app(root.url)) as url, browser() as b:
+        page = b.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{url}/explore/motionbench")
+        page.wait_for_function(f"() => document.body.dataset.count === '{len(by_id)}'", timeout=WAIT_MS)
+        page.select_option("#f-category", "RC")
+        page.wait_for_function("() => document.body.dataset.count === '1'", timeout=WAIT_MS)
+        page.locator("#questions tr[data-i]").first.click()
+        page.wait_for_function(f"() => player.video.currentTime >= {CLIP_START_S} && !player.video.paused",
+                               timeout=WAIT_MS)
+        assert page.locator("#question").inner_text() == MB_QUESTIONS[0][0]
+        assert page.locator("#split").inner_text().startswith("split: (not split yet)")
+        t = page.evaluate("() => player.video.currentTime")
+        assert CLIP_START_S - 1e-3 <= t < CLIP_END_S + 1.0  # same slack as the review player's test
+        _shot(page, "explorer_motionbench.png", tmp_path)
