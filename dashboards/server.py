@@ -123,6 +123,10 @@ def create_app(out: str, token: str | None = None, claim_s: float = 600.0) -> Fa
 
     @app.post("/api/review/decisions")
     async def _decide(request: Request):
+        # JSON only: a page on another site can send a plain form or text/plain POST to 127.0.0.1 without
+        # asking, but not application/json (that needs a CORS preflight this server never grants)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise rd.RequestError("send the decision as JSON (Content-Type: application/json)", 415)
         try:
             payload = await request.json()
         except ValueError:

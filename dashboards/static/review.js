@@ -147,7 +147,7 @@ async function refreshProgress() {
     <table class="grid"><tr><th>category</th><th>reviewed / total</th></tr>
       ${Object.entries(p.by_category).map(([c, n]) => `<tr><td>${esc(c)}</td><td>${n.reviewed} / ${n.total}</td></tr>`).join("")}</table>
     <h3>Conflicts (${p.conflicts.length})</h3>
-    <ul id="conflicts">${p.conflicts.map(c => `<li><a href="/review/${c.question_id}">${c.question_id.slice(0, 8)}</a> (${esc(c.category)}): ` +
+    <ul id="conflicts">${p.conflicts.map(c => `<li><a href="/review/${encodeURIComponent(c.question_id)}">${esc(c.question_id.slice(0, 8))}</a> (${esc(c.category)}): ` +
       c.decisions.map(d => `${esc(d.reviewer)} ${esc(d.decision)}`).join(" vs ") + "</li>").join("")}</ul>`;
 }
 

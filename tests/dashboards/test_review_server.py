@@ -97,6 +97,8 @@ def test_dropped_question_and_non_json_are_refused(mb):
     assert resp.status_code == 409 and "not waiting for review" in resp.json()["error"]
     resp = client.post("/api/review/decisions", content=b"{not json", headers={"content-type": "application/json"})
     assert resp.status_code == 400
+    resp = client.post("/api/review/decisions", content=b'{"question_id": "x"}', headers={"content-type": "text/plain"})
+    assert resp.status_code == 415  # what a cross-site form could send
     assert client.get("/api/review/questions/nope").status_code == 404
     assert _batch_files(root) == []
 
