@@ -133,7 +133,8 @@ class ReviewQueue:
         }
 
     def next_pending(self, reviewer: str, after: str | None = None) -> str | None:
-        """The next question nobody has decided and no other reviewer has open; claims it for ``reviewer``."""
+        """The next question nobody has decided and no other reviewer has open; claims it for ``reviewer``
+        (a reviewer holds one claim: the question on their screen)."""
         with self._lock:
             self._refresh()
             decided = set(self._history())
@@ -149,9 +150,15 @@ class ReviewQueue:
                 claim = self._claims.get(qid)
                 if claim is not None and claim[0] != reviewer:
                     continue
+                self._claims = {q: c for q, c in self._claims.items() if c[0] != reviewer}
                 self._claims[qid] = (reviewer, now)
                 return qid
             return None
+
+    def held_by_others(self, reviewer: str) -> int:
+        """Undecided questions another reviewer has open right now."""
+        with self._lock:
+            return sum(1 for c in self._claims.values() if c[0] != reviewer)
 
     def progress(self) -> dict:
         with self._lock:
@@ -239,14 +246,39 @@ def _conflict(history: list[rv.Decision]) -> bool:
 IMOVE_STAGES = ("detect", "track", "trackfilter", "caption", "check", "tasks")
 
 
-def _rows(root: OutputRoot, stage: str) -> list[dict]:
-    try:
-        return root.read_stage(stage).to_pylist()
-    except FileNotFoundError:
-        return []
+class Tables:
+    """Stage tables as row dicts, read once and re-read only when the stage's markers change (a shard was
+    written), so the explorer does not re-read Parquet on every request."""
+
+    def __init__(self, root: OutputRoot):
+        self.root = root
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[tuple, list[dict]]] = {}
+
+    def rows(self, stage: str) -> list[dict]:
+        key = _markers_key(self.root, (stage,))
+        with self._lock:
+            hit = self._cache.get(stage)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        try:
+            rows = self.root.read_stage(stage).to_pylist()
+        except FileNotFoundError:
+            rows = []
+        with self._lock:
+            self._cache[stage] = (key, rows)
+        return rows
 
 
-def imove_instances(root: OutputRoot) -> list[dict]:
+def _rows(root: OutputRoot | Tables, stage: str) -> list[dict]:
+    return root.rows(stage) if isinstance(root, Tables) else Tables(root).rows(stage)
+
+
+def _url(root: OutputRoot | Tables) -> str:
+    return root.root.url if isinstance(root, Tables) else root.url
+
+
+def imove_instances(root: OutputRoot | Tables) -> list[dict]:
     """One entry per detected instance: where it got to in the iMOVE-IT stages, and why it stopped there."""
     tables = {s: _rows(root, s) for s in IMOVE_STAGES}
     tags = {r["clip_id"]: r for r in _rows(root, "tag")}
@@ -290,10 +322,10 @@ def imove_instances(root: OutputRoot) -> list[dict]:
     return sorted(out, key=lambda r: (r["video_id"], r["start_s"], r["instance_id"]))
 
 
-def imove_instance(root: OutputRoot, iid: str) -> dict:
+def imove_instance(root: OutputRoot | Tables, iid: str) -> dict:
     summary = next((r for r in imove_instances(root) if r["instance_id"] == iid), None)
     if summary is None:
-        raise RequestError(f"unknown instance {iid!r}: not in the detect table of {root.url}", 404)
+        raise RequestError(f"unknown instance {iid!r}: not in the detect table of {_url(root)}", 404)
     detail: dict[str, Any] = {"summary": summary}
     det = next(r for r in _rows(root, "detect") if r["instance_id"] == iid)
     detail["video_path"] = det["video_path"]
@@ -308,7 +340,7 @@ def _plain(row: dict) -> dict:
     return {k: (v.isoformat() if isinstance(v, (dt.datetime, dt.date)) else v) for k, v in row.items()}
 
 
-def motionbench_questions(root: OutputRoot) -> list[dict]:
+def motionbench_questions(root: OutputRoot | Tables) -> list[dict]:
     """The benchmark's questions (finalize; qgen before finalize has run) by category and split."""
     rows = _rows(root, "finalize")
     source = "finalize"
@@ -330,7 +362,7 @@ def motionbench_questions(root: OutputRoot) -> list[dict]:
     return sorted(out, key=lambda r: (r["split"], r["category"] or "", r["question_id"]))
 
 
-def motionbench_video(root: OutputRoot, qid: str) -> tuple[str, float | None, float | None]:
+def motionbench_video(root: OutputRoot | Tables, qid: str) -> tuple[str, float | None, float | None]:
     """(file to play, start, end within it) of a benchmark question."""
     for stage in ("finalize", "qgen"):
         for r in _rows(root, stage):

@@ -45,6 +45,7 @@ def check_bind(host: str, token: str | None) -> str | None:
 def create_app(out: str, token: str | None = None, claim_s: float = 600.0) -> FastAPI:
     root = OutputRoot(out)
     queue = rd.ReviewQueue(root, claim_s=claim_s)
+    tables = rd.Tables(root)
     app = FastAPI(title="motionforge review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.root, app.state.queue, app.state.token = root, queue, token
 
@@ -111,7 +112,7 @@ def create_app(out: str, token: str | None = None, claim_s: float = 600.0) -> Fa
         if not reviewer.strip():
             raise rd.RequestError("no reviewer id: enter your name in the reviewer box")
         qid = queue.next_pending(reviewer.strip(), after)
-        return {"question_id": qid}
+        return {"question_id": qid, "held_by_others": 0 if qid else queue.held_by_others(reviewer.strip())}
 
     @app.get("/api/review/questions/{qid}")
     def _question(qid: str):
@@ -137,7 +138,7 @@ def create_app(out: str, token: str | None = None, claim_s: float = 600.0) -> Fa
     # -- explorer API -------------------------------------------------------------------------------------
     @app.get("/api/imove/instances")
     def _instances(status: str | None = None, reason: str | None = None):
-        rows = rd.imove_instances(root)
+        rows = rd.imove_instances(tables)
         facets = {"status": _counts(r["status"] for r in rows), "reason": _counts(r["reason"] for r in rows if r["reason"])}
         if status:
             rows = [r for r in rows if r["status"] == status]
@@ -147,11 +148,11 @@ def create_app(out: str, token: str | None = None, claim_s: float = 600.0) -> Fa
 
     @app.get("/api/imove/instances/{iid}")
     def _instance(iid: str):
-        return rd.imove_instance(root, iid)
+        return rd.imove_instance(tables, iid)
 
     @app.get("/api/motionbench/questions")
     def _mb_questions(category: str | None = None, split: str | None = None):
-        rows = rd.motionbench_questions(root)
+        rows = rd.motionbench_questions(tables)
         facets = {"category": _counts(r["category"] for r in rows), "split": _counts(r["split"] for r in rows)}
         rows = [r for r in rows if (not category or r["category"] == category) and (not split or r["split"] == split)]
         return {"questions": rows, "facets": facets}
@@ -172,11 +173,11 @@ def create_app(out: str, token: str | None = None, claim_s: float = 600.0) -> Fa
 
     @app.get("/media/imove/{iid}/video")
     def _imove_video(iid: str):
-        return _video(rd.imove_instance(root, iid)["video_path"])
+        return _video(rd.imove_instance(tables, iid)["video_path"])
 
     @app.get("/media/motionbench/{qid}/video")
     def _mb_video(qid: str):
-        return _video(rd.motionbench_video(root, qid)[0])
+        return _video(rd.motionbench_video(tables, qid)[0])
 
     return app
 

@@ -64,7 +64,8 @@ async function open(iid) {
   const row = (k, v) => `<dt>${esc(k)}</dt><dd>${v}</dd>`;
   $("facts").innerHTML = [
     row("instance", esc(s.instance_id)), row("label (tag)", esc(s.label)), row("stage status", esc(s.status)),
-    row("reason", esc(s.error || "–")), row("tag score", fmt(s.tag_score, 3)), row("detection score", fmt(s.detection_score, 3)),
+    row("reason", esc(s.error || "–")), row("first-frame tags (RAM++)", esc((s.clip_tags || []).join(", ") || "–")),
+    row("tag score", fmt(s.tag_score, 3)), row("detection score", fmt(s.detection_score, 3)),
     row("CLIP score (detection)", fmt(s.clip_score, 3)),
     row("CLIP score (track, mean)", fmt(tf.mean_clip_score, 3) + (tf.kept === false ? " — dropped" : "")),
     row("track", d.track ? `${d.track.num_visible}/${d.track.num_frames} frames visible` : "–"),

@@ -22,12 +22,13 @@ async function nextQuestion(after) {
   if (!reviewer()) { say("Enter your reviewer id (top right) to start.", "warn"); reviewerBox.focus(); return; }
   const params = new URLSearchParams({ reviewer: reviewer() });
   if (after) params.set("after", after);
-  const { question_id } = await api(`/api/review/next?${params}`);
+  const { question_id, held_by_others } = await api(`/api/review/next?${params}`);
   if (!question_id) {
     state.q = null;
     $("question-view").hidden = true;
     player.video.removeAttribute("src");
-    say("Nothing left to review. Thank you!", "ok");
+    say(held_by_others ? `Nothing left for you: the last ${held_by_others} question(s) are open with other reviewers.`
+                       : "Nothing left to review. Thank you!", "ok");
     document.body.dataset.state = "done";
     return refreshProgress();
   }

@@ -64,7 +64,7 @@ def test_accept_reject_edit_reach_the_review_stage(mb):
     prog = client.get("/api/review/progress").json()
     assert (prog["reviewed"], prog["total"], prog["pending"]) == (3, 3, 0)
     assert prog["by_reviewer"]["ann"]["reviewed"] == 2 and prog["by_reviewer"]["bob"]["edit"] == 1
-    assert client.get("/api/review/next", params={"reviewer": "ann"}).json() == {"question_id": None}
+    assert client.get("/api/review/next", params={"reviewer": "ann"}).json() == {"question_id": None, "held_by_others": 0}
 
 
 @pytest.mark.parametrize("body,status,needle", [
@@ -145,6 +145,12 @@ def test_two_reviewers_get_different_questions(mb):
     assert first in pending and second in pending and first != second
     # ann asking again keeps her own question
     assert client.get("/api/review/next", params={"reviewer": "ann"}).json()["question_id"] == first
+    # ann skips on: her claim moves with her (one open question per reviewer), bob's stays his
+    third = client.get("/api/review/next", params={"reviewer": "ann", "after": first}).json()["question_id"]
+    assert third not in (first, second)
+    carl = client.get("/api/review/next", params={"reviewer": "carl"}).json()
+    assert carl == {"question_id": first, "held_by_others": 0}
+    assert client.get("/api/review/next", params={"reviewer": "dora"}).json() == {"question_id": None, "held_by_others": 3}
     assert client.get("/api/review/next").status_code == 400
 
 
