@@ -68,6 +68,7 @@ def test_reviewer_accepts_rejects_and_edits(tmp_path):
         # reject needs a reason: Enter on an empty reason stores nothing
         page.keyboard.press("r")
         page.wait_for_selector("#reject-form:not([hidden])")
+        assert page.locator("#reject-reason").is_visible() and not page.locator("#accept").is_visible()
         page.keyboard.press("Enter")
         page.wait_for_function("() => document.getElementById('message').classList.contains('error')")
         assert "reason" in page.locator("#message").inner_text()
@@ -86,6 +87,7 @@ def test_reviewer_accepts_rejects_and_edits(tmp_path):
         page.locator("#edit-question").press("Control+Enter")
         page.wait_for_function("() => document.getElementById('message').textContent.includes('Not recorded')")
         assert "four non-empty options" in page.locator("#message").inner_text()
+        _shot(page, "review_edit_refused.png", tmp_path)
         assert third not in _latest(root)
         page.fill("#edit-question", "What does the person do before sitting?")
         page.fill("#edit-options input[data-letter='D']", "Nod")
