@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from dashboards.reasons import group_reasons
+from stages.shared.reasons import group_reasons
 from dashboards.status import root_status
 from storage.root import OutputRoot
 

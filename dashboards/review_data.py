@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from dashboards.reasons import normalise_reason
+from stages.shared.reasons import normalise_reason
 from schemas._base import STATUS_OK, from_table
 from schemas.ffilter_verdicts import ROW_DECISION, ROW_VERDICT, SCHEMA as FF_SCHEMA, FilterVerdict
 from schemas.questions import Question

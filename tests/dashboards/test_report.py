@@ -6,7 +6,7 @@ import uuid
 
 from fastapi.testclient import TestClient
 
-from dashboards.reasons import group_reasons, normalise_reason
+from stages.shared.reasons import group_reasons, normalise_reason
 from dashboards.report import collect, render_html
 from dashboards.server import create_app
 from schemas.motionbench import SCHEMA as MB_SCHEMA, BenchmarkQuestion
@@ -95,3 +95,33 @@ def test_prefect_summary_links_a_report_the_browser_can_open(tmp_path, monkeypat
     monkeypatch.setenv("MOTIONFORGE_REPORT_URL", "http://review.example:8765/")
     md = _report_link(root.url)
     assert md.startswith("[dataset report](http://review.example:8765/report)")
+
+
+def test_markers_status_and_artifacts_count_one_cause_once(tmp_path):
+    """Five clips failing the same way are one reason x5 in the shard marker, `status` and the stage artifact,
+    shown with the first message (so the item can still be found)."""
+    from dashboards.status import root_status
+    from flows.pipeline import stage_table
+
+    root = OutputRoot(tmp_path / "root")
+    make_plan(root, {0: ["/v/a.mp4"], 1: ["/v/b.mp4"]})
+    def bad(k):
+        return Question(question_id=str(uuid.uuid4()), clip_id=str(uuid.uuid4()), video_id="a", video_path="/v/a.mp4",
+                        start_s=0.0, end_s=2.0, source="vlm", status="error",
+                        error=f"qgen for clip {uuid.uuid4()}: reply is not valid JSON (Expecting value: line 1 column {k})")
+    rows = {0: [bad(k) for k in range(5)], 1: [bad(k) for k in range(3)]}
+    seed_stage(root, "qgen", Q_SCHEMA, rows)
+    top = root.read_marker("qgen", 0)["top_errors"]
+    assert top == [[rows[0][0].error, 5]]
+    st = {s["stage"]: s for s in root_status(root.url, stages={"qgen": _stage("qgen")})["stages"]}
+    assert st["qgen"]["first_errors"] == [f"{rows[0][0].error} (x8)"]
+    results = [{"stage": "qgen", "shard": k, "action": "written", "rows": len(v), "ok": 0, "error": len(v), "skipped": 0,
+                "seconds": 1.0, "top_errors": root.read_marker("qgen", k)["top_errors"]} for k, v in rows.items()]
+    _, desc = stage_table("qgen", results, [])
+    assert f"{rows[0][0].error} (x8)" in desc
+
+
+def _stage(name):
+    from stages.registry import get_stage
+
+    return get_stage(name)

@@ -1,4 +1,4 @@
-"""Drop and error reasons grouped by cause.
+"""Drop and error reasons grouped by cause (used by the runner's shard markers, `status` and the report).
 
 Stages write messages that name the item they failed on ("qgen for clip 3f2a...: reply is not valid JSON
 (Expecting value: line 1 column 1)"). Counted verbatim, every clip is its own reason and the cause is
