@@ -2,7 +2,7 @@
 
 Stages write messages that name the item they failed on ("qgen for clip 3f2a...: reply is not valid JSON
 (Expecting value: line 1 column 1)"). Counted verbatim, every clip is its own reason and the cause is
-hidden; here ids, paths and numbers become placeholders and leading "which item" clauses (naming an id) are dropped, so
+hidden; here ids, paths, quoted values and numbers become placeholders and leading "which item" clauses (naming an id) are dropped, so
 identical causes fall into one group.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Iterable
 _UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
 _HEX = re.compile(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b", re.I)
 _URI = re.compile(r"(?:[a-z][a-z0-9+.-]*://|(?<![\w.])/)[^\s'\",;:()]+", re.I)
+_QUOTED = re.compile(r"'[^'\n]{1,80}'|\"[^\"\n]{1,80}\"")
 _NUM = re.compile(r"(?<![\w.<])\d+(?:\.\d+)?(?![\d.])")
 # a leading clause that only says which item failed: "qgen for clip <id>: ", "clip <id>, question <n>: "
 _CONTEXT = re.compile(r"^[^:]{0,80}?<id>[^:]{0,40}?:\s+")
@@ -24,6 +25,7 @@ def normalise_reason(message: str | None) -> str:
     text = " ".join((message or "").split())
     if not text:
         return "(no reason)"
+    text = _QUOTED.sub("<text>", text)  # names and values in quotes (a tag, a phrase) vary, the cause does not
     text = _UUID.sub("<id>", text)
     text = _URI.sub("<path>", text)
     text = _HEX.sub("<id>", text)

@@ -27,6 +27,10 @@ def test_reasons_are_grouped_by_cause():
     by = {g["reason"]: g["count"] for g in groups}
     assert by["could not read frames <n>-<n>s of <path>: EOF"] == 2
     assert by["options repeat"] == 1 and by["(no reason)"] == 1
+    caps = group_reasons([f"over the per-tag cap: detection score 1.00 ranks 3 for '{t}' > max_boxes_per_tag=2"
+                          for t in ("run", "jump", "blue sky")])
+    assert caps == [{"reason": "over the per-tag cap: detection score <n> ranks <n> for <text> > max_boxes_per_tag=<n>",
+                     "count": 3, "example": "over the per-tag cap: detection score 1.00 ranks 3 for 'run' > max_boxes_per_tag=2"}]
     # ids inside words and version-like names are not numbers
     assert normalise_reason("model rev1 failed") == "model rev1 failed"
 
