@@ -43,6 +43,7 @@ async function show(qid) {
   $("category").textContent = `${q.category || "?"} · ${q.category_name || "unknown category"}`;
   $("qid").textContent = q.question_id;
   $("conflict").hidden = !q.conflict;
+  $("span").textContent = `clip ${fmt(q.start_s)}–${fmt(q.end_s)} s of ${q.clip_path.split("/").pop()} · ${fmt(q.fps, 0)} fps`;
   $("question").textContent = q.question;
   $("options").innerHTML = LETTERS.map(l =>
     `<li class="${l === q.answer ? "proposed" : ""}" data-letter="${l}">${esc(q.options[l])}${l === q.answer ? ' <span class="pill">proposed answer</span>' : ""}</li>`).join("");
