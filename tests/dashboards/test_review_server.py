@@ -230,3 +230,21 @@ def test_cli_serves_and_needs_a_token_off_loopback(mb):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_decisions_from_review_import_show_in_the_server(mb, tmp_path):
+    root, by_id, pending = mb
+    client = TestClient(create_app(root.url))
+    sheet = tmp_path / "queue.jsonl"
+    items = [it for it in review.pending_items(root) if it["question_id"] == pending[0]]
+    items[0].update(decision="reject", reason="not about the video")
+    review.write_queue(sheet, items)
+    by_shard, _, problems = review.import_decisions(root, sheet, default_reviewer="sheet-rev")
+    assert problems == []
+    review.store_decisions(root, by_shard)
+    q = client.get(f"/api/review/questions/{pending[0]}").json()
+    assert [(d["reviewer"], d["decision"]) for d in q["history"]] == [("sheet-rev", "reject")]
+    assert client.get("/api/review/progress").json()["reviewed"] == 1
+    # and the server's next question skips it
+    seen = {client.get("/api/review/next", params={"reviewer": f"r{k}"}).json()["question_id"] for k in range(3)}
+    assert pending[0] not in seen
