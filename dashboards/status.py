@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 
 from stages.registry import STAGE_MODULES, get_stage
 from stages.runner import plan_shards, shard_state
+from stages.shared.reasons import normalise_reason
 from storage.manifest import read_manifest
 from storage.root import OutputRoot
 
@@ -41,13 +42,16 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
                 pending.append(k)
         ok = err = skipped = 0
         reasons: collections.Counter = collections.Counter()
+        examples: dict[str, str] = {}
         for k in root.completed_shards(name):
             m = root.read_marker(name, k) or {}
             ok += m.get("ok", 0)
             err += m.get("error", 0)
             skipped += m.get("skipped", 0)
             for reason, n in m.get("top_errors", []):
-                reasons[reason] += n
+                cause = normalise_reason(reason)  # one cause over shards, shown as its first message
+                reasons[cause] += n
+                examples.setdefault(cause, reason)
         # a pending shard (no marker) whose last attempt raised carries the runner's failure note
         failed, failures = [], []
         for k in pending:
@@ -68,7 +72,7 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
             "rows_ok": ok,
             "rows_error": err,
             "rows_skipped": skipped,
-            "first_errors": [f"{r} (x{n})" for r, n in reasons.most_common(max_errors)],
+            "first_errors": [f"{examples[r]} (x{n})" for r, n in reasons.most_common(max_errors)],
             "config_hash": manifest["stages"].get(name, {}).get("config_hash"),
         })
     return {"out": root.url, "shards": len(shards), "stages": report}

@@ -3,11 +3,13 @@
     motionforge import descriptions FILE --out ROOT
     motionforge review export --out ROOT --to FILE(.jsonl|.txt) [--all]
     motionforge review import FILE --out ROOT [--reviewer ID]
+    motionforge review serve --out ROOT [--host 127.0.0.1] [--port 8765] [--token T]
     motionforge export motionbench --out ROOT --to DIR
     motionforge eval score --meta META --responses RESP.json [--answers KEY] [--json]
     motionforge eval run --model SPEC --meta META --videos DIR [--num-frames N | --fps F] [--text-only | --first-frame]
 
-Wiring only: the logic is in stages.motionbench.describe / stages.motionbench.review / stages.export.motionbench / stages.evaluation.motionbench.
+Wiring only: the logic is in stages.motionbench.describe / stages.motionbench.review /
+stages.export.motionbench / stages.evaluation.motionbench, and the review web server in dashboards.server.
 """
 from __future__ import annotations
 
@@ -153,6 +155,22 @@ def register(app: typer.Typer) -> None:
                 counts[d.decision] = counts.get(d.decision, 0) + 1
         console.print(f"recorded {n} decision(s) {counts} in {len(by_shard)} shard(s); {undecided} left pending. "
                       f"Apply them: motionforge run-stage review --out {out} && motionforge run-stage finalize --out {out}")
+
+    @review_app.command("serve")
+    def _review_serve(
+        out: str = typer.Option(..., "--out", "-o", help="output root"),
+        host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but loopback needs a token"),
+        port: int = typer.Option(8765, "--port"),
+        token: Optional[str] = typer.Option(None, "--token", envvar="MOTIONFORGE_REVIEW_TOKEN",
+                                            help="access token (default: none on 127.0.0.1, a random one elsewhere)"),
+    ):
+        """Review in the browser (accept / reject / edit, several reviewers at once) and explore the dataset."""
+        from dashboards.server import serve
+        from storage.root import OutputRoot
+
+        if not OutputRoot(out).completed_shards("qgen") and not OutputRoot(out).stages_present():
+            _fail(f"{out}: no stage tables here (wrong --out?)")
+        serve(out, host=host, port=port, token=token)
 
     @export_app.command("motionbench")
     def _export_motionbench(

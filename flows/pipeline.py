@@ -32,6 +32,7 @@ from stages import ingest as ingest_stage  # noqa: E402
 from stages.base import Resources  # noqa: E402
 from stages.registry import available_stages, get_stage, order  # noqa: E402
 from stages.runner import InputsNotReadyError, plan_shards, run_shard  # noqa: E402
+from stages.shared.reasons import normalise_reason  # noqa: E402
 from storage.lock import RunLock  # noqa: E402
 from storage.manifest import read_plan, record_plan, record_stage_config  # noqa: E402
 from storage.root import OutputRoot  # noqa: E402
@@ -300,33 +301,36 @@ def stage_table(stage: str, results: list[dict], failures: list[dict]) -> tuple[
     written = [r for r in results if r["stage"] == stage and r["action"] == "written"]
     t = _stage_totals(written).get(stage, {"rows": 0, "seconds": 0.0})
     reasons: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for r in results:
         if r["stage"] == stage:
             for reason, n in r["top_errors"]:
-                reasons[reason] = reasons.get(reason, 0) + n
+                cause = normalise_reason(reason)  # the same cause in several shards counts once, with its first message
+                reasons[cause] = reasons.get(cause, 0) + n
+                examples.setdefault(cause, reason)
     ok = sum(r["ok"] for r in rows)
     err = sum(r["error"] for r in rows)
     failed = sum(1 for r in rows if r["result"] == "FAILED")
     desc = [f"**{stage}**: {len(rows)} shards ({failed} failed), rows ok {ok}, error {err}; "
             f"throughput {_items_per_s(t['rows'], t['seconds'])} items/s over the shards computed in this run"]
     if reasons:
-        desc.append("Top error reasons: " + "; ".join(f"{k} (x{v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]))
+        desc.append("Top error reasons: " + "; ".join(f"{examples[k]} (x{v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]))
     return rows, "\n\n".join(desc)
 
 
 def _report_link(out: str) -> str:
-    """Write the dataset report and return a markdown link to it (or why there is none)."""
-    from dashboards.report import write_report
+    """Write the dataset report and return markdown for the run summary: a link the browser can open (the
+    report served by `motionforge review serve` at $MOTIONFORGE_REPORT_URL) and the key numbers inline, never
+    a file:// path (the UI cannot open those)."""
+    from dashboards.report import REPORT_URL_ENV, collect, summary_markdown, write_report
 
     try:
-        path = write_report(out)
+        data = collect(out)
+        path = write_report(out, data=data) if OutputRoot(out).is_local else None
+        return summary_markdown(data, out, path, os.environ.get(REPORT_URL_ENV))
     except Exception as exc:  # noqa: BLE001 -- a report failure must not fail the data run
         _logger().warning("dataset report not written: %s: %s", type(exc).__name__, exc)
         return f"dataset report not written ({type(exc).__name__}: {exc}); run `motionforge report --out {out}`"
-    url = str(path)
-    if "://" not in url:
-        url = "file://" + os.path.abspath(url)
-    return f"[dataset report]({url}) (`{path}`)"
 
 
 def publish_artifacts(out: str, stage_names: list[str], results: list[dict], failures: list[dict], seconds: float,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up: ffmpeg from apt when missing, a virtualenv in .venv with pinned dependencies, and
-# .venv-consumers with the outside tools the export tests run (scripts/setup_consumers.sh).
+# Idempotent set-up: ffmpeg and chromium from apt when missing, a virtualenv in .venv with pinned dependencies,
+# and .venv-consumers with the outside tools the export tests run (scripts/setup_consumers.sh).
 # A second run reuses .venv unless pyproject.toml or constraints.txt changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,13 @@ if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then
   echo "[setup] installing ffmpeg" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg >/dev/null
+fi
+# Chromium for the browser tests of `motionforge review serve` (driven by Playwright's Python package with this
+# binary: nothing downloads a browser; never run `playwright install`).
+if ! command -v chromium >/dev/null; then
+  echo "[setup] installing chromium" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 PY=${PYTHON:-python3}
 stamp_src=$(cat pyproject.toml $(ls constraints.txt 2>/dev/null) | sha256sum | cut -c1-16)

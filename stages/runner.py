@@ -17,6 +17,7 @@ from typing import Any
 
 from schemas._base import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, to_table
 from stages.base import ShardContext, Stage
+from stages.shared.reasons import normalise_reason
 from storage.manifest import read_plan, stage_config_hash
 from storage.root import OutputRoot
 
@@ -97,8 +98,18 @@ def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | N
 
 def _summarise(rows) -> tuple[int, int, int, tuple[tuple[str, int], ...]]:
     counts = collections.Counter(r.status for r in rows)
-    errs = collections.Counter((r.error or "").split("\n")[0][:200] for r in rows if r.status == STATUS_ERROR)
-    return counts[STATUS_OK], counts[STATUS_ERROR], counts[STATUS_SKIPPED], tuple(errs.most_common(5))
+    # grouped by cause (ids and numbers masked), each shown as its first message: five "qgen for clip <id>:
+    # reply is not valid JSON" rows are one reason x5, not five reasons x1
+    errs: collections.Counter = collections.Counter()
+    example: dict[str, str] = {}
+    for r in rows:
+        if r.status == STATUS_ERROR:
+            msg = (r.error or "").split("\n")[0][:200]
+            cause = normalise_reason(msg)
+            errs[cause] += 1
+            example.setdefault(cause, msg)
+    top = tuple((example[c], n) for c, n in errs.most_common(5))
+    return counts[STATUS_OK], counts[STATUS_ERROR], counts[STATUS_SKIPPED], top
 
 
 def run_shard(

@@ -160,16 +160,29 @@ def _batch_files(root: OutputRoot, shard: int) -> list[str]:
     return [n for n in root.list_dir(root.path(*DECISIONS_DIR, shard_name(shard))) if n.endswith(".jsonl")]
 
 
-def load_decisions(root: OutputRoot, shard: int) -> dict[str, Decision]:
-    """question_id -> the latest decision for this shard."""
-    out: dict[str, Decision] = {}
+def decision_history(root: OutputRoot, shard: int, cache: dict | None = None) -> list[Decision]:
+    """Every decision stored for this shard, oldest batch first (batch names start with their UTC time).
+    ``cache`` (kept by a long-running reader) holds parsed batches: batch files are never rewritten."""
+    out: list[Decision] = []
     for name in _batch_files(root, shard):
+        if cache is not None and (shard, name) in cache:
+            out += cache[(shard, name)]
+            continue
+        batch = []
         for line in root.read_bytes(root.path(*DECISIONS_DIR, shard_name(shard), name)).decode().splitlines():
             if line.strip():
                 d = json.loads(line)
                 d["options"] = tuple(d["options"]) if d.get("options") else None
-                out[d["question_id"]] = Decision(**d)
+                batch.append(Decision(**d))
+        if cache is not None:
+            cache[(shard, name)] = batch
+        out += batch
     return out
+
+
+def load_decisions(root: OutputRoot, shard: int) -> dict[str, Decision]:
+    """question_id -> the latest decision for this shard."""
+    return {d.question_id: d for d in decision_history(root, shard)}
 
 
 def decisions_fingerprint(root: OutputRoot, shard: int) -> dict[str, str]:
@@ -408,16 +421,30 @@ def import_decisions(root: OutputRoot, path: str | Path, default_reviewer: str |
                      ) -> tuple[dict[int, list[Decision]], int, list[str]]:
     """Validate every item of a filled-in review file; returns (decisions by shard, undecided count, problems).
     Nothing is stored here; the caller stores only when there are no problems."""
+    return validate_items(root, read_queue(path), default_reviewer)
+
+
+def question_index(root: OutputRoot) -> dict[str, tuple[int, Question]]:
+    """question_id -> (shard, question) for every question qgen wrote without error."""
     index: dict[str, tuple[int, Question]] = {}
     for shard, qs in questions_by_shard(root).items():
         for q in qs:
             if q.status == STATUS_OK:
                 index[q.question_id] = (shard, q)
+    return index
+
+
+def validate_items(root: OutputRoot, items: list[tuple[str, dict]], default_reviewer: str | None = None,
+                   index: dict[str, tuple[int, Question]] | None = None
+                   ) -> tuple[dict[int, list[Decision]], int, list[str]]:
+    """``(where, item)`` pairs (a review file's lines, or a reviewer's request in ``motionforge review serve``)
+    -> (decisions by shard, undecided count, problems), all with the same rules. Stores nothing."""
+    index = question_index(root) if index is None else index
     by_shard: dict[int, list[Decision]] = {}
     problems: list[str] = []
     undecided = 0
     seen: set[str] = set()
-    for where, item in read_queue(path):
+    for where, item in items:
         qid = str(item.get("question_id") or "").strip()
         try:
             d = make_decision(item, index.get(qid, (None, None))[1], default_reviewer, where)

@@ -1,0 +1,374 @@
+"""What ``motionforge review serve`` shows, read from an output root: the MotionBench review queue (with the
+first-frame judges' answers, decision history, progress and conflicts) and the dataset explorer's rows.
+
+Read-only over the stage tables. The only writes are the ones ``review export`` / ``review import`` make
+too: first-frame JPEGs (``write_first_frames``) and decision batches (``validate_items`` +
+``store_decisions``, the same functions ``review import`` calls), so staleness and ``run-stage review``
+behave exactly as after an import.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import threading
+import time
+from typing import Any
+
+from stages.shared.reasons import normalise_reason
+from schemas._base import STATUS_OK, from_table
+from schemas.ffilter_verdicts import ROW_DECISION, ROW_VERDICT, SCHEMA as FF_SCHEMA, FilterVerdict
+from schemas.questions import Question
+from stages.motionbench import review as rv
+from stages.shared.motionbench_format import CATEGORY_NAMES, LETTERS
+from storage.root import OutputRoot
+
+
+class RequestError(ValueError):
+    """A reviewer's request that cannot be applied; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _markers_key(root: OutputRoot, stages: tuple[str, ...]) -> tuple:
+    """Changes whenever one of these stages completes or rewrites a shard (markers carry fingerprints)."""
+    key = []
+    for s in stages:
+        for k in root.completed_shards(s):
+            m = root.read_marker(s, k) or {}
+            key.append((s, k, m.get("fingerprint"), m.get("finished_at") or m.get("created_at")))
+    return tuple(key)
+
+
+def decision_dict(d: rv.Decision) -> dict:
+    out = dataclasses.asdict(d)
+    out["options"] = list(d.options) if d.options else None
+    return out
+
+
+def _verdict_of(d: rv.Decision) -> tuple:
+    """What two reviewers must agree on: the decision, and for an edit the answer and category it sets."""
+    return (d.decision,) if d.decision != "edit" else (d.decision, d.answer, d.category)
+
+
+class ReviewQueue:
+    """The questions waiting for the manual check (kept by ffilter), their decisions, and reviewer claims.
+
+    Claims are soft and in memory: the question a reviewer has open is not handed to another reviewer for
+    ``claim_s`` seconds, so two people working at once do not review the same question twice. A decision is
+    stored whether or not its question was claimed; nothing depends on claims for correctness.
+    """
+
+    def __init__(self, root: OutputRoot, claim_s: float = 600.0):
+        self.root = root
+        self.claim_s = claim_s
+        self._lock = threading.Lock()
+        self._claims: dict[str, tuple[str, float]] = {}
+        self._key: tuple | None = None
+        self._index: dict[str, tuple[int, Question]] = {}
+        self._order: list[str] = []
+        self._judges: dict[str, list[dict]] = {}
+        self._ffilter: dict[str, dict] = {}
+        self._clips: dict[str, dict] = {}
+        self._batches: dict = {}  # parsed decision batch files (never rewritten, so never invalid)
+
+    # -- tables (re-read when a stage rewrites a shard) ----------------------------------------------------
+    def _refresh(self) -> None:
+        key = _markers_key(self.root, ("qgen", "ffilter", "scenes"))
+        if key == self._key:
+            return
+        index = rv.question_index(self.root)
+        judges: dict[str, list[dict]] = {}
+        ffilter: dict[str, dict] = {}
+        kept: set[str] = set()
+        for shard in self.root.completed_shards("ffilter"):
+            for v in from_table(self.root.read_shard("ffilter", shard, FF_SCHEMA), FilterVerdict):
+                if v.row_kind == ROW_VERDICT:
+                    judges.setdefault(v.question_id, []).append(
+                        {"judge": v.judge, "model": v.judge_model, "answer": v.answer_letter, "correct": v.correct,
+                         "raw_reply": v.raw_reply, "status": v.status, "error": v.error})
+                elif v.row_kind == ROW_DECISION:
+                    ffilter[v.question_id] = {"kept": v.kept, "n_correct": v.n_correct, "n_judges": v.n_judges,
+                                              "status": v.status, "error": v.error}
+                    if v.status == STATUS_OK:
+                        kept.add(v.question_id)
+        clips: dict[str, dict] = {}
+        try:
+            for c in self.root.read_stage("scenes").select(["clip_id", "fps", "width", "height"]).to_pylist():
+                clips[c["clip_id"]] = c
+        except (FileNotFoundError, KeyError):
+            pass
+        order = sorted((qid for qid in index if qid in kept),
+                       key=lambda q: (index[q][0], index[q][1].clip_id, index[q][1].generation_index or 0, q))
+        self._index, self._order, self._judges, self._ffilter, self._clips = index, order, judges, ffilter, clips
+        self._key = key
+
+    def _history(self) -> dict[str, list[rv.Decision]]:
+        out: dict[str, list[rv.Decision]] = {}
+        for shard in sorted({s for s, _ in self._index.values()}):
+            for d in rv.decision_history(self.root, shard, self._batches):
+                out.setdefault(d.question_id, []).append(d)
+        return out
+
+    # -- views ---------------------------------------------------------------------------------------------
+    def question(self, qid: str) -> dict:
+        with self._lock:
+            self._refresh()
+            if qid not in self._index:
+                raise RequestError(f"unknown question {qid!r}: not in the qgen table of {self.root.url}", 404)
+            shard, q = self._index[qid]
+            history = [d for d in rv.decision_history(self.root, shard, self._batches) if d.question_id == qid]
+        item = rv.export_item(q, history[-1] if history else None)
+        clip = self._clips.get(q.clip_id, {})
+        return {
+            **item, "shard": shard, "video_id": q.video_id,
+            "category_name": CATEGORY_NAMES.get(q.category or "", ""), "categories": CATEGORY_NAMES,
+            "fps": clip.get("fps") or 25.0, "width": clip.get("width"), "height": clip.get("height"),
+            "judges": self._judges.get(qid, []), "ffilter": self._ffilter.get(qid),
+            "reviewable": qid in self._order,
+            "history": [decision_dict(d) for d in history],
+            "conflict": _conflict(history),
+            "video_url": f"/media/review/{qid}/video", "first_frame_url": f"/media/review/{qid}/first_frame.jpg",
+        }
+
+    def next_pending(self, reviewer: str, after: str | None = None) -> str | None:
+        """The next question nobody has decided and no other reviewer has open; claims it for ``reviewer``
+        (a reviewer holds one claim: the question on their screen)."""
+        with self._lock:
+            self._refresh()
+            decided = set(self._history())
+            now = time.monotonic()
+            self._claims = {q: c for q, c in self._claims.items() if now - c[1] < self.claim_s and q not in decided}
+            order = self._order
+            if after in order:  # continue after the question just decided, then wrap round
+                i = order.index(after) + 1
+                order = order[i:] + order[:i]
+            for qid in order:
+                if qid in decided:
+                    continue
+                claim = self._claims.get(qid)
+                if claim is not None and claim[0] != reviewer:
+                    continue
+                self._claims = {q: c for q, c in self._claims.items() if c[0] != reviewer}
+                self._claims[qid] = (reviewer, now)
+                return qid
+            return None
+
+    def held_by_others(self, reviewer: str) -> int:
+        """Undecided questions another reviewer has open right now."""
+        with self._lock:
+            return sum(1 for c in self._claims.values() if c[0] != reviewer)
+
+    def progress(self) -> dict:
+        with self._lock:
+            self._refresh()
+            history = self._history()
+            order = list(self._order)
+            index = self._index
+        by_category: dict[str, dict[str, int]] = {}
+        by_reviewer: dict[str, dict[str, int]] = {}
+        decisions = {d: 0 for d in rv.DECISIONS}
+        conflicts = []
+        reviewed = 0
+        for qid in order:
+            cat = index[qid][1].category or "?"
+            c = by_category.setdefault(cat, {"reviewed": 0, "total": 0})
+            c["total"] += 1
+            hist = history.get(qid, [])
+            if not hist:
+                continue
+            reviewed += 1
+            c["reviewed"] += 1
+            decisions[hist[-1].decision] += 1
+            latest = {d.reviewer: d for d in hist}
+            for name, d in latest.items():
+                r = by_reviewer.setdefault(name, {"reviewed": 0, **{k: 0 for k in rv.DECISIONS}})
+                r["reviewed"] += 1
+                r[d.decision] += 1
+            if _conflict(hist):
+                conflicts.append({"question_id": qid, "category": cat,
+                                  "decisions": [decision_dict(d) for d in latest.values()]})
+        return {"reviewed": reviewed, "total": len(order), "pending": len(order) - reviewed,
+                "decisions": decisions, "by_category": dict(sorted(by_category.items())),
+                "by_reviewer": dict(sorted(by_reviewer.items())), "conflicts": conflicts}
+
+    # -- the one write ---------------------------------------------------------------------------------------
+    def decide(self, payload: dict) -> dict:
+        """Validate one reviewer decision with the rules of ``review import`` and append it (its own batch
+        file, written atomically). Raises :class:`RequestError` and stores nothing when it is invalid."""
+        if not isinstance(payload, dict):
+            raise RequestError("the request body must be a JSON object")
+        qid = str(payload.get("question_id") or "").strip()
+        reviewer = str(payload.get("reviewer") or "").strip()
+        if not reviewer:
+            raise RequestError("no reviewer id: enter your name in the reviewer box")
+        with self._lock:
+            self._refresh()
+            if qid not in self._index:
+                raise RequestError(f"unknown question {qid!r}: not in the qgen table of {self.root.url}", 404)
+            if qid not in self._order:
+                raise RequestError(f"question {qid} is not waiting for review (ffilter did not keep it)", 409)
+            index = self._index
+        item = {k: payload.get(k) for k in ("question_id", "decision", "reviewer", "reason", "category")}
+        if str(payload.get("decision") or "").strip().lower() == "edit" or any(
+                payload.get(k) is not None for k in ("question", "options", "answer")):
+            item.update(question=payload.get("question"), options=payload.get("options"), answer=payload.get("answer"))
+        if not item["category"]:
+            item["category"] = None
+        if not str(item.get("decision") or "").strip():
+            raise RequestError("no decision: accept, reject or edit")
+        by_shard, _, problems = rv.validate_items(self.root, [("request", item)], index=index)
+        if problems:
+            raise RequestError("; ".join(p.removeprefix("request: ") for p in problems))
+        now = dt.datetime.now(dt.timezone.utc)
+        rv.store_decisions(self.root, by_shard, now=now)
+        with self._lock:
+            self._claims.pop(qid, None)
+        d = by_shard[next(iter(by_shard))][0]
+        return {**decision_dict(d), "decided_at": d.decided_at or now.isoformat()}
+
+    def video_path(self, qid: str) -> str:
+        return self.question(qid)["clip_path"]
+
+    def first_frame_path(self, qid: str) -> str | None:
+        item = self.question(qid)
+        rv.write_first_frames(self.root, [item], rv.first_frame_of_item)
+        return item["first_frame"]
+
+
+def _conflict(history: list[rv.Decision]) -> bool:
+    latest = {d.reviewer: d for d in history}
+    return len({_verdict_of(d) for d in latest.values()}) > 1
+
+
+# -- explorer ----------------------------------------------------------------------------------------------
+IMOVE_STAGES = ("detect", "track", "trackfilter", "caption", "check", "tasks")
+
+
+class Tables:
+    """Stage tables as row dicts, read once and re-read only when the stage's markers change (a shard was
+    written), so the explorer does not re-read Parquet on every request."""
+
+    def __init__(self, root: OutputRoot):
+        self.root = root
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[tuple, list[dict]]] = {}
+
+    def rows(self, stage: str) -> list[dict]:
+        key = _markers_key(self.root, (stage,))
+        with self._lock:
+            hit = self._cache.get(stage)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        try:
+            rows = self.root.read_stage(stage).to_pylist()
+        except FileNotFoundError:
+            rows = []
+        with self._lock:
+            self._cache[stage] = (key, rows)
+        return rows
+
+
+def _rows(root: OutputRoot | Tables, stage: str) -> list[dict]:
+    return root.rows(stage) if isinstance(root, Tables) else Tables(root).rows(stage)
+
+
+def _url(root: OutputRoot | Tables) -> str:
+    return root.root.url if isinstance(root, Tables) else root.url
+
+
+def imove_instances(root: OutputRoot | Tables) -> list[dict]:
+    """One entry per detected instance: where it got to in the iMOVE-IT stages, and why it stopped there."""
+    tables = {s: _rows(root, s) for s in IMOVE_STAGES}
+    tags = {r["clip_id"]: r for r in _rows(root, "tag")}
+    clips = {r["clip_id"]: r for r in _rows(root, "scenes")}
+    per: dict[str, dict[str, Any]] = {}
+    for r in tables["detect"]:
+        per[r["instance_id"]] = {"detect": r}
+    for s in IMOVE_STAGES[1:-1]:
+        for r in tables[s]:
+            if r["instance_id"] in per:
+                per[r["instance_id"]][s] = r
+    samples: dict[str, list[dict]] = {}
+    for r in tables["tasks"]:
+        samples.setdefault(r["instance_id"], []).append(r)
+    out = []
+    for iid, rows in per.items():
+        det = rows["detect"]
+        status, reason, error = "in dataset", None, None
+        for s in IMOVE_STAGES:
+            row = rows.get(s) if s != "tasks" else next((x for x in samples.get(iid, []) if x["status"] != STATUS_OK),
+                                                          (samples.get(iid) or [None])[0])
+            if row is None:
+                status = f"waiting for {s}"
+                break
+            if row["status"] != STATUS_OK:
+                status, error = f"dropped at {s}" if row["status"] != "error" else f"error at {s}", row.get("error")
+                reason = normalise_reason(error)
+                break
+        tag = tags.get(det["clip_id"]) or {}
+        tag_score = det.get("tag_score")
+        clip = clips.get(det["clip_id"]) or {}
+        out.append({
+            "instance_id": iid, "clip_id": det["clip_id"], "video_id": det["video_id"], "label": det.get("label"),
+            "status": status, "reason": reason, "error": error,
+            "start_s": det["start_s"], "end_s": det["end_s"], "fps": det.get("fps") or clip.get("fps"),
+            "width": det.get("width"), "height": det.get("height"),
+            "tag_score": tag_score, "clip_tags": [t.get("tag") for t in (tag.get("tags") or [])],
+            "detection_score": det.get("detection_score"), "clip_score": det.get("clip_score"),
+            "box_xyxy_px": det.get("box_xyxy_px"),
+        })
+    return sorted(out, key=lambda r: (r["video_id"], r["start_s"], r["instance_id"]))
+
+
+def imove_instance(root: OutputRoot | Tables, iid: str) -> dict:
+    summary = next((r for r in imove_instances(root) if r["instance_id"] == iid), None)
+    if summary is None:
+        raise RequestError(f"unknown instance {iid!r}: not in the detect table of {_url(root)}", 404)
+    detail: dict[str, Any] = {"summary": summary}
+    det = next(r for r in _rows(root, "detect") if r["instance_id"] == iid)
+    detail["video_path"] = det["video_path"]
+    for s in ("track", "trackfilter", "caption", "check"):
+        detail[s] = next((_plain(r) for r in _rows(root, s) if r["instance_id"] == iid), None)
+    detail["samples"] = [_plain(r) for r in _rows(root, "tasks") if r["instance_id"] == iid]
+    detail["video_url"] = f"/media/imove/{iid}/video"
+    return detail
+
+
+def _plain(row: dict) -> dict:
+    return {k: (v.isoformat() if isinstance(v, (dt.datetime, dt.date)) else v) for k, v in row.items()}
+
+
+def motionbench_questions(root: OutputRoot | Tables) -> list[dict]:
+    """The benchmark's questions (finalize; qgen before finalize has run) by category and split."""
+    rows = _rows(root, "finalize")
+    source = "finalize"
+    if not rows:
+        rows, source = _rows(root, "qgen"), "qgen"
+    out = []
+    for r in rows:
+        if r["status"] != STATUS_OK:
+            continue
+        clip = r.get("clip_path")
+        span = (0.0, r["end_s"] - r["start_s"]) if clip and r.get("end_s") is not None else (r.get("start_s"), r.get("end_s"))
+        out.append({"question_id": r["question_id"], "category": r.get("category"),
+                    "play_start_s": span[0], "play_end_s": span[1],
+                    "category_name": CATEGORY_NAMES.get(r.get("category") or "", ""),
+                    "split": r.get("split") or "(not split yet)", "question": r.get("question"),
+                    "options": dict(zip(LETTERS, r.get("options") or [])), "answer": r.get("answer"),
+                    "video_id": r.get("video_id"), "start_s": r.get("start_s"), "end_s": r.get("end_s"),
+                    "source": source, "video_url": f"/media/motionbench/{r['question_id']}/video"})
+    return sorted(out, key=lambda r: (r["split"], r["category"] or "", r["question_id"]))
+
+
+def motionbench_video(root: OutputRoot | Tables, qid: str) -> tuple[str, float | None, float | None]:
+    """(file to play, start, end within it) of a benchmark question."""
+    for stage in ("finalize", "qgen"):
+        for r in _rows(root, stage):
+            if r["question_id"] == qid:
+                clip = r.get("clip_path")
+                if clip:
+                    return clip, 0.0, (r["end_s"] - r["start_s"]) if r.get("end_s") is not None else None
+                return r["video_path"], r.get("start_s"), r.get("end_s")
+    raise RequestError(f"unknown question {qid!r}", 404)
