@@ -46,7 +46,7 @@ async function list() {
   fill($("f-status"), data.facets.status);
   fill($("f-reason"), data.facets.reason);
   $("instances").innerHTML = "<tr><th>instance</th><th>label</th><th>status</th><th>reason</th></tr>" + data.instances.map(r =>
-    `<tr data-id="${esc(r.instance_id)}"><td>${esc(r.instance_id.slice(0, 12))}</td><td>${esc(r.label)}</td><td>${esc(r.status)}</td><td>${esc(r.reason || "")}</td></tr>`).join("");
+    `<tr data-id="${esc(r.instance_id)}"><td>${esc(r.instance_id.slice(0, 12))}</td><td>${esc(r.label)}</td><td>${esc(r.status)}</td><td title="${esc(r.reason || "")}">${esc(r.error || "")}</td></tr>`).join("");
   document.querySelectorAll("#instances tr[data-id]").forEach(tr => { tr.onclick = () => open(tr.dataset.id); });
   document.body.dataset.count = String(data.instances.length);
 }
