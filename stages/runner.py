@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from schemas._base import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, to_table
 from stages.base import ShardContext, Stage
@@ -79,8 +79,33 @@ def input_fingerprints(stage: Stage, root: OutputRoot, shard: int) -> dict[str, 
     return out
 
 
-def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None = None) -> str:
-    """complete | stale | pending | failed-inputs (inputs missing)."""
+def _registered(name: str) -> Stage | None:
+    from stages.registry import UnknownStageError, get_stage
+
+    try:
+        return get_stage(name)
+    except UnknownStageError:
+        return None
+
+
+def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None = None, *,
+                lookup: Callable[[str], Stage | None] | None = None, memo: dict | None = None) -> str:
+    """complete | stale | pending.
+
+    *stale* is transitive: a shard is stale when its marker was written under another config, when an input
+    shard it was built from has been rewritten since, or when any shard it depends on (directly or further up)
+    is itself stale or missing. ``lookup`` finds input stages by name (default: the stage registry; an input it
+    does not know is judged by its fingerprint only). ``memo`` may be shared across calls (e.g. by ``status``).
+    """
+    lookup = lookup or _registered
+    memo = {} if memo is None else memo
+    key = (stage.name, shard, config_hash)
+    if key not in memo:
+        memo[key] = _shard_state(stage, root, shard, config_hash, lookup, memo)
+    return memo[key]
+
+
+def _shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None, lookup, memo: dict) -> str:
     m = root.read_marker(stage.name, shard)
     if m is None:
         return "pending"
@@ -92,6 +117,14 @@ def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | N
             return "stale"
     except InputsNotReadyError:
         return "stale"
+    upstream = plan_shards(root) if stage.scope == "global" and stage.inputs else [shard]
+    for inp in stage.inputs:
+        inp_stage = lookup(inp)
+        if inp_stage is None:
+            continue
+        for k in ([0] if inp_stage.scope == "global" else upstream):
+            if shard_state(inp_stage, root, k, lookup=lookup, memo=memo) != "complete":
+                return "stale"
     return "complete"
 
 
