@@ -416,3 +416,32 @@ def test_memory_root_through_fsspec(tmp_path):
         root.write_bytes_atomic(root.path("slow", ".tmp-left-over"), b"x")
         assert root.remove_temp_files(lk)
     assert not root.exists(root.path("_lock"))
+
+
+REPORT_ON_FULL_DISK = """
+import resource, signal, sys
+from dashboards.report import write_report
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the size limit, writes fail with EFBIG like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+write_report(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_report_on_a_full_disk_keeps_the_old_report_whole(tmp_path):
+    """The report is larger than the 512 bytes the disk takes. The old report stays as it was and no
+    cut file takes its place (the report used to be left cut at 8 KiB)."""
+    from dashboards.report import write_report
+
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 4, 2)
+    slow.run_all(root.url, 0.0)
+    to = tmp_path / "site" / "index.html"
+    write_report(root.url, to)
+    old = to.read_bytes()
+    assert len(old) > 512 and old.rstrip().endswith(b"</html>")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", REPORT_ON_FULL_DISK, root.url, str(to)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert to.read_bytes() == old
+    assert os.listdir(to.parent) == ["index.html"]  # the cut temp file was removed too
