@@ -433,26 +433,41 @@ def _flow_run_info() -> dict[str, Any]:
 
 
 def mark_dead_run_crashed(holder: dict | None) -> str | None:
-    """Set the flow run recorded by a dead lock holder to Crashed on the Prefect server, if it is still shown as
-    running or pending there. Returns what was done, for the log; never fails the new run."""
+    """Set the flow run recorded by a dead lock holder to Crashed on the Prefect server, with its subflow runs
+    (the stage graph) and their task runs that were still running or pending there. Returns what was done, for
+    the log; never fails the new run."""
     run_id = (holder or {}).get("flow_run_id")
     if not run_id:
         return None
     import uuid as _uuid
 
     from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId)
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
+    msg = (f"process {holder.get('pid')} on {holder.get('host')} died while holding the run lock; marked crashed "
+           f"by the run that took the lock over")
     try:
         with get_client(sync_client=True) as client:
             fr = client.read_flow_run(_uuid.UUID(run_id))
-            if fr.state is None or fr.state.is_final():
-                return f"flow run {run_id} of the dead run is already {fr.state.name if fr.state else 'without state'}"
-            client.set_flow_run_state(fr.id, Crashed(message=(
-                f"process {holder.get('pid')} on {holder.get('host')} died while holding the run lock; marked "
-                f"crashed by the run that took the lock over")), force=True)
-            return f"marked flow run {run_id} ({fr.name}) of the dead run as Crashed"
+            if fr.state is not None and fr.state.is_final():
+                return f"flow run {run_id} of the dead run is already {fr.state.name}"
+            runs = [fr] + list(client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[fr.id]))))
+            marked = 0
+            for r in runs:
+                if r.state is None or not r.state.is_final():
+                    client.set_flow_run_state(r.id, Crashed(message=msg), force=True)
+                    marked += 1
+            tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in runs])))
+            open_tasks = [t for t in tasks if t.state is None or not t.state.is_final()]
+            for t in open_tasks:
+                client.set_task_run_state(t.id, Crashed(message=msg), force=True)
+            return (f"marked flow run {run_id} ({fr.name}) of the dead run as Crashed, with {marked - 1} subflow "
+                    f"run(s) and {len(open_tasks)} unfinished task run(s)")
     except ObjectNotFound:
         return f"flow run {run_id} of the dead run is not on this Prefect server ({_api_url() or 'temporary server'})"
     except Exception as exc:  # noqa: BLE001 -- bookkeeping on the server must not stop the data run

@@ -153,15 +153,26 @@ def test_resume_marks_the_dead_runs_flow_run_crashed(run_root, tmp_path):
     import subprocess
     import sys
 
-    from prefect import flow, get_client
+    from prefect import flow, get_client, task
     from prefect.states import Running
 
     @flow(name="motionforge-pipeline-victim")
     def victim():
         pass
 
+    @flow(name="motionforge-stages-victim")
+    def victim_stages():
+        pass
+
+    @task(name="stage-shard-victim")
+    def victim_task():
+        pass
+
     with get_client(sync_client=True) as client:
         fr = client.create_flow_run(victim, state=Running())
+        sub_task = client.create_task_run(victim_task, flow_run_id=fr.id, dynamic_key="parent", state=Running())
+        sub = client.create_flow_run(victim_stages, parent_task_run_id=sub_task.id, state=Running())
+        task_run = client.create_task_run(victim_task, flow_run_id=sub.id, dynamic_key="0", state=Running())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     vids, _ = run_root
@@ -173,6 +184,8 @@ def test_resume_marks_the_dead_runs_flow_run_crashed(run_root, tmp_path):
     _invoke("run", "--input", str(vids), "--out", str(out), "--stages", "ingest", "--profile", "tiny")
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(fr.id).state
+        others = [client.read_flow_run(sub.id).state, client.read_task_run(task_run.id).state]
     assert state.type.value == "CRASHED" and f"process {dead.pid}" in state.message
+    assert [s.type.value for s in others] == ["CRASHED", "CRASHED"]  # the stage graph's run and its shard tasks
     assert not [n for _, _, fs in os.walk(out) for n in fs if n.startswith(".tmp-")]
     assert not root.exists(root.path("_lock"))
