@@ -506,7 +506,7 @@ def _keep_shard_plan(root: OutputRoot, pc):
     plan = read_plan(root)
     if plan and plan.get("shard_size") not in (None, pc.ingest.shard_size):
         _logger().warning(
-            "%s was planned with shard size %s; keeping it (asked for %s). To re-shard, run into a new --out.",
+            "%s was planned with shard size %s; keeping it (this run's config says %s). To re-shard, run into a new --out.",
             root.url, plan["shard_size"], pc.ingest.shard_size)
         cfg = pc.model_dump(mode="json")
         cfg["ingest"]["shard_size"] = plan["shard_size"]
