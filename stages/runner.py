@@ -93,19 +93,12 @@ def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | N
     """complete | stale | pending.
 
     *stale* is transitive: a shard is stale when its marker was written under another config, when an input
-    shard it was built from has been rewritten since, or when any shard it depends on (directly or further up)
-    is itself stale or missing. ``lookup`` finds input stages by name (default: the stage registry; an input it
-    does not know is judged by its fingerprint only). ``memo`` may be shared across calls (e.g. by ``status``).
+    shard it was built from has been rewritten since, or when any shard it was built from, directly or further
+    up, is itself stale or gone. Upstream shards are judged from their own markers (what each was built from,
+    as recorded when it was written); ``lookup`` finds a stage by name for its external inputs (default: the
+    stage registry). ``memo`` may be shared across calls (``status`` does) so each upstream shard is judged once.
     """
-    lookup = lookup or _registered
     memo = {} if memo is None else memo
-    key = (stage.name, shard, config_hash)
-    if key not in memo:
-        memo[key] = _shard_state(stage, root, shard, config_hash, lookup, memo)
-    return memo[key]
-
-
-def _shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None, lookup, memo: dict) -> str:
     m = root.read_marker(stage.name, shard)
     if m is None:
         return "pending"
@@ -119,13 +112,56 @@ def _shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | 
         return "stale"
     upstream = plan_shards(root) if stage.scope == "global" and stage.inputs else [shard]
     for inp in stage.inputs:
-        inp_stage = lookup(inp)
-        if inp_stage is None:
-            continue
-        for k in ([0] if inp_stage.scope == "global" else upstream):
-            if shard_state(inp_stage, root, k, lookup=lookup, memo=memo) != "complete":
-                return "stale"
+        if not all(_upstream_fresh(root, inp, k, lookup or _registered, memo) for k in upstream):
+            return "stale"
     return "complete"
+
+
+def _upstream_fresh(root: OutputRoot, name: str, shard: int, lookup, memo: dict) -> bool:
+    key = (name, shard)
+    if key not in memo:
+        memo[key] = True  # a cycle (none in a valid DAG) must not recurse forever
+        m = root.read_marker(name, shard)
+        memo[key] = m is not None and _built_from_current(root, name, shard, m, lookup, memo)
+    return memo[key]
+
+
+def _built_from_current(root: OutputRoot, name: str, shard: int, m: dict, lookup, memo: dict) -> bool:
+    """Whether the shard ``m`` marks still matches its stage's config and everything it was built from."""
+    if "manifest" not in memo:
+        from storage.manifest import read_manifest
+
+        memo["manifest"] = read_manifest(root)
+    current = memo["manifest"]["stages"].get(name, {}).get("config_hash")
+    if current and m["config_hash"] != current:
+        return False
+    external: dict | None = None
+    for inp, recorded in (m.get("inputs") or {}).items():
+        if inp == "plan":
+            try:
+                if recorded != "none" and recorded != plan_fingerprint(root, shard):
+                    return False
+            except InputsNotReadyError:
+                return False
+            continue
+        if not root.exists(root.path(inp, "_markers")):  # not a stage: an external input of this stage
+            if external is None:
+                st = lookup(name)
+                external = st.external_inputs(root, shard) if st is not None and st.external_inputs else {}
+            if inp in external and external[inp] != recorded:
+                return False
+            continue
+        shards = plan_shards(root) if str(recorded).startswith("all-") else [shard]
+        fps = []
+        for k in shards:
+            im = root.read_marker(inp, k)
+            if im is None:
+                return False
+            fps.append(im["fingerprint"])
+        now = fps[0] if len(fps) == 1 else "all-" + hashlib.sha256("|".join(fps).encode()).hexdigest()[:16]
+        if now != recorded or not all(_upstream_fresh(root, inp, k, lookup, memo) for k in shards):
+            return False
+    return True
 
 
 def _summarise(rows) -> tuple[int, int, int, tuple[tuple[str, int], ...]]:

@@ -251,6 +251,26 @@ def test_staleness_reaches_every_downstream_stage(tmp_path):
     assert shard_state(down2, root, 0, lookup=stages.get) == "complete"
 
 
+def test_staleness_follows_an_external_input_upstream(tmp_path):
+    """An upstream stage with an external input (like review's imported decisions): when that input changes,
+    the upstream shard and every shard built from it are stale."""
+    import dataclasses
+
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 2, 2)
+    decisions = {"v": "first import"}
+    ext = dataclasses.replace(_chain("ext", ("slow",)), external_inputs=lambda root, shard: {"decisions": decisions["v"]})
+    down = _chain("down", ("ext",))
+    stages = {"slow": slow.STAGE, "ext": ext, "down": down}
+    run_shard(slow.STAGE, root, slow.SlowConfig(), 0)
+    run_shard(ext, root, slow.SlowConfig(), 0)
+    run_shard(down, root, slow.SlowConfig(), 0)
+    assert shard_state(down, root, 0, lookup=stages.get) == "complete"
+    decisions["v"] = "second import"
+    assert shard_state(ext, root, 0, lookup=stages.get) == "stale"
+    assert shard_state(down, root, 0, lookup=stages.get) == "stale"
+
+
 # -- atomic writes under injected faults (issue 10) -----------------------------------------------------------
 
 def _visible_rows(out: str) -> list[tuple]:
