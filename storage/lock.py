@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -50,7 +51,12 @@ def _flocked(path: str) -> Iterator[None]:
 
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a filesystem without flock (some NFS/FUSE mounts): creation stays exclusive
+            if exc.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.warning("%s: no flock on this filesystem (%s); a stale lock's takeover is not race-free here", path, exc)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
@@ -172,6 +178,15 @@ class RunLock:
                     os.link(tmp, self.path)  # fails if it exists: never overwrite a lock we did not judge
                 except FileExistsError:
                     return "busy", "", self._holder()
+                except OSError as exc:  # no hard links here: an exclusive create, then the record
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    try:
+                        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    except FileExistsError:
+                        return "busy", "", self._holder()
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(me, f)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
