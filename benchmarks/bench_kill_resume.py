@@ -90,9 +90,14 @@ def _open_runs(api: str) -> list[str]:
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    runs = []
     with temporary_settings(updates={PREFECT_API_URL: api}):
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(limit=1000)
+            while True:  # the server hands out at most 200 per page
+                page = client.read_flow_runs(limit=200, offset=len(runs))
+                runs += page
+                if len(page) < 200:
+                    break
     return [f"{r.name}: {r.state.name}" for r in runs if r.state is not None and not r.state.is_final()]
 
 
@@ -187,6 +192,7 @@ def main() -> int:
                   f"diff {entry.get('diff', 'n/a')}; temp files {temps}; lock left {lock}", flush=True)
             trial += 1
         report["flow_runs_not_final"] = _open_runs(api)
+        report["flow_runs_checked"] = True
     finally:
         if current[0] is not None and current[0].poll() is None:
             _kill_group(current[0])
