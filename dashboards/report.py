@@ -166,7 +166,7 @@ def write_text_atomic(to: Path, text: str) -> None:
     import os
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + to.name, dir=to.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{to.name}.partial-", dir=to.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

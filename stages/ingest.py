@@ -215,16 +215,19 @@ _HASHES: dict[tuple[str, int, float], str] = {}
 
 
 def _size_of(uri: str) -> int | None:
-    """Size in bytes of a planned input (local stat or fsspec ``size``), ``None`` if it cannot be had."""
+    """Size in bytes of a planned input (local stat, or fsspec ``size`` cached per process), ``None`` if it
+    cannot be had."""
+    if not _is_url(uri):
+        try:
+            return os.path.getsize(uri)
+        except OSError:
+            return None
     if uri not in _SIZES:
         try:
-            if _is_url(uri):
-                import fsspec
+            import fsspec
 
-                fs, path = fsspec.core.url_to_fs(uri)
-                _SIZES[uri] = int(fs.size(path))
-            else:
-                _SIZES[uri] = os.path.getsize(uri)
+            fs, path = fsspec.core.url_to_fs(uri)
+            _SIZES[uri] = int(fs.size(path))
         except Exception:  # noqa: BLE001 -- a file that cannot be sized cannot be compared; its own row says why
             _SIZES[uri] = None
     return _SIZES[uri]

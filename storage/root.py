@@ -37,6 +37,7 @@ log = logging.getLogger("motionforge.storage")
 
 TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^shard-(\d+)\.(parquet|json)$")
+_TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{12,32}-")  # what _tmp_beside (and the run lock) name their temp files
 
 
 class GarbledJSONError(ValueError):
@@ -227,13 +228,14 @@ class OutputRoot:
         return [i.path for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
 
     def remove_temp_files(self, lock) -> list[str]:
-        """Delete ``.tmp-*`` files left by a killed writer. Only the holder of the root's run lock may do this:
-        any other writer's temp file could be one it is still writing."""
+        """Delete the ``.tmp-<hex>-*`` files this module's atomic writes leave when their writer is killed. Only
+        the holder of the root's run lock may do this: any other writer's temp file could be one it is still
+        writing (other tools' temp files, e.g. a report being written, have other names and are left alone)."""
         if not getattr(lock, "held", False):
             raise RuntimeError(f"remove_temp_files on {self.url} needs the root's run lock held")
         removed = []
         for p in self._walk_files():
-            if posixpath.basename(p).startswith(TMP_PREFIX):
+            if _TMP_RE.match(posixpath.basename(p)):
                 self.fs.delete_file(p)
                 removed.append(p)
         if removed:

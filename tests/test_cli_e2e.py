@@ -180,7 +180,7 @@ def test_resume_marks_the_dead_runs_flow_run_crashed(run_root, tmp_path):
     root = OutputRoot(out)
     root.write_json(root.path("_lock"), {"pid": dead.pid, "host": socket.gethostname(), "what": "pipeline run",
                                          "flow_run_id": str(fr.id)})
-    root.write_bytes_atomic(root.path("ingest", ".tmp-0123-shard-00000.parquet"), b"PAR1 cut short")
+    root.write_bytes_atomic(root.path("ingest", ".tmp-0123456789ab-shard-00000.parquet"), b"PAR1 cut short")
     _invoke("run", "--input", str(vids), "--out", str(out), "--stages", "ingest", "--profile", "tiny")
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(fr.id).state

@@ -433,8 +433,12 @@ def test_memory_root_through_fsspec(tmp_path):
         assert lk.held and root.read_json(root.path("_lock"))["what"] == "remote"
         with pytest.raises(RootLockedError):
             RunLock(OutputRoot(url), "second").acquire()
-        root.write_bytes_atomic(root.path("slow", ".tmp-left-over"), b"x")
-        assert root.remove_temp_files(lk)
+        left = root.path("slow", ".tmp-00112233aabb-shard-00000.parquet")  # as a killed table write leaves it
+        other = root.path("_report", ".index.html.partial-x1")  # another tool's temp file: not ours to remove
+        root.write_bytes_atomic(left, b"PAR1")
+        root.write_bytes_atomic(other, b"<html")
+        assert root.remove_temp_files(lk) == [left]
+        assert root.exists(other)
     assert not root.exists(root.path("_lock"))
 
 
