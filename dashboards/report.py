@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import datetime as dt
 import html
 import io
@@ -338,5 +339,25 @@ def write_report(out: str, to: str | Path | None = None, data: dict[str, Any] | 
         to = Path(root.path("_report", "index.html"))
     to = Path(to)
     to.parent.mkdir(parents=True, exist_ok=True)
-    to.write_text(page, encoding="utf-8")
+    write_text_atomic(to, page)
     return to
+
+
+def write_text_atomic(to: Path, text: str) -> None:
+    """Write beside ``to`` under a temp name, fsync, then rename over it: a full disk or a kill leaves the old
+    report (or none), never a cut one."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{to.name}.partial-", dir=to.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, to)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

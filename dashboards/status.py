@@ -22,6 +22,16 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
     except Exception:  # noqa: BLE001 -- no plan yet
         shards = []
     known = stages
+    memo: dict = {}  # shard states shared across stages: staleness is transitive, so upstream ones are reused
+
+    def lookup(name: str):
+        if known is not None:
+            return known.get(name)
+        try:
+            return get_stage(name)
+        except Exception:  # noqa: BLE001 -- an unknown or unloadable stage is judged by fingerprints only
+            return None
+
     report = []
     for name in (known or STAGE_MODULES):
         if name not in manifest["stages"] and not root.completed_shards(name):
@@ -34,7 +44,7 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
         states = collections.Counter()
         stale_shards, pending = [], []
         for k in expected:
-            s = shard_state(st, root, k)
+            s = shard_state(st, root, k, lookup=lookup, memo=memo)
             states[s] += 1
             if s == "stale":
                 stale_shards.append(k)

@@ -31,6 +31,17 @@ def _parse_stages(stages: Optional[str]) -> Optional[list[str]]:
     return names
 
 
+def _prefect_api() -> None:
+    """Start the temporary Prefect server now (longer timeout, one retry), or say what to do instead."""
+    from flows.prefect_api import PrefectApiUnavailable, ensure_prefect_api
+
+    try:
+        ensure_prefect_api()
+    except PrefectApiUnavailable as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1)
+
+
 def _announce_profile(profile: str) -> None:
     if profile == "tiny":
         console.print("[bold yellow]profile 'tiny': random-initialised miniature models — outputs are NOT meaningful "
@@ -56,11 +67,12 @@ class _Progress:
         except Exception:  # noqa: BLE001
             return 0, 0
         done = total = 0
+        memo: dict = {}
         for n in self.names:
             st = get_stage(n)
             ks = [0] if st.scope == "global" else shards
             total += len(ks)
-            done += sum(1 for k in ks if root.read_marker(n, k) is not None and shard_state(st, root, k) == "complete")
+            done += sum(1 for k in ks if root.read_marker(n, k) is not None and shard_state(st, root, k, memo=memo) == "complete")
         return done, total
 
     def _loop(self):
@@ -104,6 +116,7 @@ def run(
     _announce_profile(pc.profile)
     names = order(_parse_stages(stages) or available_stages())
     flow = pipeline.with_options(task_runner=_task_runner(pc.runtime))
+    _prefect_api()
     try:
         with _Progress(out, names):
             flow(input=input, out=out, config=pc.model_dump(mode="json"), stages=names, force=force)
@@ -119,16 +132,19 @@ def run_stage(
     out: str = typer.Option(..., "--out", "-o"),
     shard: Optional[list[int]] = typer.Option(None, "--shard", help="shard number (repeatable; default all)"),
     force: bool = typer.Option(False, "--force", help="recompute even if complete"),
-    config: Optional[Path] = typer.Option(None, "--config", help="config overrides for this re-run"),
+    config: Optional[Path] = typer.Option(None, "--config", help="config overrides for this re-run only"),
+    save_config: bool = typer.Option(False, "--save-config",
+                                     help="also store the overridden config as the root's config for later re-runs"),
 ):
     """Re-run one stage for one shard or all shards (what you do after a failure)."""
     from flows.config import read_config_file
     from flows.pipeline import PipelineFailed, rerun_stage
 
     _parse_stages(stage)
+    _prefect_api()
     try:
         rerun_stage(out=out, stage=stage, shards=list(shard) if shard else None, force=force,
-                    config=read_config_file(config) if config else None)
+                    config=read_config_file(config) if config else None, save_config=save_config)
     except PipelineFailed as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1)

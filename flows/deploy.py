@@ -117,6 +117,31 @@ def setup_prefect(gpus: int, cpu_pool: str = DEFAULT_CPU_POOL, gpu_pool: str | N
     return SetupResult(pools=pools, gpu_limit=limit, gpu_slots=gpus, limit_action=action)
 
 
+def require_work_pools(names: list[str]) -> None:
+    """Every named work pool exists on the server, or a :class:`PrefectSetupError` saying how to create it."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    missing = []
+    try:
+        with get_client(sync_client=True) as client:
+            for name in dict.fromkeys(names):
+                try:
+                    client.read_work_pool(name)
+                except ObjectNotFound:
+                    missing.append(name)
+    except PrefectSetupError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- connection refused, bad URL, auth: say which server and why
+        raise PrefectSetupError(f"cannot reach the Prefect server at {api_url()}: {type(exc).__name__}: {exc}") from exc
+    if missing:
+        pools = ", ".join(repr(m) for m in missing)
+        raise PrefectSetupError(
+            f"work pool(s) {pools} do not exist on the Prefect server at {api_url()}; create them first with "
+            f"`motionforge setup-prefect --gpus N --pool CPU_POOL --gpu-pool GPU_POOL` (or `prefect work-pool create "
+            f"NAME --type process`), or pass an existing pool with --pool / --gpu-pool")
+
+
 def pipeline_parameters(profile: str, input: str | None, out: str | None, gpu_limit: str | None,
                         config_file: str | None = None) -> dict[str, Any]:
     """Default parameters of the pipeline deployment: the profile's whole config, so the UI form shows the
@@ -156,6 +181,7 @@ def deploy(pool: str = DEFAULT_CPU_POOL, gpu_pool: str | None = None, *, profile
                                 "in the form")
     tags = list(tags or ["motionforge"])
     pipeline_pool = gpu_pool or pool
+    require_work_pools([p for p in (pool, gpu_pool) if p])
     out_list: list[DeployedDeployment] = []
 
     pipe = prefect_flow.from_source(source=source, entrypoint="flows/pipeline.py:pipeline")

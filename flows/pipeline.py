@@ -429,16 +429,108 @@ def _as_pipeline_config(config):
     return model.model_validate(config)
 
 
+def _flow_run_info() -> dict[str, Any]:
+    """What the run lock records about this flow run, so a later run can mark it crashed if this one dies."""
+    from prefect.runtime import flow_run
+
+    return {"flow_run_id": str(flow_run.id) if flow_run.id else None, "api_url": _api_url()}
+
+
+def mark_dead_run_crashed(holder: dict | None) -> str | None:
+    """Set the flow run recorded by a dead lock holder to Crashed on the Prefect server, with its subflow runs
+    (the stage graph) and their task runs that were still running or pending there. Returns what was done, for
+    the log; never fails the new run."""
+    run_id = (holder or {}).get("flow_run_id")
+    if not run_id:
+        return None
+    import uuid as _uuid
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId)
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    msg = (f"process {holder.get('pid')} on {holder.get('host')} died while holding the run lock; marked crashed "
+           f"by the run that took the lock over")
+    try:
+        with get_client(sync_client=True) as client:
+            fr = client.read_flow_run(_uuid.UUID(run_id))
+            if fr.state is not None and fr.state.is_final():
+                return f"flow run {run_id} of the dead run is already {fr.state.name}"
+            runs = [fr] + list(client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[fr.id]))))
+            marked = 0
+            for r in runs:
+                if r.state is None or not r.state.is_final():
+                    client.set_flow_run_state(r.id, Crashed(message=msg), force=True)
+                    marked += 1
+            tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in runs])))
+            open_tasks = [t for t in tasks if t.state is None or not t.state.is_final()]
+            for t in open_tasks:
+                client.set_task_run_state(t.id, Crashed(message=msg), force=True)
+            return (f"marked flow run {run_id} ({fr.name}) of the dead run as Crashed, with {marked - 1} subflow "
+                    f"run(s) and {len(open_tasks)} unfinished task run(s)")
+    except ObjectNotFound:
+        return f"flow run {run_id} of the dead run is not on this Prefect server ({_api_url() or 'temporary server'})"
+    except Exception as exc:  # noqa: BLE001 -- bookkeeping on the server must not stop the data run
+        return f"could not mark flow run {run_id} of the dead run as Crashed: {type(exc).__name__}: {exc}"
+
+
+def _take_root(root: OutputRoot, lock: RunLock, shards: list[int] | None) -> None:
+    """Housekeeping once the lock is ours: the dead run's flow run, its temp files, shards outside the plan."""
+    log = _logger()
+    if lock.taken_over is not None:
+        note = mark_dead_run_crashed(lock.taken_over)
+        if note:
+            log.warning(note)
+    removed = root.remove_temp_files(lock)
+    if removed:
+        log.info("removed %d temp file(s) left by an interrupted run", len(removed))
+    if shards is None:
+        return
+    keep = set(shards)
+    for name in root.stages_present():
+        try:
+            st = get_stage(name)
+        except Exception:  # noqa: BLE001 -- a folder that is no registered stage is not ours to prune
+            continue
+        if st.scope == "global":
+            continue
+        gone = root.prune_shards(lock, name, keep)
+        if gone:
+            log.warning("%s: removed shard(s) %s, which are not in the root's shard plan (left by an earlier plan)",
+                        name, gone)
+
+
+def _keep_shard_plan(root: OutputRoot, pc):
+    """An existing root keeps the shard size it was planned with: re-sharding would leave every stage's old
+    shards beside the new ones (or throw away all finished work). A different request is logged and ignored."""
+    plan = read_plan(root)
+    if plan and plan.get("shard_size") not in (None, pc.ingest.shard_size):
+        _logger().warning(
+            "%s was planned with shard size %s; keeping it (this run's config says %s). To re-shard, run into a new --out.",
+            root.url, plan["shard_size"], pc.ingest.shard_size)
+        cfg = pc.model_dump(mode="json")
+        cfg["ingest"]["shard_size"] = plan["shard_size"]
+        return pipeline_model().model_validate(cfg)
+    return pc
+
+
 @flow(name="motionforge-pipeline", flow_run_name=_pipeline_run_name, log_prints=True)
 def pipeline(input: str, out: str, config: Optional[PipelineConfig] = None, stages: Optional[list[StageName]] = None,
              force: bool = False) -> dict:
     """Run the selected stages (default: all) over every shard of ``input``, writing under ``out``."""
     t0 = time.perf_counter()
     pc = _as_pipeline_config(config)
-    cfg = pc.model_dump(mode="json")
     names = order(stages or available_stages())
     root = OutputRoot(out)
-    with RunLock(root, "pipeline run"):
+    with RunLock(root, "pipeline run", info=_flow_run_info()) as lock:
+        pc = _keep_shard_plan(root, pc)
+        cfg = pc.model_dump(mode="json")
+        existing = read_plan(root)
+        _take_root(root, lock, list(range(len(existing["shards"]))) if existing else None)
         root.write_json(root.path(PIPELINE_CONFIG_FILE), cfg)
         if "ingest" in names:
             plan_inputs(input, out, pc.ingest.shard_size, list(pc.ingest.extensions))
@@ -457,10 +549,12 @@ def pipeline(input: str, out: str, config: Optional[PipelineConfig] = None, stag
 
 @flow(name="motionforge-rerun-stage", flow_run_name=_rerun_run_name, log_prints=True)
 def rerun_stage(out: str, stage: StageName, shards: Optional[list[int]] = None, force: bool = True,
-                config: Optional[dict[str, Any]] = None) -> dict:
+                config: Optional[dict[str, Any]] = None, save_config: bool = False) -> dict:
     """Re-run one stage for some shards (default all), e.g. after a failure; other stages are untouched.
 
     ``config`` holds overrides on top of the config the root was last run with (e.g. ``{"runtime": {...}}``).
+    They apply to this re-run only, unless ``save_config`` stores the merged config as the root's config (what
+    later re-runs start from).
     """
     t0 = time.perf_counter()
     root = OutputRoot(out)
@@ -474,8 +568,12 @@ def rerun_stage(out: str, stage: StageName, shards: Optional[list[int]] = None, 
     todo = all_shards if not shards else [s for s in shards if s in all_shards]
     if shards and len(todo) != len(shards):
         raise ValueError(f"shards {sorted(set(shards) - set(todo))} are not in {out}'s plan (0..{len(all_shards) - 1})")
-    with RunLock(root, f"rerun of {stage}"):
-        root.write_json(root.path(PIPELINE_CONFIG_FILE), cfg)
+    with RunLock(root, f"rerun of {stage}", info=_flow_run_info()) as lock:
+        _take_root(root, lock, None)
+        if save_config:
+            root.write_json(root.path(PIPELINE_CONFIG_FILE), cfg)
+        elif config:
+            _logger().info("config overrides apply to this re-run only (not saved to %s)", PIPELINE_CONFIG_FILE)
         record_stage_config(root, stage, pc.stage_config(stage).config_hash(), cfg[stage], list(st.inputs))
         results, failures = _run_graph(out, [stage], todo, cfg, force, pc.runtime)
     seconds = time.perf_counter() - t0

@@ -4,6 +4,11 @@ Inputs: a folder (searched recursively), a manifest file (CSV / JSONL / Parquet 
 relative paths are relative to the manifest), a single video, or an fsspec URL of a folder or file.
 Remote files are copied once into a local cache so decoders can open them. A file that cannot be used
 becomes a ``status="error"`` row whose ``error`` says why in plain words; filtered ones are ``skipped``.
+
+A file whose bytes are identical to a file earlier in the plan (same shard earlier, or an earlier shard) is a
+``skipped`` row naming that file: both would get the same content id, and every key built from it (clips,
+instances, questions) would collide. Only files of equal size are hashed for this check, so it costs one size
+look-up per earlier file (cached per process) and a hash only where sizes match.
 """
 from __future__ import annotations
 
@@ -205,12 +210,71 @@ def input_cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "motionforge", "inputs")
 
 
+_SIZES: dict[str, int | None] = {}
+_HASHES: dict[tuple[str, int, float], str] = {}
+
+
+def _size_of(uri: str) -> int | None:
+    """Size in bytes of a planned input (local stat, or fsspec ``size`` cached per process), ``None`` if it
+    cannot be had."""
+    if not _is_url(uri):
+        try:
+            return os.path.getsize(uri)
+        except OSError:
+            return None
+    if uri not in _SIZES:
+        try:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+            _SIZES[uri] = int(fs.size(path))
+        except Exception:  # noqa: BLE001 -- a file that cannot be sized cannot be compared; its own row says why
+            _SIZES[uri] = None
+    return _SIZES[uri]
+
+
+def _hash_of(path: str) -> str:
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime)
+    if key not in _HASHES:
+        _HASHES[key] = content_hash(path)
+    return _HASHES[key]
+
+
+def earlier_duplicate(plan: dict, shard: int, index: int, size: int, vid: str, cache_dir: str) -> tuple[str, int] | None:
+    """(uri, shard) of the first file before position (shard, index) of the plan with the same bytes."""
+    for k, uris in enumerate(plan["shards"][:shard + 1]):
+        for j, u in enumerate(uris):
+            if (k, j) >= (shard, index):
+                return None
+            if _size_of(u) != size:
+                continue
+            try:
+                if _hash_of(local_copy(u, cache_dir)) == vid:
+                    return u, k
+            except Exception:  # noqa: BLE001 -- an earlier file that cannot be read is that file's error row
+                continue
+    return None
+
+
 def process(ctx: ShardContext) -> list[Video]:
+    import dataclasses
+
     plan = read_plan(ctx.root)
     uris = plan["shards"][ctx.shard]
+    cache = input_cache_dir()
     rows = []
     for i, uri in enumerate(uris):
-        rows.append(ingest_one(uri, ctx.shard, ctx.config, input_cache_dir()))
+        v = ingest_one(uri, ctx.shard, ctx.config, cache)
+        if not v.video_id.startswith("path-") and v.size_bytes is not None:
+            size = os.path.getsize(v.path) if os.path.exists(v.path) else v.size_bytes
+            dup = earlier_duplicate(plan, ctx.shard, i, size, v.video_id, cache)
+            if dup is not None:
+                v = dataclasses.replace(
+                    v, video_id="path-" + hashlib.sha256(uri.encode()).hexdigest()[:27], status=STATUS_SKIPPED,
+                    error=f"duplicate: same bytes (content id {v.video_id}) as {dup[0]} (shard {dup[1]}), "
+                          f"which is ingested instead")
+        rows.append(v)
         ctx.progress(i + 1, len(uris))
     return rows
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from schemas._base import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, to_table
 from stages.base import ShardContext, Stage
@@ -80,8 +80,26 @@ def input_fingerprints(stage: Stage, root: OutputRoot, shard: int) -> dict[str, 
     return out
 
 
-def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None = None) -> str:
-    """complete | stale | pending | failed-inputs (inputs missing)."""
+def _registered(name: str) -> Stage | None:
+    from stages.registry import UnknownStageError, get_stage
+
+    try:
+        return get_stage(name)
+    except UnknownStageError:
+        return None
+
+
+def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None = None, *,
+                lookup: Callable[[str], Stage | None] | None = None, memo: dict | None = None) -> str:
+    """complete | stale | pending.
+
+    *stale* is transitive: a shard is stale when its marker was written under another config, when an input
+    shard it was built from has been rewritten since, or when any shard it was built from, directly or further
+    up, is itself stale or gone. Upstream shards are judged from their own markers (what each was built from,
+    as recorded when it was written); ``lookup`` finds a stage by name for its external inputs (default: the
+    stage registry). ``memo`` may be shared across calls (``status`` does) so each upstream shard is judged once.
+    """
+    memo = {} if memo is None else memo
     m = root.read_marker(stage.name, shard)
     if m is None:
         return "pending"
@@ -93,7 +111,58 @@ def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | N
             return "stale"
     except InputsNotReadyError:
         return "stale"
+    upstream = plan_shards(root) if stage.scope == "global" and stage.inputs else [shard]
+    for inp in stage.inputs:
+        if not all(_upstream_fresh(root, inp, k, lookup or _registered, memo) for k in upstream):
+            return "stale"
     return "complete"
+
+
+def _upstream_fresh(root: OutputRoot, name: str, shard: int, lookup, memo: dict) -> bool:
+    key = (name, shard)
+    if key not in memo:
+        memo[key] = True  # a cycle (none in a valid DAG) must not recurse forever
+        m = root.read_marker(name, shard)
+        memo[key] = m is not None and _built_from_current(root, name, shard, m, lookup, memo)
+    return memo[key]
+
+
+def _built_from_current(root: OutputRoot, name: str, shard: int, m: dict, lookup, memo: dict) -> bool:
+    """Whether the shard ``m`` marks still matches its stage's config and everything it was built from."""
+    if "manifest" not in memo:
+        from storage.manifest import read_manifest
+
+        memo["manifest"] = read_manifest(root)
+    current = memo["manifest"]["stages"].get(name, {}).get("config_hash")
+    if current and m["config_hash"] != current:
+        return False
+    external: dict | None = None
+    for inp, recorded in (m.get("inputs") or {}).items():
+        if inp == "plan":
+            try:
+                if recorded != "none" and recorded != plan_fingerprint(root, shard):
+                    return False
+            except InputsNotReadyError:
+                return False
+            continue
+        if not root.exists(root.path(inp, "_markers")):  # not a stage: an external input of this stage
+            if external is None:
+                st = lookup(name)
+                external = st.external_inputs(root, shard) if st is not None and st.external_inputs else {}
+            if inp in external and external[inp] != recorded:
+                return False
+            continue
+        shards = plan_shards(root) if str(recorded).startswith("all-") else [shard]
+        fps = []
+        for k in shards:
+            im = root.read_marker(inp, k)
+            if im is None:
+                return False
+            fps.append(im["fingerprint"])
+        now = fps[0] if len(fps) == 1 else "all-" + hashlib.sha256("|".join(fps).encode()).hexdigest()[:16]
+        if now != recorded or not all(_upstream_fresh(root, inp, k, lookup, memo) for k in shards):
+            return False
+    return True
 
 
 def _summarise(rows) -> tuple[int, int, int, tuple[tuple[str, int], ...]]:

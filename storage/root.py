@@ -1,6 +1,6 @@
 """The output root: where every stage's table, markers, plans and caches live.
 
-Layout (``ROOT`` is a local path or an fsspec/pyarrow URL such as ``s3://bucket/run``)::
+Layout (``ROOT`` is a local path or an fsspec URL such as ``s3://bucket/run`` or ``memory://run``)::
 
     ROOT/_manifest.json                       each stage's last config (hash) and run times
     ROOT/_lock                                held by the one run writing to this root
@@ -11,12 +11,19 @@ Layout (``ROOT`` is a local path or an fsspec/pyarrow URL such as ``s3://bucket/
 
 ``pyarrow.dataset.dataset(f"{ROOT}/{stage}", format="parquet")`` reads a stage's whole table: pyarrow skips
 names starting with ``_`` or ``.``, which is why markers, media and temp files use those prefixes.
+
+Remote roots go through fsspec (any protocol it knows, including ``memory://``), wrapped as a pyarrow
+filesystem (``PyFileSystem(FSSpecHandler(...))``) for the Parquet reads and writes; when fsspec has no
+implementation installed for a protocol that pyarrow supports natively (e.g. ``s3://`` without s3fs),
+pyarrow's own filesystem is used.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 
@@ -26,8 +33,33 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
+log = logging.getLogger("motionforge.storage")
+
+TMP_PREFIX = ".tmp-"
+_SHARD_RE = re.compile(r"^shard-(\d+)\.(parquet|json)$")
+_TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{12,32}-")  # what _tmp_beside (and the run lock) name their temp files
+
+
+class GarbledJSONError(ValueError):
+    """A JSON file under the root is empty or not valid JSON (e.g. cut short by a crash of a non-atomic writer)."""
+
+
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
+
+
+def _filesystem(url: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, base path) for a URL: fsspec's implementation, else pyarrow's native one."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:  # protocol unknown to fsspec, or its package is not installed
+        try:
+            return pafs.FileSystem.from_uri(url)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise ValueError(f"output root {url!r}: no filesystem for this URL ({type(exc).__name__}: {exc})") from exc
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/") or "/"
 
 
 class OutputRoot:
@@ -35,10 +67,12 @@ class OutputRoot:
 
     def __init__(self, url: str | os.PathLike[str]):
         url = os.fspath(url)
+        if url.startswith("file://"):
+            url = url[len("file://"):]
         if "://" not in url:
             url = os.path.abspath(os.path.expanduser(url))
         self.url = url.rstrip("/") or "/"
-        self.fs, self.base = pafs.FileSystem.from_uri(self.url) if "://" in self.url else (pafs.LocalFileSystem(), self.url)
+        self.fs, self.base = _filesystem(self.url) if "://" in self.url else (pafs.LocalFileSystem(), self.url)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def __repr__(self) -> str:
@@ -84,7 +118,7 @@ class OutputRoot:
 
     def _tmp_beside(self, path: str) -> str:
         d, name = posixpath.split(path)
-        return posixpath.join(d, f".tmp-{uuid.uuid4().hex[:12]}-{name}")
+        return posixpath.join(d, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         self.makedirs(posixpath.dirname(path))
@@ -111,14 +145,32 @@ class OutputRoot:
         self.write_bytes_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def read_json(self, path: str, default: Any = None) -> Any:
+        """The parsed file; ``default`` when it does not exist; :class:`GarbledJSONError` when it is empty or cut."""
         try:
-            return json.loads(self.read_bytes(path))
+            data = self.read_bytes(path)
         except FileNotFoundError:
             return default
         except OSError:
             if not self.exists(path):
                 return default
             raise
+        try:
+            return json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise GarbledJSONError(f"{self.uri_of(path)} is {'empty' if not data.strip() else 'not valid JSON'} "
+                                   f"({len(data)} bytes): {exc}") from exc
+
+    def uri_of(self, path: str) -> str:
+        """:meth:`uri` for a path already under :attr:`base`."""
+        rel = posixpath.relpath(path, self.base) if path.startswith(self.base) else path
+        return self.uri(*[p for p in rel.split("/") if p and p != "."])
+
+    def mtime(self, path: str) -> float | None:
+        """Modification time (epoch seconds), ``None`` when the filesystem does not report one."""
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        return info.mtime.timestamp() if info.mtime is not None else None
 
     def list_dir(self, path: str) -> list[str]:
         sel = pafs.FileSelector(path, allow_not_found=True)
@@ -174,6 +226,41 @@ class OutputRoot:
             if name.startswith("shard-") and name.endswith(".json"):
                 out.append(int(name[len("shard-"):-len(".json")]))
         return sorted(out)
+
+    # -- housekeeping (only for the holder of the run lock) ------------------------------------------------
+    def _walk_files(self) -> list[str]:
+        sel = pafs.FileSelector(self.base, recursive=True, allow_not_found=True)
+        return [i.path for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+
+    def remove_temp_files(self, lock) -> list[str]:
+        """Delete the ``.tmp-<hex>-*`` files this module's atomic writes leave when their writer is killed. Only
+        the holder of the root's run lock may do this: any other writer's temp file could be one it is still
+        writing (other tools' temp files, e.g. a report being written, have other names and are left alone)."""
+        if not getattr(lock, "held", False):
+            raise RuntimeError(f"remove_temp_files on {self.url} needs the root's run lock held")
+        removed = []
+        for p in self._walk_files():
+            if _TMP_RE.match(posixpath.basename(p)):
+                self.fs.delete_file(p)
+                removed.append(p)
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted run under %s", len(removed), self.url)
+        return removed
+
+    def prune_shards(self, lock, stage: str, keep: set[int]) -> list[int]:
+        """Delete the tables, markers and failure notes of ``stage``'s shards not in ``keep`` (shards that a
+        previous shard plan had and the current one does not). Needs the run lock held."""
+        if not getattr(lock, "held", False):
+            raise RuntimeError(f"prune_shards on {self.url} needs the root's run lock held")
+        gone: set[int] = set()
+        for sub in ("_markers", "_failed", ""):  # markers first: a reader never sees a marker without its table
+            d = self.path(stage, sub) if sub else self.path(stage)
+            for name in self.list_dir(d):
+                m = _SHARD_RE.match(name)
+                if m and int(m.group(1)) not in keep:
+                    gone.add(int(m.group(1)))
+                    self.delete(posixpath.join(d, name))
+        return sorted(gone)
 
     def stages_present(self) -> list[str]:
         return [n for n in self.list_dir(self.base) if not n.startswith(("_", "."))]

@@ -85,3 +85,107 @@ def test_status_with_the_prefect_server(run_root):
     assert runs and all(str(r["out"]).rstrip("/") == str(out) for r in runs)
     assert {r["state"] for r in runs} <= {"Completed", "Running"}
     assert {s["stage"] for s in st["stages"]} == {"ingest", "scenes"}  # the offline view is still there
+
+
+def _no_duplicates(out, stage: str, key: str) -> list[dict]:
+    rows = OutputRoot(out).read_stage(stage).to_pylist()
+    seen = OutputRoot(out).dataset(stage).to_table().to_pylist()
+    for table in (rows, seen):  # what stages read (completed shards) and what pyarrow.dataset shows
+        keys = [r[key] for r in table]
+        assert len(keys) == len(set(keys)), f"{stage}: duplicate {key}s"
+    return rows
+
+
+def test_second_run_with_another_shard_size_keeps_the_plan_and_duplicates_nothing(run_root, tmp_path):
+    vids, _ = run_root
+    out = tmp_path / "root"
+    args = ["run", "--input", str(vids), "--out", str(out), "--stages", "ingest,scenes", "--profile", "tiny"]
+    _invoke(*args, "--shard-size", "1")
+    root = OutputRoot(out)
+    clips_before = sorted(r["clip_id"] for r in _no_duplicates(out, "scenes", "clip_id"))
+    fingerprints = {k: root.read_marker("scenes", k)["fingerprint"] for k in range(4)}
+    # a root already damaged by an earlier re-shard: a scenes shard outside the plan, with its marker
+    import shutil
+
+    shutil.copy(root.shard_file("scenes", 0), root.shard_file("scenes", 9))
+    root.write_marker("scenes", 9, root.read_marker("scenes", 0))
+    _invoke(*args, "--shard-size", "3")
+    assert root.read_json(root.path("ingest", "_plan.json"))["shard_size"] == 1
+    assert root.read_json(root.path("_pipeline.json"))["ingest"]["shard_size"] == 1
+    assert len(_no_duplicates(out, "ingest", "uri")) == 4
+    assert sorted(r["clip_id"] for r in _no_duplicates(out, "scenes", "clip_id")) == clips_before
+    assert root.completed_shards("scenes") == [0, 1, 2, 3]
+    # the kept plan means the same config: nothing was recomputed
+    assert {k: root.read_marker("scenes", k)["fingerprint"] for k in range(4)} == fingerprints
+
+
+def test_run_stage_config_overrides_are_not_saved_unless_asked(run_root, tmp_path):
+    _, out = run_root
+    root = OutputRoot(out)
+    stored = root.read_json(root.path("_pipeline.json"))
+    override = tmp_path / "o.json"
+    override.write_text(json.dumps({"runtime": {"max_workers": stored["runtime"]["max_workers"] + 3}}))
+    _invoke("run-stage", "ingest", "--out", str(out), "--config", str(override))
+    assert root.read_json(root.path("_pipeline.json")) == stored
+    _invoke("run-stage", "ingest", "--out", str(out), "--config", str(override), "--save-config")
+    saved = root.read_json(root.path("_pipeline.json"))
+    assert saved["runtime"]["max_workers"] == stored["runtime"]["max_workers"] + 3
+    root.write_json(root.path("_pipeline.json"), stored)
+
+
+def test_memory_root_end_to_end(run_root):
+    """An fsspec-only root (no pyarrow filesystem for ``memory://``): run, read back, status."""
+    import uuid
+
+    vids, _ = run_root
+    url = f"memory://mf-e2e-{uuid.uuid4().hex[:8]}/root"
+    _invoke("run", "--input", str(vids), "--out", url, "--stages", "ingest", "--shard-size", "2", "--profile", "tiny")
+    rows = _no_duplicates(url, "ingest", "uri")
+    assert len(rows) == 4 and sum(r["status"] == "ok" for r in rows) == 3
+    st = json.loads(_invoke("status", "--out", url, "--json", "--no-server").output)
+    assert {s["stage"]: s["complete"] for s in st["stages"]} == {"ingest": 2}
+
+
+def test_resume_marks_the_dead_runs_flow_run_crashed(run_root, tmp_path):
+    """The dead holder's lock names its flow run; the run that takes the lock over sets it to Crashed."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from prefect import flow, get_client, task
+    from prefect.states import Running
+
+    @flow(name="motionforge-pipeline-victim")
+    def victim():
+        pass
+
+    @flow(name="motionforge-stages-victim")
+    def victim_stages():
+        pass
+
+    @task(name="stage-shard-victim")
+    def victim_task():
+        pass
+
+    with get_client(sync_client=True) as client:
+        fr = client.create_flow_run(victim, state=Running())
+        sub_task = client.create_task_run(victim_task, flow_run_id=fr.id, dynamic_key="parent", state=Running())
+        sub = client.create_flow_run(victim_stages, parent_task_run_id=sub_task.id, state=Running())
+        task_run = client.create_task_run(victim_task, flow_run_id=sub.id, dynamic_key="0", state=Running())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    vids, _ = run_root
+    out = tmp_path / "root"
+    root = OutputRoot(out)
+    root.write_json(root.path("_lock"), {"pid": dead.pid, "host": socket.gethostname(), "what": "pipeline run",
+                                         "flow_run_id": str(fr.id)})
+    root.write_bytes_atomic(root.path("ingest", ".tmp-0123456789ab-shard-00000.parquet"), b"PAR1 cut short")
+    _invoke("run", "--input", str(vids), "--out", str(out), "--stages", "ingest", "--profile", "tiny")
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(fr.id).state
+        others = [client.read_flow_run(sub.id).state, client.read_task_run(task_run.id).state]
+    assert state.type.value == "CRASHED" and f"process {dead.pid}" in state.message
+    assert [s.type.value for s in others] == ["CRASHED", "CRASHED"]  # the stage graph's run and its shard tasks
+    assert not [n for _, _, fs in os.walk(out) for n in fs if n.startswith(".tmp-")]
+    assert not root.exists(root.path("_lock"))

@@ -64,3 +64,6 @@ def test_sigkill_mid_stage_then_resume(tmp_path, prefect_harness):
         assert [r[key] for r in got] == [r[key] for r in want]
         assert got == want  # every column but created_at
     assert len({r["clip_id"] for r in _rows(crashed, "scenes", "clip_id")}) == len(_rows(crashed, "scenes", "clip_id"))
+    # the resume held the lock, so it removed any temp file the killed writer left; and it released the lock
+    assert not [n for _, _, fs in os.walk(crashed) for n in fs if n.startswith(".tmp-")]
+    assert not root.exists(root.path("_lock"))

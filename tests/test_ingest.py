@@ -99,8 +99,39 @@ def test_good_and_bad_files_become_rows_with_clear_reasons(inputs, tmp_path):
 
 def test_content_id_is_stable_and_content_based(inputs, tmp_path):
     shutil.copy(inputs / "bikes.mp4", tmp_path / "renamed.mp4")
-    a = _run(tmp_path / "a", [str(inputs / "bikes.mp4"), str(tmp_path / "renamed.mp4")])
-    assert a[0].video_id == a[1].video_id
+    a = _run(tmp_path / "a", [str(inputs / "bikes.mp4")])
+    b = _run(tmp_path / "b", [str(tmp_path / "renamed.mp4")])
+    assert a[0].video_id == b[0].video_id == ingest.content_hash(str(inputs / "bikes.mp4"))
+
+
+def test_byte_identical_files_become_skipped_rows_naming_the_first(inputs, tmp_path):
+    """Copies of one file, in the same shard and in a later shard: only the first in plan order is ingested;
+    each copy is a skipped row that names it, whatever order the shards run in, and video ids stay unique."""
+    d = tmp_path / "in"
+    d.mkdir()
+    src = inputs / "sub" / "small.mkv"
+    for name in ("a.mkv", "b.mkv", "c.mkv"):
+        shutil.copy(src, d / name)
+    shutil.copy(inputs / "bikes.mp4", d / "d.mp4")
+    (d / "e.mp4").write_bytes(src.read_bytes()[:-1] + bytes([src.read_bytes()[-1] ^ 1]))  # same size, 1 bit off
+    uris = [str(d / n) for n in ("a.mkv", "b.mkv", "d.mp4", "c.mkv", "e.mp4")]
+    root = OutputRoot(tmp_path / "out")
+    record_plan(root, {"version": 1, "shard_size": 2, "shards": [uris[:2], uris[2:4], uris[4:]]})
+    for k in (2, 1, 0):  # later shards first: the verdict must not depend on what ran before
+        run_shard(ingest.STAGE, root, ingest.IngestConfig(), k)
+    from schemas._base import from_table
+
+    rows = {os.path.basename(r.uri): r for r in from_table(root.read_stage("ingest"), Video)}
+    first = ingest.content_hash(str(d / "a.mkv"))
+    assert rows["a.mkv"].status == "ok" and rows["a.mkv"].video_id == first
+    for copy, shard in (("b.mkv", 0), ("c.mkv", 1)):
+        r = rows[copy]
+        assert r.status == "skipped" and r.shard == shard
+        assert r.error.startswith("duplicate:") and str(d / "a.mkv") in r.error and "(shard 0)" in r.error
+    assert rows["d.mp4"].status == "ok" and rows["e.mp4"].status == "ok"  # equal size alone is no duplicate
+    ids = [r.video_id for r in rows.values()]
+    assert len(set(ids)) == len(ids)
+    assert len([r for r in rows.values() if r.status == "ok"]) == 3
 
 
 def test_filters_and_named_preset(inputs, tmp_path):

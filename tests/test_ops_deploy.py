@@ -180,3 +180,20 @@ def test_runs_without_server_says_what_to_do(monkeypatch):
     with temporary_settings(updates={PREFECT_API_URL: None}):
         res = CliRunner().invoke(app, ["runs"])
     assert res.exit_code == 1 and "PREFECT_API_URL is not set" in res.output
+
+
+def test_deploy_to_a_missing_work_pool_says_how_to_create_it(server):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    res = CliRunner().invoke(app, ["deploy", "--pool", "mf-no-such-pool", "--profile", "tiny"])
+    text = " ".join(res.output.split())  # rich wraps long lines
+    assert res.exit_code == 1, res.output
+    assert "'mf-no-such-pool'" in text and "do not exist" in text and "motionforge setup-prefect" in text
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # a message, not a traceback
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:  # and nothing was registered on the missing pool
+        pools = {d.work_pool_name for d in client.read_deployments()}
+    assert "mf-no-such-pool" not in pools

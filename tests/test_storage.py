@@ -154,3 +154,318 @@ def test_whole_shard_failure_is_reported_then_cleared(tmp_path):
     run_shard(slow.STAGE, root, slow.SlowConfig(), 1)  # the re-run succeeds: the failure note goes away
     st = {s["stage"]: s for s in root_status(root.url, stages={"slow": slow.STAGE})["stages"]}["slow"]
     assert (st["complete"], st["failed"]) == (2, 0)
+
+
+# -- the run lock under contention, and a lock file cut short -------------------------------------------------
+
+@pytest.mark.parametrize("stale", [True, False], ids=["stale-lock", "no-lock"])
+def test_lock_race_has_one_holder_at_a_time_and_no_crash(tmp_path, stale):
+    """6 processes acquire at the same instant (barrier), 8 rounds: holding intervals never overlap, nobody
+    crashes, somebody wins, and the lock is gone afterwards."""
+    from tests._lock_race import race_round
+
+    for r in range(8):
+        res = race_round(tmp_path / f"round-{r}" / "root", contenders=6, stale=stale)
+        assert not res["crashed"], res["crashed"][0].get("trace")
+        assert not res["double"], f"round {r}: two processes held the lock at once"
+        assert res["held"] >= 1 and res["held"] + res["refused"] == 6
+        assert not res["lock_left"]
+
+
+def test_empty_or_garbled_lock_file_is_taken_over_after_grace(tmp_path, caplog):
+    import logging
+
+    from storage.root import GarbledJSONError
+
+    root = OutputRoot(tmp_path / "r")
+    root.makedirs(root.base)
+    lock_file = Path(root.path("_lock"))
+    for content in (b"", b'{"pid": 12'):
+        lock_file.write_bytes(content)
+        with pytest.raises(GarbledJSONError, match="_lock is (empty|not valid JSON)"):
+            root.read_json(root.path("_lock"))
+        old = time.time() - 120
+        os.utime(lock_file, (old, old))  # a file cut short two minutes ago: its writer is long gone
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="motionforge.storage.lock"):
+            with RunLock(root, "next run", grace_s=10.0) as lk:
+                assert lk.held and lk.taken_over == {"garbled": True}
+                assert root.read_json(root.path("_lock"))["what"] == "next run"
+        assert any("taking over the run lock" in r.getMessage() and "not valid JSON" in r.getMessage()
+                   for r in caplog.records)
+        assert not lock_file.exists()
+
+
+def test_fresh_garbled_lock_waits_for_grace_then_is_taken_over(tmp_path):
+    root = OutputRoot(tmp_path / "r")
+    root.makedirs(root.base)
+    Path(root.path("_lock")).write_bytes(b"")  # just now: maybe a writer is still writing it
+    t0 = time.monotonic()
+    with RunLock(root, "next run", grace_s=1.5) as lk:
+        waited = time.monotonic() - t0
+        assert lk.held
+    assert waited >= 1.0  # it did not take a possibly live lock over at once (grace 1.5 s, file age ~0)
+
+
+def test_dead_holder_takeover_records_who_it_was(tmp_path):
+    from tests._lock_race import dead_pid
+
+    root = OutputRoot(tmp_path / "r")
+    pid = dead_pid()
+    root.write_json(root.path("_lock"), {"pid": pid, "host": os.uname().nodename, "what": "run",
+                                         "flow_run_id": "0b5c9a6e-0000-4000-8000-000000000001"})
+    with RunLock(root, "resume", info={"flow_run_id": "new"}) as lk:
+        assert lk.taken_over["pid"] == pid and lk.taken_over["flow_run_id"].startswith("0b5c9a6e")
+        assert root.read_json(root.path("_lock"))["flow_run_id"] == "new"
+
+
+# -- staleness is transitive ----------------------------------------------------------------------------------
+
+def test_staleness_reaches_every_downstream_stage(tmp_path):
+    """slow -> down -> down2: a new config for `slow`, re-run, makes `down` stale (its input changed) and also
+    `down2`, whose own input (`down`) was not rewritten yet."""
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 4, 2)
+    down, down2 = _chain("down", ("slow",)), _chain("down2", ("down",))
+    stages = {"slow": slow.STAGE, "down": down, "down2": down2}
+    cfg = slow.SlowConfig()
+    for name, st in stages.items():
+        record_stage_config(root, name, cfg.config_hash(), {}, list(st.inputs))
+        for k in (0, 1):
+            run_shard(st, root, cfg, k)
+    assert [shard_state(down2, root, k, lookup=stages.get) for k in (0, 1)] == ["complete", "complete"]
+    new = slow.SlowConfig(multiplier=4)
+    record_stage_config(root, "slow", new.config_hash(), {}, [])
+    run_shard(slow.STAGE, root, new, 0)
+    assert shard_state(down, root, 0, lookup=stages.get) == "stale"
+    assert shard_state(down2, root, 0, lookup=stages.get) == "stale"  # two steps down
+    assert shard_state(down2, root, 1, lookup=stages.get) == "stale"  # slow shard 1 is stale (old config)
+    from dashboards.status import root_status
+
+    st = {s["stage"]: s for s in root_status(root.url, stages=stages)["stages"]}
+    assert (st["down2"]["stale"], st["down2"]["complete"]) == (2, 0)
+    # re-running down then down2 on shard 0 makes that chain complete again
+    run_shard(down, root, cfg, 0)
+    assert shard_state(down2, root, 0, lookup=stages.get) == "stale"  # its input was rewritten now
+    run_shard(down2, root, cfg, 0)
+    assert shard_state(down2, root, 0, lookup=stages.get) == "complete"
+
+
+def test_staleness_follows_an_external_input_upstream(tmp_path):
+    """An upstream stage with an external input (like review's imported decisions): when that input changes,
+    the upstream shard and every shard built from it are stale."""
+    import dataclasses
+
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 2, 2)
+    decisions = {"v": "first import"}
+    ext = dataclasses.replace(_chain("ext", ("slow",)), external_inputs=lambda root, shard: {"decisions": decisions["v"]})
+    down = _chain("down", ("ext",))
+    stages = {"slow": slow.STAGE, "ext": ext, "down": down}
+    run_shard(slow.STAGE, root, slow.SlowConfig(), 0)
+    run_shard(ext, root, slow.SlowConfig(), 0)
+    run_shard(down, root, slow.SlowConfig(), 0)
+    assert shard_state(down, root, 0, lookup=stages.get) == "complete"
+    decisions["v"] = "second import"
+    assert shard_state(ext, root, 0, lookup=stages.get) == "stale"
+    assert shard_state(down, root, 0, lookup=stages.get) == "stale"
+
+
+# -- atomic writes under injected faults (issue 10) -----------------------------------------------------------
+
+def _visible_rows(out: str) -> list[tuple]:
+    """What pyarrow.dataset shows: every visible file must be a whole Parquet file (a cut one fails to read)."""
+    names = [n for n in os.listdir(os.path.join(out, "slow")) if not n.startswith(("_", "."))]
+    assert all(n.startswith("shard-") and n.endswith(".parquet") for n in names), names
+    return _rows(out)
+
+
+def _clean_rows(tmp_path, n: int = 8, size: int = 4) -> list[tuple]:
+    clean = OutputRoot(tmp_path / "clean")
+    slow.plan(clean, n, size)
+    slow.run_all(clean.url, 0.0)
+    return _rows(clean.url)
+
+
+@pytest.mark.parametrize("fault", ["rename-raises", "disk-full"])
+def test_failed_table_write_leaves_no_partial_file_and_resume_fixes_it(tmp_path, fault):
+    from tests._faulty_fs import install
+
+    want = _clean_rows(tmp_path)
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 8, 4)
+    run_shard(slow.STAGE, root, slow.SlowConfig(), 0)
+    is_table = lambda p: p.endswith(".parquet")  # noqa: E731
+    if fault == "rename-raises":
+        h = install(root, fail_move=lambda src, dest: is_table(dest))
+    else:  # a full disk: the table write stops with ENOSPC after 64 bytes, wherever it is being written
+        h = install(root, write_limit=is_table, limit=64)
+    with pytest.raises(OSError):
+        run_shard(slow.STAGE, root, slow.SlowConfig(), 1)
+    assert h.failures == 1
+    assert shard_state(slow.STAGE, root, 1) == "pending"
+    assert _visible_rows(root.url) == want[:4]  # shard 0 whole, nothing of shard 1
+    with RunLock(OutputRoot(root.url)) as lk:
+        fresh = OutputRoot(root.url)
+        fresh.remove_temp_files(lk)
+        slow.run_all(fresh.url, 0.0)  # resume
+    assert _visible_rows(root.url) == want
+    assert not [n for _, _, fs in os.walk(root.base) for n in fs if n.startswith(".tmp-")]
+
+
+def test_failed_marker_write_leaves_shard_pending_and_resume_fixes_it(tmp_path):
+    """The table is in place, its marker write fails: the shard is pending (not complete), read_stage does not
+    return it, and a resume rewrites it once (no duplicate rows)."""
+    from tests._faulty_fs import install
+
+    want = _clean_rows(tmp_path)
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 8, 4)
+    h = install(root, fail_move=lambda src, dest: "/_markers/" in dest)
+    with pytest.raises(OSError):
+        run_shard(slow.STAGE, root, slow.SlowConfig(), 0)
+    assert h.failures == 1
+    fresh = OutputRoot(root.url)
+    assert shard_state(slow.STAGE, fresh, 0) == "pending" and fresh.completed_shards("slow") == []
+    slow.run_all(fresh.url, 0.0)
+    assert _visible_rows(root.url) == want
+
+
+def test_old_marker_is_deleted_before_a_shard_is_rewritten(tmp_path):
+    """A rewrite (new config) whose new marker cannot be written must leave the shard pending. Were the old
+    marker kept until the new one lands, the shard would read as complete while its table is the new one."""
+    from tests._faulty_fs import install
+
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 4, 4)
+    cfg = slow.SlowConfig()
+    record_stage_config(root, "slow", cfg.config_hash(), {}, [])
+    run_shard(slow.STAGE, root, cfg, 0)
+    assert shard_state(slow.STAGE, root, 0) == "complete"
+    install(root, fail_move=lambda src, dest: "/_markers/" in dest)
+    with pytest.raises(OSError):
+        run_shard(slow.STAGE, root, cfg, 0, force=True)
+    fresh = OutputRoot(root.url)
+    assert fresh.read_marker("slow", 0) is None
+    assert shard_state(slow.STAGE, fresh, 0) == "pending"
+    # and a process failure in the middle of a rewrite leaves it pending too
+    run_shard(slow.STAGE, fresh, cfg, 0)
+    import dataclasses
+
+    def boom(ctx):
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError):
+        run_shard(dataclasses.replace(slow.STAGE, process=boom), fresh, cfg, 0, force=True)
+    assert shard_state(slow.STAGE, fresh, 0) == "pending"
+
+
+KILL_IN_WRITE = """
+import sys
+from storage.root import OutputRoot
+from stages.runner import run_shard
+from tests import _slow_stage as slow
+from tests._faulty_fs import install
+
+root = OutputRoot(sys.argv[1])
+run_shard(slow.STAGE, root, slow.SlowConfig(), 0)
+if sys.argv[2] == "mid-write":  # 100 bytes into shard 1's table, wherever it is being written
+    install(root, kill_write=lambda path: path.endswith("shard-00001.parquet"), limit=100)
+else:  # the table is whole under its temp name; killed as it is renamed
+    install(root, kill_move=lambda src, dest: dest.endswith("shard-00001.parquet"))
+run_shard(slow.STAGE, root, slow.SlowConfig(), 1)
+"""
+
+
+@pytest.mark.parametrize("when", ["mid-write", "at-rename"])
+def test_process_killed_inside_a_table_write_then_resumed(tmp_path, when):
+    """SIGKILL half-way through writing a table, or after the temp file is whole and before its rename: nothing
+    partial is visible, the shard is pending, the temp file is left; a resume that holds the lock removes it and
+    completes the shard."""
+    want = _clean_rows(tmp_path)
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 8, 4)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, root.url, when], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    temps = [n for n in os.listdir(root.path("slow")) if n.startswith(".tmp-")]
+    assert len(temps) == 1 and temps[0].endswith("shard-00001.parquet")
+    assert shard_state(slow.STAGE, root, 1) == "pending"
+    assert _visible_rows(root.url) == want[:4]
+    with pytest.raises(RuntimeError, match="run lock"):
+        root.remove_temp_files(RunLock(root))  # not held: another writer's temp file may be live
+    with RunLock(root, "resume") as lk:
+        assert len(root.remove_temp_files(lk)) == 1
+        slow.run_all(root.url, 0.0)
+    assert _visible_rows(root.url) == want
+    assert not [n for n in os.listdir(root.path("slow")) if n.startswith(".tmp-")]
+
+
+def test_prune_shards_outside_the_plan(tmp_path):
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 12, 4)
+    slow.run_all(root.url, 0.0)
+    slow.plan(root, 12, 6)  # a smaller plan (2 shards): shard 2 is left from the old one
+    with RunLock(root) as lk:
+        assert root.prune_shards(lk, "slow", {0, 1}) == [2]
+    assert root.completed_shards("slow") == [0, 1]
+    assert sorted(n for n in os.listdir(root.path("slow")) if n.endswith(".parquet")) == [
+        "shard-00000.parquet", "shard-00001.parquet"]
+
+
+# -- fsspec-only roots ------------------------------------------------------------------------------------------
+
+def test_memory_root_through_fsspec(tmp_path):
+    """``memory://`` has no pyarrow filesystem: the root goes through fsspec, and everything works on it."""
+    import uuid
+
+    url = f"memory://mf-test-{uuid.uuid4().hex[:8]}/root"
+    root = OutputRoot(url)
+    assert not root.is_local
+    slow.plan(root, 6, 4)
+    slow.run_all(url, 0.0)
+    assert root.completed_shards("slow") == [0, 1]
+    t = root.read_stage("slow")
+    assert sorted(t["item"].to_pylist()) == sorted(f"item-{i}" for i in range(6))
+    assert root.dataset("slow").to_table().num_rows == 6
+    with RunLock(root, "remote") as lk:
+        assert lk.held and root.read_json(root.path("_lock"))["what"] == "remote"
+        with pytest.raises(RootLockedError):
+            RunLock(OutputRoot(url), "second").acquire()
+        left = root.path("slow", ".tmp-00112233aabb-shard-00000.parquet")  # as a killed table write leaves it
+        other = root.path("_report", ".index.html.partial-x1")  # another tool's temp file: not ours to remove
+        root.write_bytes_atomic(left, b"PAR1")
+        root.write_bytes_atomic(other, b"<html")
+        assert root.remove_temp_files(lk) == [left]
+        assert root.exists(other)
+    assert not root.exists(root.path("_lock"))
+
+
+REPORT_ON_FULL_DISK = """
+import resource, signal, sys
+from dashboards.report import write_report
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the size limit, writes fail with EFBIG like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+write_report(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_report_on_a_full_disk_keeps_the_old_report_whole(tmp_path):
+    """The report is larger than the 512 bytes the disk takes. The old report stays as it was and no
+    cut file takes its place (the report used to be left cut at 8 KiB)."""
+    from dashboards.report import write_report
+
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 4, 2)
+    slow.run_all(root.url, 0.0)
+    to = tmp_path / "site" / "index.html"
+    write_report(root.url, to)
+    old = to.read_bytes()
+    assert len(old) > 512 and old.rstrip().endswith(b"</html>")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", REPORT_ON_FULL_DISK, root.url, str(to)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert to.read_bytes() == old
+    assert os.listdir(to.parent) == ["index.html"]  # the cut temp file was removed too
