@@ -90,18 +90,19 @@ class TemporalFusionTower(nn.Module):
             return self.tower(torch.cat(kept), grid_thw=grid_thw, **kwargs)
         if self.method == "pre_encoder":
             embedded = torch.cat([self._fused_embed(c, int(g[0])) for c, g in zip(chunks, grid_thw)])
-            merged = self._encode(embedded, grid_thw, self._slot_seqlens(grid_thw, 1))
-            return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=merged)
+            hidden, merged = self._encode(embedded, grid_thw, self._slot_seqlens(grid_thw, 1))
+            return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=merged)
         embedded = self.tower.patch_embed(hidden_states)
         if self.method == "te_fusion":
             embedded = embedded + self._slot_embedding(full)
             group = k
         else:
             group = 1  # post-encoder fusion: every slot is encoded alone
-        merged = self._encode(embedded, full, self._slot_seqlens(full, group))
+        hidden, merged = self._encode(embedded, full, self._slot_seqlens(full, group))
         out_tokens = torch.split(merged, (full.prod(-1) // self.spatial_merge_size**2).tolist())
         fused = torch.cat([self._fuse(m, int(g[0])) for m, g in zip(out_tokens, grid_thw)])
-        return BaseModelOutputWithPooling(last_hidden_state=merged, pooler_output=fused)
+        # last_hidden_state: the encoder's per-patch states before the merger, as the plain tower returns them
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=fused)
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _fused_embed(self, chunk: torch.Tensor, t_out: int) -> torch.Tensor:
@@ -126,8 +127,10 @@ class TemporalFusionTower(nn.Module):
             lens.extend([group * h * w] * (t // group))
         return nn.functional.pad(torch.tensor(lens, device=grid.device).cumsum(0, dtype=torch.int32), (1, 0))
 
-    def _encode(self, embedded: torch.Tensor, grid: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """The tower's blocks and merger over already-embedded patches with the given attention segments."""
+    def _encode(self, embedded: torch.Tensor, grid: torch.Tensor,
+                cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tower's blocks and merger over already-embedded patches with the given attention segments;
+        returns (per-patch states, merged tokens)."""
         from transformers.utils.generic import get_max_seqlen
         from transformers.vision_utils import get_vision_position_ids
 
@@ -138,7 +141,7 @@ class TemporalFusionTower(nn.Module):
         h = embedded
         for blk in tower.blocks:
             h = blk(h, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=position_embeddings)
-        return tower.merger(h)
+        return h, tower.merger(h)
 
     def _fuse(self, merged: torch.Tensor, t_out: int) -> torch.Tensor:
         x = merged.view(t_out, self.rate, -1, merged.shape[-1])  # (t/k, k, n, D)
