@@ -52,6 +52,17 @@ class AppliedModelParts:
         return compress_video_placeholders(batch, tf.rate, video_token_id, tok.pad_token_id,
                                            getattr(tok, "padding_side", "left"))
 
+    def event_inputs(self, model: Any, batch: dict, video_token_id: int) -> dict:
+        """Processor batch -> ``inputs_embeds`` / ``position_ids`` with every video event-compressed
+        (Qwen2-VL; see :mod:`.event_vlm`)."""
+        if self.event_compression is None:
+            raise ValueError("event_compression is not enabled in this ModelPartsConfig")
+        from experts.model_parts.event_vlm import event_compressed_inputs
+
+        tok = self.tokenizer
+        return event_compressed_inputs(model, self.event_compression, batch, video_token_id, tok.pad_token_id,
+                                       getattr(tok, "padding_side", "left"))
+
     def to_model_text(self, text: str) -> str:
         return to_model_text(text, self.codec, self.config.position_tokens)
 

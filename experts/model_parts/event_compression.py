@@ -61,6 +61,7 @@ def segment_events(frame_features: torch.Tensor, num_events: int) -> list[int]:
 class CompressedVideo:
     tokens: torch.Tensor  # (N, D) in frame order; a frame's tokens in row-major grid order
     frame_index: torch.Tensor  # (N,) frame each token came from
+    grid_position: torch.Tensor  # (N, 2) row, column of the token's top-left cell in the frame's full grid
     tokens_per_frame: tuple[int, ...]
     event_starts: tuple[int, ...]
 
@@ -78,13 +79,19 @@ def compress_events(frame_grids: torch.Tensor, event_starts: list[int], stride: 
     full[list(event_starts)] = True
     pooled = F.avg_pool2d(frame_grids.permute(0, 3, 1, 2), kernel_size=stride, stride=stride)  # (T, D, h/s, w/s)
     pooled = pooled.permute(0, 2, 3, 1).reshape(t, -1, d)
-    parts, index, counts = [], [], []
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    full_pos = torch.stack([rows.flatten(), cols.flatten()], -1)
+    rows, cols = torch.meshgrid(torch.arange(0, h, stride), torch.arange(0, w, stride), indexing="ij")
+    pooled_pos = torch.stack([rows.flatten(), cols.flatten()], -1)
+    parts, index, pos, counts = [], [], [], []
     for i in range(t):
         part = frame_grids[i].reshape(-1, d) if full[i] else pooled[i]
         parts.append(part)
         index.append(torch.full((part.shape[0],), i, dtype=torch.long))
+        pos.append(full_pos if full[i] else pooled_pos)
         counts.append(part.shape[0])
-    return CompressedVideo(torch.cat(parts), torch.cat(index).to(frame_grids.device), tuple(counts),
+    dev = frame_grids.device
+    return CompressedVideo(torch.cat(parts), torch.cat(index).to(dev), torch.cat(pos).to(dev), tuple(counts),
                            tuple(sorted(event_starts)))
 
 

@@ -151,37 +151,35 @@ class TemporalFusionTower(nn.Module):
         return self.temporal_proj(x)
 
 
-def compress_video_placeholders(batch: dict, rate: int, video_token_id: int, pad_token_id: int,
-                                padding_side: str = "left") -> dict:
-    """Rewrite a Qwen2-VL processor batch for a rate-k fused tower: each video's run of placeholder tokens
-    shrinks to 1/k (the first tokens are kept; they are all the same id), sequence tensors are re-padded on
-    ``padding_side`` and ``video_grid_thw`` becomes the compressed grid. Pixels are left untouched."""
-    if rate == 1 or "video_grid_thw" not in batch:
-        return dict(batch)
-    grid = batch["video_grid_thw"]
-    if bool((grid[:, 0] % rate).any()):
-        raise ValueError(f"video time slots {grid[:, 0].tolist()} are not all divisible by the fusion rate {rate}; "
-                         f"sample a multiple of {rate} x temporal_patch_size frames")
+def _video_runs(row: torch.Tensor, valid: torch.Tensor, video_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each contiguous run of video placeholders in one row."""
+    pos = torch.nonzero((row == video_token_id) & valid).flatten().tolist()
+    runs, start = [], None
+    for j, p in enumerate(pos):
+        if start is None:
+            start = p
+        if j + 1 == len(pos) or pos[j + 1] != p + 1:
+            runs.append((start, p + 1))
+            start = None
+    return runs
+
+
+def shrink_video_runs(batch: dict, new_lengths: Any, video_token_id: int, pad_token_id: int,
+                      padding_side: str = "left") -> dict:
+    """Shorten each video's run of placeholder tokens to ``new_lengths(i, run_length)`` (videos numbered in
+    batch order, as in ``video_grid_thw``) and re-pad every sequence tensor on ``padding_side``."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask", torch.ones_like(ids))
-    keep_rows = []
+    keep_rows, video = [], 0
     for row, m in zip(ids, mask):
         valid = m.bool()
-        is_video = (row == video_token_id) & valid
         keep = valid.clone()
-        # within each contiguous run of placeholders keep the first 1/k
-        pos = torch.nonzero(is_video).flatten().tolist()
-        runs, start = [], None
-        for j, p in enumerate(pos):
-            if start is None:
-                start = p
-            if j + 1 == len(pos) or pos[j + 1] != p + 1:
-                runs.append((start, p + 1))
-                start = None
-        for a, b in runs:
-            if (b - a) % rate:
-                raise ValueError(f"a video placeholder run of {b - a} tokens is not divisible by the rate {rate}")
-            keep[a + (b - a) // rate:b] = False
+        for a, b in _video_runs(row, valid, video_token_id):
+            n = int(new_lengths(video, b - a))
+            if not 0 < n <= b - a:
+                raise ValueError(f"video {video}: cannot shrink {b - a} placeholders to {n}")
+            keep[a + n:b] = False
+            video += 1
         keep_rows.append(keep)
     width = max(int(k.sum()) for k in keep_rows)
     out = dict(batch)
@@ -195,6 +193,27 @@ def compress_video_placeholders(batch: dict, rate: int, video_token_id: int, pad
             pad = vals.new_full((width - vals.shape[0],), fill)
             rows.append(torch.cat([pad, vals]) if padding_side == "left" else torch.cat([vals, pad]))
         out[key] = torch.stack(rows)
+    return out
+
+
+def compress_video_placeholders(batch: dict, rate: int, video_token_id: int, pad_token_id: int,
+                                padding_side: str = "left") -> dict:
+    """Rewrite a Qwen2-VL processor batch for a rate-k fused tower: each video's run of placeholder tokens
+    shrinks to 1/k (the first tokens are kept; they are all the same id), sequence tensors are re-padded on
+    ``padding_side`` and ``video_grid_thw`` becomes the compressed grid. Pixels are left untouched."""
+    if rate == 1 or "video_grid_thw" not in batch:
+        return dict(batch)
+    grid = batch["video_grid_thw"]
+    if bool((grid[:, 0] % rate).any()):
+        raise ValueError(f"video time slots {grid[:, 0].tolist()} are not all divisible by the fusion rate {rate}; "
+                         f"sample a multiple of {rate} x temporal_patch_size frames")
+
+    def shrink(_video: int, run: int) -> int:
+        if run % rate:
+            raise ValueError(f"a video placeholder run of {run} tokens is not divisible by the rate {rate}")
+        return run // rate
+
+    out = shrink_video_runs(batch, shrink, video_token_id, pad_token_id, padding_side)
     new_grid = grid.clone()
     new_grid[:, 0] //= rate
     out["video_grid_thw"] = new_grid
