@@ -83,3 +83,17 @@ def test_ablation_flow_end_to_end(prefect_harness, tmp_path: Path):
     assert CALLS == [] and Path(out2["table"]).read_text() == table
     cell = json.loads((tmp_path / "ablation" / "compression" / "cells" / "te_fusion-k4.json").read_text())
     assert cell["cell"]["method"] == "te_fusion" and cell["status"] == "ok"
+
+
+def test_cli_runs_the_grid(prefect_harness, tmp_path: Path):
+    from tests._cli import invoke
+
+    CALLS.clear()
+    res = invoke("ablation", "--out", str(tmp_path), "--name", "cli", "--methods", "te_fusion,post_pool", "--rates", "2",
+                 "--train-eval", "tests.model_parts.test_ablation_flow:counting_step",
+                 "-p", "fail=\"te_fusion\"", "-p", "n_train=2", "-p", "n_eval=2", "-p", "steps=1", "-p", "frame_size=28",
+                 "-p", "device=cpu")
+    assert sorted(CALLS) == ["post_pool-k2", "te_fusion-k2"]
+    table = (tmp_path / "ablation" / "cli" / "table.md").read_text()
+    assert "table:" in res.output and "| TE Fusion (ours in the paper) | error |" in table
+    assert "| PLLaVA (post-encoder pooling) | 0." in table or "| PLLaVA (post-encoder pooling) | 1." in table
