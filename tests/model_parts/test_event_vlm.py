@@ -11,7 +11,7 @@ from experts.model_parts import EventCompressionConfig, ModelPartsConfig, apply_
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLVideoProcessor
+    from transformers import AutoProcessor, Qwen2VLVideoProcessor
 
     from experts.base import resolve_tiny
 
