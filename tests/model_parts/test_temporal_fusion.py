@@ -141,6 +141,12 @@ def test_full_vlm_forward_and_gradients_reach_every_trainable_part(tiny_path, me
                     "post_mlp": {"temporal_proj.weight", "temporal_proj.bias"},
                     "te_fusion": {"temporal_proj.weight", "temporal_proj.bias", "slot_embed"}}[method]
     assert set(parts.new_parameters) == expected_new
+    # generation reads the compressed grid for its M-RoPE positions, so it runs on the rewritten batch as is
+    model.eval()
+    with torch.no_grad():
+        gen = model.generate(**{k: v for k, v in batch.items()}, max_new_tokens=2, do_sample=False,
+                             pad_token_id=proc.tokenizer.pad_token_id)
+    assert gen.shape[0] == 2 and gen.shape[1] > batch["input_ids"].shape[1]
 
 
 def test_placeholder_rewrite_errors_and_padding():
