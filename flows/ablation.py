@@ -156,6 +156,11 @@ def run_cell(cfg: AblationConfig, cell: AblationCell) -> dict:
     return record
 
 
+def _fmt(metric: str, v: float) -> str:
+    # counts (tokens, slots, clips) print as integers; rates and losses with three decimals
+    return str(int(v)) if metric != "accuracy" and float(v).is_integer() else f"{v:.3f}"
+
+
 def grid_table(records: list[dict], metric: str, cfg: AblationConfig) -> str:
     """Markdown method x rate grid for one metric, MotionBench Tables 7-8 style."""
     rates = sorted({r["cell"]["rate"] for r in records})
@@ -175,7 +180,7 @@ def grid_table(records: list[dict], metric: str, cfg: AblationConfig) -> str:
                 cells.append("error")
             else:
                 v = r["metrics"].get(metric)
-                cells.append("" if v is None else f"{v:.3f}")
+                cells.append("" if v is None else _fmt(metric, v))
         lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
