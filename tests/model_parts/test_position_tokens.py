@@ -115,3 +115,10 @@ def test_token_mode_without_codec_is_refused(tiny):
     model, proc = tiny
     with pytest.raises(ValueError, match="codec"):
         apply_model_parts(model, proc, ModelPartsConfig(position_tokens=PositionTokensConfig(mode="tokens")))
+
+
+def test_per_frame_time_tokens_use_the_codec():
+    from experts.model_parts.position_tokens import frame_time_texts
+
+    # iMOVE 3.2.2 appends a relative time token to each frame's visual tokens: round(t / T * 300)
+    assert frame_time_texts([0.0, 1.5, 2.99, 3.0], 3.0, codec) == ["<0>", "<150>", "<299>", "<300>"]
