@@ -62,3 +62,31 @@ def parse_times(text: str) -> list[int]:
 
 def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
     return [tuple(int(v) for v in m) for m in _BOX_RE.findall(text)]  # type: ignore[misc]
+
+
+# Dedicated-token form (the "Add-Tokenizer" variant of iMOVE Table 6; the paper itself keeps plain numbers).
+# A time "<q>" is already one string per value, so it becomes one added token as written. A coordinate is a
+# bare number inside "[x1, y1, x2, y2]"; to be one token it is written "<c{v}>" inside the same brackets.
+# The trainer rewrites export text with boxes_to_coord_tokens and model output back with
+# coord_tokens_to_boxes, after which parse_boxes / parse_times read it as usual.
+def time_token_vocabulary(n: int = N_TIME) -> list[str]:
+    return [format_time(q) for q in range(n + 1)]
+
+
+def format_coord_token(v: int) -> str:
+    return f"<c{v}>"
+
+
+def coord_token_vocabulary(n: int = N_SPACE) -> list[str]:
+    return [format_coord_token(v) for v in range(n + 1)]
+
+
+_COORD_TOKEN_RE = re.compile(r"<c(\d{1,4})>")
+
+
+def boxes_to_coord_tokens(text: str) -> str:
+    return _BOX_RE.sub(lambda m: "[" + ", ".join(format_coord_token(int(v)) for v in m.groups()) + "]", text)
+
+
+def coord_tokens_to_boxes(text: str) -> str:
+    return _COORD_TOKEN_RE.sub(r"\1", text)

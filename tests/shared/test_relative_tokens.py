@@ -57,3 +57,17 @@ def test_text_forms_parse_back():
     text = f"The car moves from {format_time(12)} to {format_time(300)}, from {format_box((1, 2, 3, 4))} to {format_box((0, 0, 1000, 1000))}."
     assert parse_times(text) == [12, 300]
     assert parse_boxes(text) == [(1, 2, 3, 4), (0, 0, 1000, 1000)]
+
+
+def test_dedicated_token_form_round_trips_and_leaves_times_alone():
+    from stages.shared.relative_tokens import (boxes_to_coord_tokens, coord_token_vocabulary, coord_tokens_to_boxes,
+                                              format_coord_token, time_token_vocabulary)
+
+    text = "from <0> to <300>: [0, 5, 999, 1000] then [12, 34, 56, 78]; 7 balls, [1, 2] is not a box"
+    tok = boxes_to_coord_tokens(text)
+    assert tok == ("from <0> to <300>: [<c0>, <c5>, <c999>, <c1000>] then [<c12>, <c34>, <c56>, <c78>]; "
+                   "7 balls, [1, 2] is not a box")
+    assert coord_tokens_to_boxes(tok) == text
+    assert parse_times(tok) == [0, 300] and parse_boxes(coord_tokens_to_boxes(tok)) == [(0, 5, 999, 1000), (12, 34, 56, 78)]
+    assert len(time_token_vocabulary()) == N_TIME + 1 and time_token_vocabulary()[150] == "<150>"
+    assert len(coord_token_vocabulary()) == N_SPACE + 1 and coord_token_vocabulary()[7] == format_coord_token(7) == "<c7>"

@@ -1,0 +1,111 @@
+"""The papers' model parts as torch modules that plug into a transformers VLM by config.
+
+* :mod:`.event_compression`: iMOVE 3.2.1 event-aware spatiotemporal efficient modeling.
+* :mod:`.position_tokens`: iMOVE 3.2.2 relative spatiotemporal position tokens (numbers or added tokens).
+* :mod:`.temporal_fusion`: MotionBench section 4 TE Fusion and the compression baselines it is compared with.
+
+:func:`apply_model_parts` is the one entry point a training flow calls after loading the model and before
+wrapping it (peft / accelerate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from experts.model_parts.config import (EventCompressionConfig, ModelPartsConfig, PositionTokensConfig,
+                                        TemporalFusionConfig)
+from experts.model_parts.event_compression import (EventAwareCompression, compress_events, event_token_count,
+                                                   segment_events)
+from experts.model_parts.position_tokens import (RelativeTokenCodec, add_position_tokens, from_model_text,
+                                                 to_model_text, tokenizer_of)
+from experts.model_parts.temporal_fusion import TemporalFusionTower, compress_video_placeholders
+
+__all__ = [
+    "AppliedModelParts", "EventAwareCompression", "EventCompressionConfig", "ModelPartsConfig",
+    "PositionTokensConfig", "TemporalFusionConfig", "TemporalFusionTower", "apply_model_parts",
+    "compress_events", "compress_video_placeholders", "event_token_count", "segment_events",
+]
+
+
+@dataclass
+class AppliedModelParts:
+    """What :func:`apply_model_parts` changed, and the batch / text adapters that go with it."""
+
+    config: ModelPartsConfig
+    tokenizer: Any
+    codec: RelativeTokenCodec | None = None
+    new_token_ids: tuple[int, ...] = ()
+    fusion_tower: TemporalFusionTower | None = None
+    event_compression: EventAwareCompression | None = None
+    # parameters the parts added (fusion projections, inflated patch embedding, slot embeddings): train them
+    # in full (peft: modules_to_save / an extra param group), whatever is done to the checkpoint's weights
+    new_parameters: dict[str, nn.Parameter] = field(default_factory=dict)
+
+    def prepare_batch(self, batch: dict, video_token_id: int) -> dict:
+        """Processor batch -> what the changed model expects (video placeholders shrunk by the fusion rate)."""
+        tf = self.config.temporal_fusion
+        if tf.rate == 1:
+            return dict(batch)
+        tok = self.tokenizer
+        return compress_video_placeholders(batch, tf.rate, video_token_id, tok.pad_token_id,
+                                           getattr(tok, "padding_side", "left"))
+
+    def event_inputs(self, model: Any, batch: dict, video_token_id: int) -> dict:
+        """Processor batch -> ``inputs_embeds`` / ``position_ids`` with every video event-compressed
+        (Qwen2-VL; see :mod:`.event_vlm`)."""
+        if self.event_compression is None:
+            raise ValueError("event_compression is not enabled in this ModelPartsConfig")
+        from experts.model_parts.event_vlm import event_compressed_inputs
+
+        tok = self.tokenizer
+        return event_compressed_inputs(model, self.event_compression, batch, video_token_id, tok.pad_token_id,
+                                       getattr(tok, "padding_side", "left"))
+
+    def to_model_text(self, text: str) -> str:
+        return to_model_text(text, self.codec, self.config.position_tokens)
+
+    def from_model_text(self, text: str) -> str:
+        return from_model_text(text, self.codec, self.config.position_tokens)
+
+
+def _vision_owner(model: Any) -> Any:
+    """The module that holds ``visual`` (``Qwen2VLForConditionalGeneration.model`` or the model itself)."""
+    for owner in (getattr(model, "model", None), model):
+        if owner is not None and isinstance(getattr(owner, "visual", None), nn.Module):
+            return owner
+    raise TypeError(f"{type(model).__name__} has no Qwen2-VL style `visual` tower to fuse frames in")
+
+
+def apply_model_parts(model: Any, processor_or_tokenizer: Any, cfg: ModelPartsConfig,
+                      codec: RelativeTokenCodec | None = None) -> AppliedModelParts:
+    """Change ``model`` (and its tokenizer) in place as ``cfg`` says; returns what changed.
+
+    ``codec`` is the export's relative-token codec (pass the module ``stages.shared.relative_tokens``); it is
+    needed for ``position_tokens.mode = "tokens"``."""
+    tok = tokenizer_of(processor_or_tokenizer)
+    applied = AppliedModelParts(config=cfg, tokenizer=tok, codec=codec)
+    if cfg.position_tokens.mode == "tokens":
+        if codec is None:
+            raise ValueError("position_tokens.mode='tokens' needs codec=stages.shared.relative_tokens")
+        applied.new_token_ids = add_position_tokens(model, processor_or_tokenizer, codec, cfg.position_tokens)
+    tf = cfg.temporal_fusion
+    if tf.rate > 1:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        owner = _vision_owner(model)
+        tower = owner.visual
+        if not isinstance(tower, Qwen2VisionTransformerPretrainedModel):
+            raise TypeError(
+                f"temporal fusion is implemented for the Qwen2-VL vision tower; {type(tower).__name__} differs "
+                "(Qwen2.5-VL's windowed attention needs its own group layout)"
+            )
+        wrapper = TemporalFusionTower(tower, tf)
+        owner.visual = wrapper
+        applied.fusion_tower = wrapper
+        applied.new_parameters = {n: p for n, p in wrapper.named_parameters() if not n.startswith("tower.")}
+    if cfg.event_compression.enabled:
+        applied.event_compression = EventAwareCompression(cfg.event_compression.num_events,
+                                                          cfg.event_compression.stride)
+    return applied

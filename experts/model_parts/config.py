@@ -1,0 +1,75 @@
+"""Frozen configs for the papers' model parts; one :class:`ModelPartsConfig` drives :func:`apply_model_parts`."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EventCompressionConfig(_Frozen):
+    """iMOVE 3.2.1 event-aware spatiotemporal efficient modeling. Paper settings (appendix B.1, Table 5 row 3):
+    96 frames, 24 events, first frames at 8x8 = 64 tokens, later frames pooled at stride 2 (4x4 = 16)."""
+
+    enabled: bool = False
+    num_events: int = Field(24, ge=0)
+    stride: int = Field(2, ge=1)
+
+
+class PositionTokensConfig(_Frozen):
+    """iMOVE 3.2.2 relative spatiotemporal position tokens (time 0..300, coordinates 0..1000).
+
+    ``numbers``: the paper's choice, plain digits through the existing vocabulary (nothing changes in the
+    model). ``tokens``: the "Add-Tokenizer" variant of iMOVE Table 6, one added tokenizer entry per value,
+    initialised from ``init``: ``digits`` = mean embedding of the value's digit tokens, ``mean`` = mean of
+    all existing embeddings."""
+
+    mode: Literal["numbers", "tokens"] = "numbers"
+    init: Literal["digits", "mean"] = "digits"
+
+
+TemporalMethod = Literal["none", "pre_encoder", "post_pool", "post_mlp", "te_fusion"]
+
+
+class TemporalFusionConfig(_Frozen):
+    """MotionBench section 4 / appendix 8 video compression paradigms, rate k = encoder time slots per
+    output slot (a Qwen2-VL time slot is ``temporal_patch_size`` = 2 frames).
+
+    * ``none``: baseline without temporal fusion: every k-th slot is kept, the others are dropped (the
+      paper's baseline sees N_input / k frames).
+    * ``pre_encoder``: Qwen2-VL style; k neighbouring slots concatenated along the channel axis before the
+      patch embedding (temporal kernel k x temporal_patch_size, inflated from the checkpoint's kernel).
+    * ``post_pool``: PLLaVA style; every slot encoded alone, then k slots average-pooled after the merger.
+    * ``post_mlp``: Kangaroo style; every slot encoded alone, k slots concatenated along the hidden size and
+      projected back by a linear layer.
+    * ``te_fusion``: Through-Encoder Fusion; k slots attend to each other in every encoder block (group
+      self-attention, with a learned per-slot temporal embedding so the group knows frame order), then the
+      same concatenate-and-project as ``post_mlp``.
+    """
+
+    method: TemporalMethod = "none"
+    rate: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TemporalFusionConfig":
+        if self.method != "none" and self.rate < 2:
+            raise ValueError(f"temporal fusion method {self.method!r} needs a rate k >= 2, got {self.rate}")
+        return self
+
+
+class ModelPartsConfig(_Frozen):
+    event_compression: EventCompressionConfig = EventCompressionConfig()
+    position_tokens: PositionTokensConfig = PositionTokensConfig()
+    temporal_fusion: TemporalFusionConfig = TemporalFusionConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelPartsConfig":
+        if self.event_compression.enabled and self.temporal_fusion.method != "none":
+            raise ValueError(
+                "event-aware compression (iMOVE) and temporal fusion (MotionBench) are alternative compressions "
+                "of the same frames; enable one of them"
+            )
+        return self

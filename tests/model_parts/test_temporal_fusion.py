@@ -1,0 +1,178 @@
+"""MotionBench section 4 TE Fusion and its baselines around the tiny Qwen2-VL vision tower."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from experts.model_parts import (ModelPartsConfig, TemporalFusionConfig, TemporalFusionTower, apply_model_parts,
+                                 compress_video_placeholders)
+
+METHODS = ["none", "pre_encoder", "post_pool", "post_mlp", "te_fusion"]
+
+
+@pytest.fixture(scope="module")
+def tiny_path():
+    from experts.base import resolve_tiny
+
+    return resolve_tiny("tiny://qwen2_vl")
+
+
+def _load(path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+
+
+def _video_pixels(proc, n_frames: int, seed: int = 0):
+    """Qwen2-VL video patches for n_frames random 56x56 frames: (n_frames / 2) slots of 4x4 patches."""
+    frames = np.random.default_rng(seed).integers(0, 255, (n_frames, 56, 56, 3), dtype=np.uint8)
+    enc = proc.video_processor(videos=[frames], return_tensors="pt", do_sample_frames=False)
+    return enc["pixel_values_videos"], enc["video_grid_thw"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [2, 4, 6, 8])
+def test_k_slots_give_one_slots_tokens(tiny_path, method, k):
+    model, proc = _load(tiny_path)
+    plain_tower = model.model.visual
+    apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method=method, rate=k)))
+    tower = model.model.visual
+    assert isinstance(tower, TemporalFusionTower) and tower.tower is plain_tower
+    pixels, grid = _video_pixels(proc, 2 * k)  # k slots of temporal_patch_size = 2 frames
+    assert grid.tolist() == [[k, 4, 4]]
+    one_slot = int(grid[0, 1] * grid[0, 2]) // 4  # tokens the plain tower gives one slot: 4
+    with torch.no_grad():
+        single = plain_tower(pixels[: 16], grid_thw=torch.tensor([[1, 4, 4]])).pooler_output
+        out = tower(pixels, grid_thw=torch.tensor([[1, 4, 4]])).pooler_output
+    assert single.shape[0] == one_slot
+    assert out.shape == single.shape
+
+
+def test_post_pool_and_untrained_post_mlp_equal_the_mean_of_per_slot_outputs(tiny_path):
+    model, proc = _load(tiny_path)
+    pixels, grid = _video_pixels(proc, 16)  # 8 slots
+    with torch.no_grad():
+        per_slot = model.model.visual(pixels, grid_thw=grid).pooler_output  # (8 * 4, D), slot-major
+    expect = per_slot.reshape(2, 4, 4, -1).mean(1).reshape(8, -1)  # rate 4: slots 0-3 and 4-7 averaged
+    for method in ("post_pool", "post_mlp"):
+        m, p = _load(tiny_path)
+        apply_model_parts(m, p, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method=method, rate=4)))
+        with torch.no_grad():
+            got = m.model.visual(pixels, grid_thw=torch.tensor([[2, 4, 4]])).pooler_output
+        # same float32 operations in a different order (a matmul by I/k vs a mean): a few ulps
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_none_keeps_every_kth_slot(tiny_path):
+    model, proc = _load(tiny_path)
+    pixels, grid = _video_pixels(proc, 16)
+    with torch.no_grad():
+        first_slots = torch.cat([pixels[16 * s: 16 * (s + 1)] for s in (0, 4)])
+        expect = model.model.visual(first_slots, grid_thw=torch.tensor([[2, 4, 4]])).pooler_output
+    apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="none", rate=4)))
+    with torch.no_grad():
+        got = model.model.visual(pixels, grid_thw=torch.tensor([[2, 4, 4]])).pooler_output
+    torch.testing.assert_close(got, expect)
+
+
+def test_pre_encoder_kernel_is_the_inflated_checkpoint_kernel(tiny_path):
+    model, proc = _load(tiny_path)
+    pixels, _ = _video_pixels(proc, 8)  # 4 slots, rate 4 -> one fused slot
+    embed = model.model.visual.patch_embed
+    with torch.no_grad():
+        per_slot = embed(pixels).reshape(4, 16, -1)  # the checkpoint's embedding of each slot
+    apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="pre_encoder", rate=4)))
+    with torch.no_grad():
+        fused = model.model.visual._fused_embed(pixels, 1)
+    # a k-times-longer kernel holding the original kernel k times, divided by k: the mean of the slots
+    torch.testing.assert_close(fused, per_slot.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_te_fusion_attends_across_the_group_and_not_beyond(tiny_path):
+    """Changing slot 1 moves slot 0's encoder states with TE Fusion (same group), not with post-encoder
+    fusion; changing slot 2 (next group at k = 2) moves neither."""
+    pixels, _ = _video_pixels(_load(tiny_path)[1], 8)  # 4 slots = 2 groups at k = 2
+    changed_same, changed_next = pixels.clone(), pixels.clone()
+    changed_same[16:32] += 1.0
+    changed_next[32:48] += 1.0
+    states = {}
+    for method in ("te_fusion", "post_mlp"):
+        m, p = _load(tiny_path)
+        apply_model_parts(m, p, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method=method, rate=2)))
+        with torch.no_grad():
+            states[method] = [m.model.visual(x, grid_thw=torch.tensor([[2, 4, 4]])).last_hidden_state[:16]
+                              for x in (pixels, changed_same, changed_next)]
+    te, post = states["te_fusion"], states["post_mlp"]
+    assert (te[1] - te[0]).abs().max() > 1e-3
+    torch.testing.assert_close(post[1], post[0])
+    torch.testing.assert_close(te[2], te[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_full_vlm_forward_and_gradients_reach_every_trainable_part(tiny_path, method):
+    model, proc = _load(tiny_path)
+    parts = apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method=method, rate=2)))
+    frames = np.random.default_rng(1).integers(0, 255, (8, 56, 56, 3), dtype=np.uint8)
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": q}]}],
+                                      add_generation_prompt=True, tokenize=False)
+             for q in ("Which way does the ball move?", "Count.")]
+    proc.tokenizer.padding_side = "left"
+    enc = proc(text=texts, videos=[frames, frames[::-1].copy()], padding=True, return_tensors="pt",
+               video_metadata=[{"fps": 2.0, "total_num_frames": 8, "duration": 4.0}] * 2, do_sample_frames=False)
+    vid = model.config.video_token_id
+    assert (enc["input_ids"] == vid).sum(1).tolist() == [16, 16]
+    batch = parts.prepare_batch(dict(enc), vid)
+    assert (batch["input_ids"] == vid).sum(1).tolist() == [8, 8]
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4], [2, 4, 4]]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model.train()
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in parts.new_parameters.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    tower = model.model.visual.tower
+    encoder_params = [("tower." + n, p) for n, p in tower.named_parameters()
+                      if not (method == "pre_encoder" and n.startswith("patch_embed."))]
+    for name, p in encoder_params + list(model.model.language_model.named_parameters())[:3]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    expected_new = {"none": set(), "post_pool": set(), "pre_encoder": {"fused_patch_embed.weight"},
+                    "post_mlp": {"temporal_proj.weight", "temporal_proj.bias"},
+                    "te_fusion": {"temporal_proj.weight", "temporal_proj.bias", "slot_embed"}}[method]
+    assert set(parts.new_parameters) == expected_new
+    # generation reads the compressed grid for its M-RoPE positions, so it runs on the rewritten batch as is
+    model.eval()
+    with torch.no_grad():
+        gen = model.generate(**{k: v for k, v in batch.items()}, max_new_tokens=2, do_sample=False,
+                             pad_token_id=proc.tokenizer.pad_token_id)
+    assert gen.shape[0] == 2 and gen.shape[1] > batch["input_ids"].shape[1]
+
+
+def test_placeholder_rewrite_errors_and_padding():
+    ids = torch.tensor([[0, 0, 5, 9, 9, 9, 9, 6, 7], [5, 9, 9, 9, 9, 9, 9, 6, 7]])
+    mask = (ids != 0).long()
+    grid = torch.tensor([[2, 2, 2], [3, 2, 2]])  # 4 and 6 placeholders after a 2x2 merge... rate 2 -> 2, 3
+    with pytest.raises(ValueError, match="divisible"):
+        compress_video_placeholders({"input_ids": ids, "attention_mask": mask, "video_grid_thw": grid}, 2, 9, 0)
+    grid = torch.tensor([[2, 2, 2], [4, 2, 2]])
+    ids = torch.tensor([[0, 0, 0, 0, 5, 9, 9, 9, 9, 6], [5, 9, 9, 9, 9, 9, 9, 9, 9, 6]])
+    mask = (ids != 0).long()
+    out = compress_video_placeholders({"input_ids": ids, "attention_mask": mask, "video_grid_thw": grid}, 2, 9, 0)
+    assert out["input_ids"].tolist() == [[0, 0, 5, 9, 9, 6], [5, 9, 9, 9, 9, 6]]
+    assert out["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert out["video_grid_thw"].tolist() == [[1, 2, 2], [2, 2, 2]]
+
+
+def test_other_towers_and_bad_rates_are_refused(tmp_path):
+    from pydantic import ValidationError
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from experts.base import resolve_tiny
+
+    with pytest.raises(ValidationError):
+        TemporalFusionConfig(method="te_fusion", rate=1)
+    path = resolve_tiny("tiny://qwen2_5_vl")
+    model, proc = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    with pytest.raises(TypeError, match="Qwen2-VL vision tower"):
+        apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="te_fusion", rate=2)))
