@@ -81,6 +81,12 @@ class ChatSpec(ModelSpec):
     # -- in-process transformers --
     batch_size: int = Field(8, ge=1)
 
+    @property
+    def enforces_json_schema(self) -> bool:
+        """Whether a request's JSON schema is enforced while decoding: in-process (xgrammar constrained
+        decoding) or an endpoint that takes ``response_format`` with a JSON schema."""
+        return self.backend == "transformers" or self.supports_json_schema
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Cache protocol (implemented by storage.response_cache.ResponseCache; experts never import storage)

@@ -26,6 +26,7 @@ from experts.base import ModelSpec, get_expert, hf_load, register_tiny, resolve_
 from experts.llm import (
     _sampling_kwargs,
     batches_by,
+    json_constraint_kwargs,
     build_tiny_qwen_tokenizer,
     describe_exception,
     generation_params,
@@ -239,6 +240,7 @@ class _Prepared:
     video: np.ndarray | None
     max_new_tokens: int
     temperature: float
+    json_schema: dict | None = None
 
 
 class _TransformersVlm:
@@ -269,7 +271,7 @@ class _TransformersVlm:
             {"role": "user", "content": content}
         ]
         n, temp = generation_params(self.spec, req.max_new_tokens, req.temperature)
-        return _Prepared(messages, images, video, n, temp)
+        return _Prepared(messages, images, video, n, temp, req.json_schema)
 
     def run(self, requests: list[VlmRequest]) -> list[VlmResponse]:
         prepared: dict[int, _Prepared] = {}
@@ -279,7 +281,8 @@ class _TransformersVlm:
                 prepared[i] = self._prepare(req)
             except Exception as exc:
                 out[i] = exc
-        for batch in batches_by(list(prepared), lambda i: (prepared[i].max_new_tokens, prepared[i].temperature), self.spec.batch_size):
+        key = lambda i: (prepared[i].max_new_tokens, prepared[i].temperature, prepared[i].json_schema is not None)  # noqa: E731
+        for batch in batches_by(list(prepared), key, self.spec.batch_size):
             out.update(run_isolated(batch, lambda b: self._generate([prepared[i] for i in b]), self.model_name))
         return [
             VlmResponse(None, describe_exception(o), False, self.model_name) if isinstance(o, Exception)
@@ -311,6 +314,7 @@ class _TransformersVlm:
             out = self.model.generate(
                 **enc, max_new_tokens=items[0].max_new_tokens, pad_token_id=proc.tokenizer.pad_token_id,
                 **_sampling_kwargs(items[0].temperature),
+                **json_constraint_kwargs(self.model, proc.tokenizer, [it.json_schema for it in items]),
             )
         new = out[:, enc["input_ids"].shape[1]:]
         return [t.strip() for t in proc.tokenizer.batch_decode(new, skip_special_tokens=True)]

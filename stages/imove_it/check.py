@@ -35,8 +35,17 @@ class CheckConfig(StageConfig):
 
 PROFILES = {
     "small": {"vlm": {"model_id": "Qwen/Qwen2-VL-2B-Instruct", "backend": "transformers"}},
-    "tiny": {"vlm": {"model_id": "tiny://qwen2_vl", "backend": "transformers", "max_new_tokens": 24},
+    "tiny": {"vlm": {"model_id": "tiny://qwen2_vl", "backend": "transformers", "max_new_tokens": 64},
              "num_frames": 4, "frame_short_side": 112, "unparseable": "accept"},
+}
+
+# The reply shape the prompt asks for; decoded against when the backend can enforce it (ChatSpec.enforces_json_schema).
+VERDICT_SCHEMA: dict = {
+    "title": "CheckVerdict", "type": "object",
+    "properties": {"correct": {"type": "string", "enum": ["yes", "no"]},
+                   "unique": {"type": "string", "enum": ["yes", "no"]},
+                   "reason": {"type": "string", "maxLength": 200}},
+    "required": ["correct", "unique", "reason"], "additionalProperties": False,
 }
 
 _YES = {"yes", "true", "y", "correct", "1"}
@@ -85,11 +94,11 @@ def verdict_row(cap: Caption, reply: str, cfg: CheckConfig, version: str) -> Cap
     return CaptionVerdict(**base, accepted=False, reason=msg, status=STATUS_SKIPPED, error=msg)
 
 
-def check_request(cap: Caption, track: Track | None, frames, prompt: str) -> VlmRequest:
+def check_request(cap: Caption, track: Track | None, frames, prompt: str, structured: bool = False) -> VlmRequest:
     images = boxed_frames(frames, track.points if track else None, cap.width, cap.height)
     text = prompt.format(t1=cap.t1_s - cap.clip_start_s, t2=cap.t2_s - cap.clip_start_s, label=cap.label,
                          dynamic_caption=(cap.dynamic_caption or "").replace('"', "'"))
-    return VlmRequest(text=text, images=images)
+    return VlmRequest(text=text, images=images, json_schema=VERDICT_SCHEMA if structured else None)
 
 
 def process(ctx: ShardContext) -> list[CaptionVerdict]:
@@ -114,7 +123,7 @@ def process(ctx: ShardContext) -> list[CaptionVerdict]:
                                                    prompt_version=prompt.version, status=STATUS_ERROR,
                                                    error=f"could not read frames of {cap.video_path}: {exc}")
             continue
-        reqs.append(check_request(cap, tracks.get(cap.instance_id), frames, prompt.text))
+        reqs.append(check_request(cap, tracks.get(cap.instance_id), frames, prompt.text, cfg.vlm.enforces_json_schema))
         order.append(cap)
     for cap, resp in zip(order, vlm.generate(reqs)):
         if resp.error:
