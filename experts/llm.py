@@ -3,7 +3,8 @@
 ``load_llm(spec, cache)`` returns an :class:`Llm`. ``Llm.generate`` maps a list of :class:`LlmRequest` to a
 list of :class:`LlmResponse` (one per request, in order; a failed item carries ``error`` instead of raising).
 ``Llm.generate_json`` asks for a JSON object matching a pydantic model: with ``spec.supports_json_schema`` the
-endpoint is sent ``response_format={"type": "json_schema", ...}``; in every case the reply is parsed and
+endpoint is sent ``response_format={"type": "json_schema", ...}``, and the in-process transformers backend
+decodes under the schema (xgrammar, :mod:`experts.structured`); in every case the reply is parsed and
 validated with pydantic, and invalid replies are re-asked up to ``repair_retries`` times, showing the model
 its previous reply and the validation error (MotionBench question generation, seed 000 section 9.2, relies
 on this to get well-formed option lists out of GPT-4o).

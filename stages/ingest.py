@@ -17,7 +17,7 @@ from pydantic import model_validator
 from schemas._base import STATUS_ERROR, STATUS_SKIPPED
 from schemas.videos import SCHEMA, Video
 from stages.base import Resources, ShardContext, Stage, StageConfig
-from storage.manifest import read_plan
+from storage.manifest import cached_plan
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
 
@@ -206,7 +206,7 @@ def input_cache_dir() -> str:
 
 
 def process(ctx: ShardContext) -> list[Video]:
-    plan = read_plan(ctx.root)
+    plan = cached_plan(ctx.root)  # parsed once per process, not once per shard
     uris = plan["shards"][ctx.shard]
     rows = []
     for i, uri in enumerate(uris):

@@ -13,11 +13,11 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from schemas._base import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, to_table
 from stages.base import ShardContext, Stage
-from storage.manifest import read_plan, stage_config_hash
+from storage.manifest import cached_plan, stage_config_hash
 from storage.root import OutputRoot
 
 
@@ -44,22 +44,27 @@ class ShardOutcome:
 
 
 def plan_shards(root: OutputRoot) -> list[int]:
-    plan = read_plan(root)
+    plan = cached_plan(root)
     if not plan:
         raise InputsNotReadyError(f"{root.url} has no ingest plan; run `motionforge run --input ... --out {root.url}` first")
     return list(range(len(plan["shards"])))
 
 
 def plan_fingerprint(root: OutputRoot, shard: int) -> str:
-    plan = read_plan(root) or {"shards": []}
+    plan = cached_plan(root) or {"shards": []}
     if shard >= len(plan["shards"]):
         raise InputsNotReadyError(f"shard {shard} is not in the ingest plan of {root.url} ({len(plan['shards'])} shards)")
     blob = json.dumps(plan["shards"][shard], sort_keys=True)
     return "plan-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def input_fingerprints(stage: Stage, root: OutputRoot, shard: int) -> dict[str, str]:
-    """What this shard was (or would be) built from: the input shards' write fingerprints."""
+MarkerReader = Callable[[str, int], "dict | None"]
+
+
+def input_fingerprints(stage: Stage, root: OutputRoot, shard: int, read_marker: MarkerReader | None = None) -> dict[str, str]:
+    """What this shard was (or would be) built from: the input shards' write fingerprints.
+    ``read_marker(stage, shard)`` replaces ``root.read_marker`` (``status`` passes a memo that reads each once)."""
+    read_marker = read_marker or root.read_marker
     if not stage.inputs:
         return {"plan": plan_fingerprint(root, shard) if stage.name == "ingest" else "none"}
     shards = plan_shards(root) if stage.scope == "global" else [shard]
@@ -67,7 +72,7 @@ def input_fingerprints(stage: Stage, root: OutputRoot, shard: int) -> dict[str, 
     for inp in stage.inputs:
         fps = []
         for s in shards:
-            m = root.read_marker(inp, s)
+            m = read_marker(inp, s)
             if m is None:
                 raise InputsNotReadyError(
                     f"stage {stage.name!r} shard {shard}: input {inp!r} shard {s} is not complete; run {inp!r} first"
@@ -79,16 +84,17 @@ def input_fingerprints(stage: Stage, root: OutputRoot, shard: int) -> dict[str, 
     return out
 
 
-def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None = None) -> str:
+def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None = None,
+                read_marker: MarkerReader | None = None) -> str:
     """complete | stale | pending | failed-inputs (inputs missing)."""
-    m = root.read_marker(stage.name, shard)
+    m = (read_marker or root.read_marker)(stage.name, shard)
     if m is None:
         return "pending"
     current = config_hash or stage_config_hash(root, stage.name) or m["config_hash"]
     if m["config_hash"] != current:
         return "stale"
     try:
-        if input_fingerprints(stage, root, shard) != m["inputs"]:
+        if input_fingerprints(stage, root, shard, read_marker) != m["inputs"]:
             return "stale"
     except InputsNotReadyError:
         return "stale"
