@@ -68,7 +68,7 @@ def test_first_frame_judge_and_checker_replies_follow_their_schemas(tiny_vlm):
     jsonschema.validate(value, ANSWER_SCHEMA)
     assert judge_letter(judge.text) == value["answer"]
     check = tiny_vlm.generate([VlmRequest("Is the caption correct?", images=(frame, frame), json_schema=VERDICT_SCHEMA,
-                                          max_new_tokens=96)])[0]
+                                          max_new_tokens=400)])[0]
     jsonschema.validate(json.loads(check.text), VERDICT_SCHEMA)
     correct, unique, _ = parse_verdict(check.text)
     assert correct is not None and unique is not None
@@ -79,6 +79,11 @@ def test_judge_letter_reads_structured_and_free_replies():
     assert judge_letter("B. He turns") == "B"
     assert judge_letter('{"answer": "none"}') is None
     assert judge_letter('{"choice": "B"}') == "B"  # not the schema's key: free-text reading still finds the cue
+
+
+def test_checker_verdict_read_from_cut_or_control_character_replies():
+    assert parse_verdict('{"correct": "yes", "unique": "no", "reason": "cut sho')[:2] == (True, False)
+    assert parse_verdict('{"correct": "no", "unique": "yes", "reason": "a\x16b"}') == (False, True, "a\x16b")
 
 
 def test_qgen_decoding_schema_agrees_with_the_validator():

@@ -35,7 +35,7 @@ class CheckConfig(StageConfig):
 
 PROFILES = {
     "small": {"vlm": {"model_id": "Qwen/Qwen2-VL-2B-Instruct", "backend": "transformers"}},
-    "tiny": {"vlm": {"model_id": "tiny://qwen2_vl", "backend": "transformers", "max_new_tokens": 64},
+    "tiny": {"vlm": {"model_id": "tiny://qwen2_vl", "backend": "transformers", "max_new_tokens": 96},
              "num_frames": 4, "frame_short_side": 112, "unparseable": "accept"},
 }
 
@@ -44,7 +44,8 @@ VERDICT_SCHEMA: dict = {
     "title": "CheckVerdict", "type": "object",
     "properties": {"correct": {"type": "string", "enum": ["yes", "no"]},
                    "unique": {"type": "string", "enum": ["yes", "no"]},
-                   "reason": {"type": "string", "maxLength": 200}},
+                   # a pattern also keeps raw control characters out of the decoded string
+                   "reason": {"type": "string", "pattern": "^\\S.{0,159}$"}},
     "required": ["correct", "unique", "reason"], "additionalProperties": False,
 }
 
@@ -64,13 +65,13 @@ def parse_verdict(text: str) -> tuple[bool | None, bool | None, str | None]:
     m = re.search(r"\{.*\}", text or "", re.S)
     if m:
         try:
-            d = json.loads(m.group(0))
+            d = json.loads(m.group(0), strict=False)
             if isinstance(d, dict):
                 return _yn(d.get("correct")), _yn(d.get("unique")), (str(d["reason"]) if d.get("reason") else None)
         except json.JSONDecodeError:
             pass
-    def field(name):
-        mm = re.search(rf"{name}\W{{0,3}}\s*(yes|no|true|false)\b", text or "", re.I)
+    def field(name):  # also reads a JSON reply cut short by max_new_tokens: "correct": "yes", ...
+        mm = re.search(rf"{name}\W{{0,3}}\s*\"?(yes|no|true|false)\b", text or "", re.I)
         return _yn(mm.group(1)) if mm else None
     rm = re.search(r"reason\W{0,3}\s*(.+)", text or "", re.I)
     return field("correct"), field("unique"), (rm.group(1).strip().strip('"}') if rm else None)

@@ -72,7 +72,7 @@ class QgenConfig(StageConfig):
 PROFILES = {
     "small": {"llm": {"model_id": "Qwen/Qwen2.5-7B-Instruct", "backend": "transformers", "max_new_tokens": 2048}},
     # Short texts and one question: under constrained decoding the random model then finishes a valid reply.
-    "tiny": {"llm": {"model_id": "tiny://qwen2_lm", "backend": "transformers", "max_new_tokens": 256},
+    "tiny": {"llm": {"model_id": "tiny://qwen2_lm", "backend": "transformers", "max_new_tokens": 384},
              "num_questions": 1, "decode_max_chars": 16},
 }
 
