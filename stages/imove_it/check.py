@@ -18,6 +18,7 @@ from schemas.caption_verdicts import SCHEMA, CaptionVerdict
 from schemas.captions import Caption
 from schemas.tracks import Track
 from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources, vlm_expert_name
+from stages.shared.prefetch import batches, model_batch_size, prefetched
 from stages.shared.prompts import load_prompt
 from stages.imove_it.visual_prompts import boxed_frames
 
@@ -114,25 +115,30 @@ def process(ctx: ShardContext) -> list[CaptionVerdict]:
     prompt = load_prompt("imove_it", cfg.prompt)
     vlm = ctx.chat_expert("check.vlm", cfg.vlm, load_vlm)
     rows: dict[str, CaptionVerdict] = {}
-    reqs, order = [], []
-    for cap in caps:
-        try:
-            frames = read_frames(cap.video_path, start_s=cap.t1_s, end_s=max(cap.t2_s, cap.t1_s + 1e-3) + 1e-3,
-                                 num_frames=cfg.num_frames, short_side=cfg.frame_short_side)
-        except Exception as exc:  # noqa: BLE001
-            rows[cap.instance_id] = CaptionVerdict(instance_id=cap.instance_id, clip_id=cap.clip_id, accepted=False,
-                                                   prompt_version=prompt.version, status=STATUS_ERROR,
-                                                   error=f"could not read frames of {cap.video_path}: {exc}")
-            continue
-        reqs.append(check_request(cap, tracks.get(cap.instance_id), frames, prompt.text, cfg.vlm.enforces_json_schema))
-        order.append(cap)
-    for cap, resp in zip(order, vlm.generate(reqs)):
-        if resp.error:
-            rows[cap.instance_id] = CaptionVerdict(instance_id=cap.instance_id, clip_id=cap.clip_id, accepted=False,
-                                                   prompt_version=prompt.version, status=STATUS_ERROR,
-                                                   error=f"checker call failed: {resp.error}")
-        else:
-            rows[cap.instance_id] = verdict_row(cap, resp.text or "", cfg, prompt.version)
+
+    def load(cap: Caption):
+        return read_frames(cap.video_path, start_s=cap.t1_s, end_s=max(cap.t2_s, cap.t1_s + 1e-3) + 1e-3,
+                           num_frames=cfg.num_frames, short_side=cfg.frame_short_side)
+
+    # frames of the next batch are decoded on a prefetch thread while the checker works on this one
+    size = model_batch_size(cfg.vlm)
+    for batch in batches(prefetched(caps, load, depth=size), size):
+        reqs, order = [], []
+        for cap, frames in batch:
+            if isinstance(frames, Exception):
+                rows[cap.instance_id] = CaptionVerdict(instance_id=cap.instance_id, clip_id=cap.clip_id, accepted=False,
+                                                       prompt_version=prompt.version, status=STATUS_ERROR,
+                                                       error=f"could not read frames of {cap.video_path}: {frames}")
+                continue
+            reqs.append(check_request(cap, tracks.get(cap.instance_id), frames, prompt.text, cfg.vlm.enforces_json_schema))
+            order.append(cap)
+        for cap, resp in zip(order, vlm.generate(reqs) if reqs else []):
+            if resp.error:
+                rows[cap.instance_id] = CaptionVerdict(instance_id=cap.instance_id, clip_id=cap.clip_id, accepted=False,
+                                                       prompt_version=prompt.version, status=STATUS_ERROR,
+                                                       error=f"checker call failed: {resp.error}")
+            else:
+                rows[cap.instance_id] = verdict_row(cap, resp.text or "", cfg, prompt.version)
     return [rows[c.instance_id] for c in caps]
 
 
