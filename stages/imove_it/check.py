@@ -32,12 +32,17 @@ class CheckConfig(StageConfig):
     # What to do with a reply that states no verdict. "error" keeps it as an error row (default); the tiny
     # profile accepts so that data reaches the tasks stage with random-weight models.
     unparseable: Literal["error", "reject", "accept"] = "error"
+    # Decode the reply under VERDICT_SCHEMA when the backend can enforce it (in-process, or an endpoint with
+    # supports_json_schema). The tiny profile turns it off: a random model would then state a verdict, mostly
+    # "no", and reject every caption; unconstrained, its replies state none and unparseable=accept lets the
+    # data through to the tasks stage as before.
+    constrained_decoding: bool = True
 
 
 PROFILES = {
     "small": {"vlm": {"model_id": "Qwen/Qwen2-VL-2B-Instruct", "backend": "transformers"}},
-    "tiny": {"vlm": {"model_id": "tiny://qwen2_vl", "backend": "transformers", "max_new_tokens": 96},
-             "num_frames": 4, "frame_short_side": 112, "unparseable": "accept"},
+    "tiny": {"vlm": {"model_id": "tiny://qwen2_vl", "backend": "transformers", "max_new_tokens": 24},
+             "num_frames": 4, "frame_short_side": 112, "unparseable": "accept", "constrained_decoding": False},
 }
 
 # The reply shape the prompt asks for; decoded against when the backend can enforce it (ChatSpec.enforces_json_schema).
@@ -130,7 +135,8 @@ def process(ctx: ShardContext) -> list[CaptionVerdict]:
                                                        prompt_version=prompt.version, status=STATUS_ERROR,
                                                        error=f"could not read frames of {cap.video_path}: {frames}")
                 continue
-            reqs.append(check_request(cap, tracks.get(cap.instance_id), frames, prompt.text, cfg.vlm.enforces_json_schema))
+            reqs.append(check_request(cap, tracks.get(cap.instance_id), frames, prompt.text,
+                                      cfg.constrained_decoding and cfg.vlm.enforces_json_schema))
             order.append(cap)
         for cap, resp in zip(order, vlm.generate(reqs) if reqs else []):
             if resp.error:
