@@ -358,6 +358,19 @@ class _OpenAIChat:
         self.client.close()
 
 
+class _VllmLlm:
+    """In-process vLLM (experts.vllm_chat): every item of the call in one engine call, guided JSON decoding."""
+
+    def __init__(self, spec: LlmSpec, cache: ResponseCacheLike | None) -> None:
+        from experts.vllm_chat import VllmChat
+
+        self.chat = VllmChat(spec, cache)
+
+    def run(self, items: list[ChatItem]) -> list[LlmResponse]:
+        res = self.chat.run([(it.messages, it.max_new_tokens, it.temperature, it.json_schema) for it in items])
+        return [LlmResponse(text, err, cached, self.chat.model_name) for text, err, cached in res]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public expert
 # ----------------------------------------------------------------------------------------------------------
@@ -443,7 +456,9 @@ class Llm:
 
 def load_llm(spec: LlmSpec, cache: ResponseCacheLike | None = None) -> Llm:
     """Build the expert for ``spec``. Transformers weights are loaded once per process (``get_expert``);
-    the response cache applies to the OpenAI-compatible backend."""
+    the response cache applies to the OpenAI-compatible and vLLM backends."""
     if spec.backend == "openai":
         return Llm(spec, _OpenAIChat(spec, cache))
+    if spec.backend == "vllm":
+        return Llm(spec, _VllmLlm(spec, cache))
     return Llm(spec, _TransformersChat(spec))

@@ -45,7 +45,7 @@ from experts.base import ModelSpec
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["transformers", "openai"]
+Backend = Literal["transformers", "openai", "vllm"]  # vllm: in-process engine (optional extra)
 T = TypeVar("T")
 
 
@@ -84,8 +84,8 @@ class ChatSpec(ModelSpec):
     @property
     def enforces_json_schema(self) -> bool:
         """Whether a request's JSON schema is enforced while decoding: in-process (xgrammar constrained
-        decoding) or an endpoint that takes ``response_format`` with a JSON schema."""
-        return self.backend == "transformers" or self.supports_json_schema
+        decoding; vLLM's guided decoding) or an endpoint that takes ``response_format`` with a JSON schema."""
+        return self.backend in ("transformers", "vllm") or self.supports_json_schema
 
 
 # ----------------------------------------------------------------------------------------------------------
