@@ -50,12 +50,23 @@ def plan_shards(root: OutputRoot) -> list[int]:
     return list(range(len(plan["shards"])))
 
 
+_PLAN_FPS: dict[int, tuple[dict, dict[int, str]]] = {}  # id(cached plan) -> (plan, shard -> fingerprint)
+
+
 def plan_fingerprint(root: OutputRoot, shard: int) -> str:
     plan = cached_plan(root) or {"shards": []}
     if shard >= len(plan["shards"]):
         raise InputsNotReadyError(f"shard {shard} is not in the ingest plan of {root.url} ({len(plan['shards'])} shards)")
-    blob = json.dumps(plan["shards"][shard], sort_keys=True)
-    return "plan-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    hit = _PLAN_FPS.get(id(plan))
+    if hit is None or hit[0] is not plan:
+        if len(_PLAN_FPS) > 8:
+            _PLAN_FPS.clear()
+        hit = _PLAN_FPS[id(plan)] = (plan, {})
+    fp = hit[1].get(shard)
+    if fp is None:
+        blob = json.dumps(plan["shards"][shard], sort_keys=True)
+        fp = hit[1][shard] = "plan-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fp
 
 
 MarkerReader = Callable[[str, int], "dict | None"]
