@@ -33,6 +33,16 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
             return None
 
     report = []
+    # Every marker is read at most once: the states of a stage's shards and of the shards downstream of it all
+    # come from this memo (10,000 shards answer in about a second; benchmarks/bench_status.py).
+    markers: dict[tuple[str, int], dict | None] = {}
+
+    def read_marker(stage: str, shard: int) -> dict | None:
+        key = (stage, shard)
+        if key not in markers:
+            markers[key] = root.read_marker(stage, shard)
+        return markers[key]
+
     for name in (known or STAGE_MODULES):
         if name not in manifest["stages"] and not root.completed_shards(name):
             continue
@@ -43,8 +53,9 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
         expected = [0] if st.scope == "global" else shards
         states = collections.Counter()
         stale_shards, pending = [], []
+        chash = manifest["stages"].get(name, {}).get("config_hash")
         for k in expected:
-            s = shard_state(st, root, k, lookup=lookup, memo=memo)
+            s = shard_state(st, root, k, config_hash=chash, read_marker=read_marker, lookup=lookup, memo=memo)
             states[s] += 1
             if s == "stale":
                 stale_shards.append(k)
@@ -54,7 +65,7 @@ def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> di
         reasons: collections.Counter = collections.Counter()
         examples: dict[str, str] = {}
         for k in root.completed_shards(name):
-            m = root.read_marker(name, k) or {}
+            m = read_marker(name, k) or {}
             ok += m.get("ok", 0)
             err += m.get("error", 0)
             skipped += m.get("skipped", 0)

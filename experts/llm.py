@@ -3,7 +3,8 @@
 ``load_llm(spec, cache)`` returns an :class:`Llm`. ``Llm.generate`` maps a list of :class:`LlmRequest` to a
 list of :class:`LlmResponse` (one per request, in order; a failed item carries ``error`` instead of raising).
 ``Llm.generate_json`` asks for a JSON object matching a pydantic model: with ``spec.supports_json_schema`` the
-endpoint is sent ``response_format={"type": "json_schema", ...}``; in every case the reply is parsed and
+endpoint is sent ``response_format={"type": "json_schema", ...}``, and the in-process transformers backend
+decodes under the schema (xgrammar, :mod:`experts.structured`); in every case the reply is parsed and
 validated with pydantic, and invalid replies are re-asked up to ``repair_retries`` times, showing the model
 its previous reply and the validation error (MotionBench question generation, seed 000 section 9.2, relies
 on this to get well-formed option lists out of GPT-4o).
@@ -115,6 +116,19 @@ def describe_exception(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def json_constraint_kwargs(model: Any, tokenizer: Any, schemas: Sequence[dict | None]) -> dict:
+    """``generate`` kwargs that constrain every row to its JSON schema (xgrammar); {} when the batch has no
+    schema or xgrammar is missing. A batch is all-schema or no-schema (the backends batch by that)."""
+    if not schemas or any(s is None for s in schemas):
+        return {}
+    from experts.structured import json_grammar_for
+
+    grammar = json_grammar_for(model, tokenizer)
+    if grammar is None:
+        return {}
+    return {"logits_processor": [grammar.logits_processor(schemas)]}  # type: ignore[arg-type]
+
+
 def _sampling_kwargs(temperature: float) -> dict:
     if temperature > 0:
         return {"do_sample": True, "temperature": temperature}
@@ -130,7 +144,7 @@ _FENCE_RE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
 def extract_json(text: str) -> Any:
     """Parse the first JSON value in ``text``, tolerating code fences and prose around it."""
     candidates = [m.group(1) for m in _FENCE_RE.finditer(text)] + [text]
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)  # raw control characters inside strings are tolerated
     last: Exception | None = None
     for cand in candidates:
         cand = cand.strip()
@@ -303,7 +317,8 @@ class _TransformersChat:
 
     def run(self, items: list[ChatItem]) -> list[LlmResponse]:
         out: dict[int, Any] = {}
-        for batch in batches_by(range(len(items)), lambda i: (items[i].max_new_tokens, items[i].temperature), self.spec.batch_size):
+        for batch in batches_by(range(len(items)), lambda i: (items[i].max_new_tokens, items[i].temperature,
+                                                              items[i].json_schema is not None), self.spec.batch_size):
             out.update(run_isolated(batch, lambda b: self._generate([items[i] for i in b]), self.model_name))
         return [
             LlmResponse(text=None, error=describe_exception(o), cached=False, model=self.model_name)
@@ -321,6 +336,7 @@ class _TransformersChat:
             out = self.model.generate(
                 **enc, max_new_tokens=items[0].max_new_tokens, pad_token_id=tok.pad_token_id,
                 **_sampling_kwargs(items[0].temperature),
+                **json_constraint_kwargs(self.model, tok, [it.json_schema for it in items]),
             )
         new = out[:, enc["input_ids"].shape[1]:]
         return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
@@ -340,6 +356,19 @@ class _OpenAIChat:
 
     def close(self) -> None:
         self.client.close()
+
+
+class _VllmLlm:
+    """In-process vLLM (experts.vllm_chat): every item of the call in one engine call, guided JSON decoding."""
+
+    def __init__(self, spec: LlmSpec, cache: ResponseCacheLike | None) -> None:
+        from experts.vllm_chat import VllmChat
+
+        self.chat = VllmChat(spec, cache)
+
+    def run(self, items: list[ChatItem]) -> list[LlmResponse]:
+        res = self.chat.run([(it.messages, it.max_new_tokens, it.temperature, it.json_schema) for it in items])
+        return [LlmResponse(text, err, cached, self.chat.model_name) for text, err, cached in res]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,7 +456,9 @@ class Llm:
 
 def load_llm(spec: LlmSpec, cache: ResponseCacheLike | None = None) -> Llm:
     """Build the expert for ``spec``. Transformers weights are loaded once per process (``get_expert``);
-    the response cache applies to the OpenAI-compatible backend."""
+    the response cache applies to the OpenAI-compatible and vLLM backends."""
     if spec.backend == "openai":
         return Llm(spec, _OpenAIChat(spec, cache))
+    if spec.backend == "vllm":
+        return Llm(spec, _VllmLlm(spec, cache))
     return Llm(spec, _TransformersChat(spec))

@@ -45,7 +45,7 @@ from experts.base import ModelSpec
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["transformers", "openai"]
+Backend = Literal["transformers", "openai", "vllm"]  # vllm: in-process engine (optional extra)
 T = TypeVar("T")
 
 
@@ -80,6 +80,12 @@ class ChatSpec(ModelSpec):
     seed: int | None = None
     # -- in-process transformers --
     batch_size: int = Field(8, ge=1)
+
+    @property
+    def enforces_json_schema(self) -> bool:
+        """Whether a request's JSON schema is enforced while decoding: in-process (xgrammar constrained
+        decoding; vLLM's guided decoding) or an endpoint that takes ``response_format`` with a JSON schema."""
+        return self.backend in ("transformers", "vllm") or self.supports_json_schema
 
 
 # ----------------------------------------------------------------------------------------------------------

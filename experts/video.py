@@ -16,6 +16,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -285,13 +286,23 @@ def _open_video(path: PathLike) -> tuple[Any, Any]:
     return container, videos[0]
 
 
-def _count_frames_before(path: PathLike, stream_index: int, pts: int) -> int:
-    """Number of frames whose pts is below ``pts``, by demuxing (not decoding) from the start."""
+@functools.lru_cache(maxsize=16)
+def _sorted_packet_pts(path: str, mtime_ns: int, size: int, stream_index: int) -> "np.ndarray":
+    """Sorted pts of the stream's non-empty packets, demuxed (not decoded) once per file version."""
     import av
 
-    with av.open(str(path)) as container:
+    with av.open(path) as container:
         stream = container.streams[stream_index]
-        return sum(1 for pkt in container.demux(stream) if pkt.pts is not None and pkt.size > 0 and pkt.pts < pts)
+        pts = [pkt.pts for pkt in container.demux(stream) if pkt.pts is not None and pkt.size > 0]
+    return np.sort(np.asarray(pts, dtype=np.int64))
+
+
+def _count_frames_before(path: PathLike, stream_index: int, pts: int) -> int:
+    """Number of frames whose pts is below ``pts``. The packet index is demuxed once per file (and kept while
+    the file is unchanged), so many seeks into one variable-frame-rate video cost one pass, not one each."""
+    st = os.stat(path)
+    table = _sorted_packet_pts(str(path), st.st_mtime_ns, st.st_size, stream_index)
+    return int(np.searchsorted(table, pts, side="left"))
 
 
 def _uniform_times(start_s: float, end_s: float, n: int) -> list[float]:

@@ -26,6 +26,7 @@ from experts.base import ModelSpec, get_expert, hf_load, register_tiny, resolve_
 from experts.llm import (
     _sampling_kwargs,
     batches_by,
+    json_constraint_kwargs,
     build_tiny_qwen_tokenizer,
     describe_exception,
     generation_params,
@@ -239,6 +240,7 @@ class _Prepared:
     video: np.ndarray | None
     max_new_tokens: int
     temperature: float
+    json_schema: dict | None = None
 
 
 class _TransformersVlm:
@@ -269,7 +271,7 @@ class _TransformersVlm:
             {"role": "user", "content": content}
         ]
         n, temp = generation_params(self.spec, req.max_new_tokens, req.temperature)
-        return _Prepared(messages, images, video, n, temp)
+        return _Prepared(messages, images, video, n, temp, req.json_schema)
 
     def run(self, requests: list[VlmRequest]) -> list[VlmResponse]:
         prepared: dict[int, _Prepared] = {}
@@ -279,7 +281,8 @@ class _TransformersVlm:
                 prepared[i] = self._prepare(req)
             except Exception as exc:
                 out[i] = exc
-        for batch in batches_by(list(prepared), lambda i: (prepared[i].max_new_tokens, prepared[i].temperature), self.spec.batch_size):
+        key = lambda i: (prepared[i].max_new_tokens, prepared[i].temperature, prepared[i].json_schema is not None)  # noqa: E731
+        for batch in batches_by(list(prepared), key, self.spec.batch_size):
             out.update(run_isolated(batch, lambda b: self._generate([prepared[i] for i in b]), self.model_name))
         return [
             VlmResponse(None, describe_exception(o), False, self.model_name) if isinstance(o, Exception)
@@ -311,6 +314,7 @@ class _TransformersVlm:
             out = self.model.generate(
                 **enc, max_new_tokens=items[0].max_new_tokens, pad_token_id=proc.tokenizer.pad_token_id,
                 **_sampling_kwargs(items[0].temperature),
+                **json_constraint_kwargs(self.model, proc.tokenizer, [it.json_schema for it in items]),
             )
         new = out[:, enc["input_ids"].shape[1]:]
         return [t.strip() for t in proc.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -319,23 +323,54 @@ class _TransformersVlm:
 # ----------------------------------------------------------------------------------------------------------
 # OpenAI-compatible backend
 # ----------------------------------------------------------------------------------------------------------
+def openai_messages(spec: VlmSpec, req: VlmRequest, schema_in_prompt: bool) -> list[dict]:
+    """OpenAI-format chat messages of a request (images as JPEG data URLs; a frame list preceded by the line
+    saying it is one video), shared by the endpoint and the in-process vLLM backends."""
+    content: list[dict] = []
+    if req.as_video and len(req.images) > 1:
+        content.append({"type": "text", "text": f"The following {len(req.images)} images are frames of one video, in temporal order."})
+    for im in req.images:
+        url = encode_image_data_url(as_rgb_uint8(im), quality=spec.jpeg_quality, max_side_px=spec.max_image_side_px)
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    content.append({"type": "text", "text": req.text})
+    system = req.system
+    if req.json_schema is not None and schema_in_prompt:
+        system = f"{system}\n\n{schema_instruction(req.json_schema)}" if system else schema_instruction(req.json_schema)
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+
+
+class _VllmVlm:
+    """In-process vLLM (experts.vllm_chat): every request of the call in one engine call (continuous batching),
+    images as data URLs in the checkpoint's chat template, guided JSON decoding."""
+
+    def __init__(self, spec: VlmSpec, cache: ResponseCacheLike | None) -> None:
+        from experts.vllm_chat import VllmChat
+
+        self.spec = spec
+        self.chat = VllmChat(spec, cache)
+
+    def run(self, requests: list[VlmRequest]) -> list[VlmResponse]:
+        out: list[VlmResponse | None] = [None] * len(requests)
+        index, calls = [], []
+        for i, req in enumerate(requests):
+            try:
+                n, temp = generation_params(self.spec, req.max_new_tokens, req.temperature)
+                calls.append((openai_messages(self.spec, req, schema_in_prompt=True), n, temp, req.json_schema))
+                index.append(i)
+            except Exception as exc:  # an unreadable image fails its own item only
+                out[i] = VlmResponse(None, describe_exception(exc), False, self.chat.model_name)
+        for i, (text, err, cached) in zip(index, self.chat.run(calls)):
+            out[i] = VlmResponse(text, err, cached, self.chat.model_name)
+        return out  # type: ignore[return-value]
+
+
 class _OpenAIVlm:
     def __init__(self, spec: VlmSpec, cache: ResponseCacheLike | None) -> None:
         self.spec = spec
         self.client = OpenAICompatClient(spec, cache)
 
     def messages_for(self, req: VlmRequest) -> list[dict]:
-        content: list[dict] = []
-        if req.as_video and len(req.images) > 1:
-            content.append({"type": "text", "text": f"The following {len(req.images)} images are frames of one video, in temporal order."})
-        for im in req.images:
-            url = encode_image_data_url(as_rgb_uint8(im), quality=self.spec.jpeg_quality, max_side_px=self.spec.max_image_side_px)
-            content.append({"type": "image_url", "image_url": {"url": url}})
-        content.append({"type": "text", "text": req.text})
-        system = req.system
-        if req.json_schema is not None and not self.spec.supports_json_schema:
-            system = f"{system}\n\n{schema_instruction(req.json_schema)}" if system else schema_instruction(req.json_schema)
-        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        return openai_messages(self.spec, req, schema_in_prompt=not self.spec.supports_json_schema)
 
     def run(self, requests: list[VlmRequest]) -> list[VlmResponse]:
         calls: list[ChatCall] = []
@@ -387,4 +422,6 @@ def load_vlm(spec: VlmSpec, cache: ResponseCacheLike | None = None) -> Vlm:
     response cache applies to the OpenAI-compatible backend."""
     if spec.backend == "openai":
         return Vlm(spec, _OpenAIVlm(spec, cache))
+    if spec.backend == "vllm":
+        return Vlm(spec, _VllmVlm(spec, cache))
     return Vlm(spec, _TransformersVlm(spec))

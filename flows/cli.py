@@ -53,12 +53,19 @@ class _Progress:
 
     def __init__(self, out: str, names: list[str]):
         self.out, self.names = out, names
+        self._seen: dict[str, dict[int, tuple]] = {}  # stage -> shard -> (marker mtime, complete, config hash)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _count(self):
+        """(complete, expected) shards. Each tick lists the marker folders (names and modification times) and
+        checks only the markers that appeared or changed since the last tick, so a tick costs one listing per
+        stage, not a read of every marker."""
+        import pyarrow.fs as pafs
+
         from stages.registry import get_stage
         from stages.runner import plan_shards, shard_state
+        from storage.manifest import read_manifest
         from storage.root import OutputRoot
 
         root = OutputRoot(self.out)
@@ -66,13 +73,30 @@ class _Progress:
             shards = plan_shards(root)
         except Exception:  # noqa: BLE001
             return 0, 0
+        hashes = {n: s.get("config_hash") for n, s in read_manifest(root)["stages"].items()}
         done = total = 0
         memo: dict = {}
         for n in self.names:
             st = get_stage(n)
-            ks = [0] if st.scope == "global" else shards
+            ks = {0} if st.scope == "global" else set(shards)
             total += len(ks)
-            done += sum(1 for k in ks if root.read_marker(n, k) is not None and shard_state(st, root, k, memo=memo) == "complete")
+            seen = self._seen.setdefault(n, {})
+            sel = pafs.FileSelector(root.path(n, "_markers"), allow_not_found=True)
+            listed = {}
+            for info in root.fs.get_file_info(sel):
+                name = info.base_name
+                if name.startswith("shard-") and name.endswith(".json"):
+                    k = int(name[len("shard-"):-len(".json")])
+                    if k in ks:  # a marker outside the plan (pruned by the run) never counts
+                        listed[k] = info.mtime_ns
+            for k in list(seen):
+                if k not in listed:
+                    del seen[k]
+            for k, mtime in listed.items():
+                if k not in seen or seen[k][0] != mtime or seen[k][2] != hashes.get(n):
+                    complete = shard_state(st, root, k, config_hash=hashes.get(n), memo=memo) == "complete"
+                    seen[k] = (mtime, complete, hashes.get(n))
+            done += sum(1 for _, complete, _ in seen.values() if complete)
         return done, total
 
     def _loop(self):

@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import os
 import re
+import threading
 import time
 from typing import Any, Literal, Optional
 
@@ -121,6 +122,27 @@ def _api_url() -> str | None:
     return PREFECT_API_URL.value()
 
 
+_VALIDATED: dict[int, tuple[dict, Any]] = {}
+_VALIDATED_LOCK = threading.Lock()
+
+
+def validated_config(config: dict[str, Any]) -> Any:
+    """The pipeline config model of ``config``, validated once per config object and process: every task of a
+    flow run on a thread-pool worker gets the same dict, so the whole pipeline config is not re-validated per
+    (stage, shard) task. Keyed by identity (the dict is held, so its id is not reused): another config object is validated anew."""
+    key = id(config)
+    with _VALIDATED_LOCK:
+        hit = _VALIDATED.get(key)
+        if hit is not None and hit[0] is config:
+            return hit[1]
+    pc = pipeline_model().model_validate(config)
+    with _VALIDATED_LOCK:
+        if len(_VALIDATED) > 32:
+            _VALIDATED.clear()
+        _VALIDATED[key] = (config, pc)
+    return pc
+
+
 @task(
     name="stage-shard",
     task_run_name="{stage} / shard {shard:05d}",
@@ -131,7 +153,7 @@ def _api_url() -> str | None:
     cache_policy=NONE,
 )
 def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force: bool = False) -> dict:
-    pc = pipeline_model().model_validate(config)
+    pc = validated_config(config)
     root = OutputRoot(out)
     st = get_stage(stage)
     from flows.secrets import load_api_keys
@@ -203,7 +225,7 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
     opts = stage_shard.with_options(retries=runtime.retries,
                                     retry_delay_seconds=exponential_backoff(backoff_factor=runtime.retry_delay_s))
     use_ray = runtime.task_runner == "ray"
-    pc = pipeline_model().model_validate(cfg)
+    pc = validated_config(cfg)
     resources = {n: get_stage(n).resources_for(pc.stage_config(n)) for n in stage_names}
     if use_ray:
         from prefect_ray.context import remote_options

@@ -22,7 +22,7 @@ from pydantic import model_validator
 from schemas._base import STATUS_ERROR, STATUS_SKIPPED
 from schemas.videos import SCHEMA, Video
 from stages.base import Resources, ShardContext, Stage, StageConfig
-from storage.manifest import read_plan
+from storage.manifest import cached_plan
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
 
@@ -260,7 +260,7 @@ def earlier_duplicate(plan: dict, shard: int, index: int, size: int, vid: str, c
 def process(ctx: ShardContext) -> list[Video]:
     import dataclasses
 
-    plan = read_plan(ctx.root)
+    plan = cached_plan(ctx.root)  # parsed once per process, not once per shard
     uris = plan["shards"][ctx.shard]
     cache = input_cache_dir()
     rows = []

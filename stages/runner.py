@@ -18,7 +18,7 @@ from typing import Any, Callable
 from schemas._base import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, to_table
 from stages.base import ShardContext, Stage
 from stages.shared.reasons import normalise_reason
-from storage.manifest import read_plan, stage_config_hash
+from storage.manifest import cached_plan, stage_config_hash
 from storage.root import OutputRoot
 
 
@@ -45,22 +45,38 @@ class ShardOutcome:
 
 
 def plan_shards(root: OutputRoot) -> list[int]:
-    plan = read_plan(root)
+    plan = cached_plan(root)
     if not plan:
         raise InputsNotReadyError(f"{root.url} has no ingest plan; run `motionforge run --input ... --out {root.url}` first")
     return list(range(len(plan["shards"])))
 
 
+_PLAN_FPS: dict[int, tuple[dict, dict[int, str]]] = {}  # id(cached plan) -> (plan, shard -> fingerprint)
+
+
 def plan_fingerprint(root: OutputRoot, shard: int) -> str:
-    plan = read_plan(root) or {"shards": []}
+    plan = cached_plan(root) or {"shards": []}
     if shard >= len(plan["shards"]):
         raise InputsNotReadyError(f"shard {shard} is not in the ingest plan of {root.url} ({len(plan['shards'])} shards)")
-    blob = json.dumps(plan["shards"][shard], sort_keys=True)
-    return "plan-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    hit = _PLAN_FPS.get(id(plan))
+    if hit is None or hit[0] is not plan:
+        if len(_PLAN_FPS) > 8:
+            _PLAN_FPS.clear()
+        hit = _PLAN_FPS[id(plan)] = (plan, {})
+    fp = hit[1].get(shard)
+    if fp is None:
+        blob = json.dumps(plan["shards"][shard], sort_keys=True)
+        fp = hit[1][shard] = "plan-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fp
 
 
-def input_fingerprints(stage: Stage, root: OutputRoot, shard: int) -> dict[str, str]:
-    """What this shard was (or would be) built from: the input shards' write fingerprints."""
+MarkerReader = Callable[[str, int], "dict | None"]
+
+
+def input_fingerprints(stage: Stage, root: OutputRoot, shard: int, read_marker: MarkerReader | None = None) -> dict[str, str]:
+    """What this shard was (or would be) built from: the input shards' write fingerprints.
+    ``read_marker(stage, shard)`` replaces ``root.read_marker`` (``status`` passes a memo that reads each once)."""
+    read_marker = read_marker or root.read_marker
     if not stage.inputs:
         return {"plan": plan_fingerprint(root, shard) if stage.name == "ingest" else "none"}
     shards = plan_shards(root) if stage.scope == "global" else [shard]
@@ -68,7 +84,7 @@ def input_fingerprints(stage: Stage, root: OutputRoot, shard: int) -> dict[str, 
     for inp in stage.inputs:
         fps = []
         for s in shards:
-            m = root.read_marker(inp, s)
+            m = read_marker(inp, s)
             if m is None:
                 raise InputsNotReadyError(
                     f"stage {stage.name!r} shard {shard}: input {inp!r} shard {s} is not complete; run {inp!r} first"
@@ -89,45 +105,49 @@ def _registered(name: str) -> Stage | None:
         return None
 
 
-def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None = None, *,
-                lookup: Callable[[str], Stage | None] | None = None, memo: dict | None = None) -> str:
+def shard_state(stage: Stage, root: OutputRoot, shard: int, config_hash: str | None = None,
+                read_marker: MarkerReader | None = None, *, lookup: Callable[[str], Stage | None] | None = None,
+                memo: dict | None = None) -> str:
     """complete | stale | pending.
 
     *stale* is transitive: a shard is stale when its marker was written under another config, when an input
     shard it was built from has been rewritten since, or when any shard it was built from, directly or further
     up, is itself stale or gone. Upstream shards are judged from their own markers (what each was built from,
     as recorded when it was written); ``lookup`` finds a stage by name for its external inputs (default: the
-    stage registry). ``memo`` may be shared across calls (``status`` does) so each upstream shard is judged once.
+    stage registry). ``memo`` may be shared across calls (``status`` does) so each upstream shard is judged once;
+    ``read_marker(stage, shard)`` replaces ``root.read_marker`` (``status`` passes one that reads each marker once).
     """
     memo = {} if memo is None else memo
-    m = root.read_marker(stage.name, shard)
+    read_marker = read_marker or root.read_marker
+    m = read_marker(stage.name, shard)
     if m is None:
         return "pending"
     current = config_hash or stage_config_hash(root, stage.name) or m["config_hash"]
     if m["config_hash"] != current:
         return "stale"
     try:
-        if input_fingerprints(stage, root, shard) != m["inputs"]:
+        if input_fingerprints(stage, root, shard, read_marker) != m["inputs"]:
             return "stale"
     except InputsNotReadyError:
         return "stale"
     upstream = plan_shards(root) if stage.scope == "global" and stage.inputs else [shard]
     for inp in stage.inputs:
-        if not all(_upstream_fresh(root, inp, k, lookup or _registered, memo) for k in upstream):
+        if not all(_upstream_fresh(root, inp, k, lookup or _registered, memo, read_marker) for k in upstream):
             return "stale"
     return "complete"
 
 
-def _upstream_fresh(root: OutputRoot, name: str, shard: int, lookup, memo: dict) -> bool:
+def _upstream_fresh(root: OutputRoot, name: str, shard: int, lookup, memo: dict, read_marker: MarkerReader) -> bool:
     key = (name, shard)
     if key not in memo:
         memo[key] = True  # a cycle (none in a valid DAG) must not recurse forever
-        m = root.read_marker(name, shard)
-        memo[key] = m is not None and _built_from_current(root, name, shard, m, lookup, memo)
+        m = read_marker(name, shard)
+        memo[key] = m is not None and _built_from_current(root, name, shard, m, lookup, memo, read_marker)
     return memo[key]
 
 
-def _built_from_current(root: OutputRoot, name: str, shard: int, m: dict, lookup, memo: dict) -> bool:
+def _built_from_current(root: OutputRoot, name: str, shard: int, m: dict, lookup, memo: dict,
+                        read_marker: MarkerReader) -> bool:
     """Whether the shard ``m`` marks still matches its stage's config and everything it was built from."""
     if "manifest" not in memo:
         from storage.manifest import read_manifest
@@ -155,12 +175,12 @@ def _built_from_current(root: OutputRoot, name: str, shard: int, m: dict, lookup
         shards = plan_shards(root) if str(recorded).startswith("all-") else [shard]
         fps = []
         for k in shards:
-            im = root.read_marker(inp, k)
+            im = read_marker(inp, k)
             if im is None:
                 return False
             fps.append(im["fingerprint"])
         now = fps[0] if len(fps) == 1 else "all-" + hashlib.sha256("|".join(fps).encode()).hexdigest()[:16]
-        if now != recorded or not all(_upstream_fresh(root, inp, k, lookup, memo) for k in shards):
+        if now != recorded or not all(_upstream_fresh(root, inp, k, lookup, memo, read_marker) for k in shards):
             return False
     return True
 

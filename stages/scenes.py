@@ -3,7 +3,9 @@
 Pure functions over plain values; the stage framework (``stages.base``) wires them to tables:
 
 * :func:`detect_cuts` -- one video -> :class:`CutResult` (first frame of every new scene).
-* :func:`detect_many` -- many videos over a process pool, failures returned per video.
+* :func:`detect_many` -- many videos over a process pool, failures returned per video; a single video is
+  split at keyframes (:func:`detect_cuts_split`: segments scored in parallel, the library's detector then
+  decides over the stitched scores, so the cuts are the single pass's).
 * :func:`clip_spans` -- a :class:`CutResult` -> :class:`ClipSpan` rows (short scenes kept as dropped rows,
   over-long scenes split into near-equal parts).
 * :func:`clip_id` -- deterministic ``uuid5(video_id, start_s, end_s)`` (ARCHITECTURE rule 2).
@@ -249,11 +251,167 @@ def detect_cuts(video_path: str | os.PathLike, config: ScenesConfig | None = Non
     return CutResult(cut_frames=cut_frames, num_frames=num_frames, fps=fps, duration_s=num_frames / fps)
 
 
+# ------------------------------------------------------------------ one long video over several processes
+
+
+@dataclasses.dataclass
+class _SegmentScores:
+    """What a worker returns for frames ``[start_frame, end_frame)`` of one video."""
+
+    positions: list  # FrameTimecode of every frame read, in order
+    scores: list[float]  # ContentDetector frame score; scores[0] is 0.0 (no previous frame in the segment)
+    first: object  # the first and last frames, downscaled as the SceneManager does, for the boundary scores
+    last: object
+    fps: float  # the backend's frame rate, as detect_cuts reports it
+
+
+def _downscale_factor(stream, config: ScenesConfig) -> float:
+    from scenedetect.scene_manager import compute_downscale_factor
+
+    if config.downscale == "auto":
+        return compute_downscale_factor(max(stream.frame_size))
+    return float(config.downscale)
+
+
+def _segment_scores(path: str, config: ScenesConfig, start_frame: int, end_frame: int | None) -> _SegmentScores:
+    """Scores of one segment, computed exactly as ``SceneManager.detect_scenes`` would: same backend, same
+    resize (``cv2.resize`` with the manager's default linear interpolation), the library's own
+    ``ContentDetector._calculate_frame_score``."""
+    import cv2
+
+    _use_fast_pixel_distance()
+    stream = _open_stream(path, config)
+    factor = _downscale_factor(stream, config)
+    if start_frame > 0:
+        stream.seek(start_frame)
+    det = _make_detector(config)
+    positions, scores, first, last = [], [], None, None
+    while end_frame is None or len(positions) < end_frame - start_frame:
+        frame = stream.read()
+        if frame is False:
+            break
+        if factor > 1.0:
+            frame = cv2.resize(frame, (max(1, round(frame.shape[1] / factor)), max(1, round(frame.shape[0] / factor))),
+                               interpolation=cv2.INTER_LINEAR)
+        pos = stream.position
+        scores.append(det._calculate_frame_score(pos, frame))
+        positions.append(pos)
+        if first is None:
+            first = frame
+        last = frame
+    return _SegmentScores(positions, scores, first, last, float(stream.frame_rate))
+
+
+def _segment_starts(path: str, config: ScenesConfig, segments: int) -> tuple[list[int], float]:
+    """Keyframe frame numbers near equal fractions of the video, where segments start (0 first)."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        frames = stream.frames
+        duration = float(stream.duration * stream.time_base) if stream.duration else None
+    if not fps > 0:
+        return [0], 0.0
+    total = frames or (round(duration * fps) if duration else 0)
+    keys = sorted({round(t * fps) for t in keyframe_times(path)} - {0})
+    starts = [0]
+    for i in range(1, segments):
+        want = total * i / segments
+        cand = min(keys, key=lambda k: abs(k - want), default=None)
+        if cand is not None and cand > starts[-1]:
+            starts.append(cand)
+    return starts, fps
+
+
+class _ScoredContentDetector:
+    """Replays precomputed frame scores through the library's own ContentDetector decision (threshold and
+    flash filter), so the cut decisions are the library's, only the scores were computed elsewhere."""
+
+    def __init__(self, config: ScenesConfig, scores: dict[int, float]):
+        det = _make_detector(config)
+        det._calculate_frame_score = lambda timecode, frame_img: scores[timecode.frame_num]  # noqa: ARG005
+        self.det = det
+
+
+def detect_cuts_split(path: str | os.PathLike, config: ScenesConfig | None = None, workers: int = 2,
+                      pool: cf.Executor | None = None) -> CutResult:
+    """:func:`detect_cuts` for one long video over ``workers`` processes: the video is split at keyframes,
+    each segment's frame scores are computed in parallel, the scores across each boundary are computed from
+    the neighbouring segments' edge frames, and the library's ContentDetector then decides the cuts over the
+    whole score sequence in order. The cuts are those of the single pass (tests/test_scenes.py checks it on
+    real footage and against the CLI). Other detectors, short videos and files whose segments do not join
+    frame for frame fall back to the single pass."""
+
+    config = config or ScenesConfig()
+    path = os.fspath(path)
+    if config.detector == "content" and workers > 1 and os.path.isfile(path):
+        try:
+            res = _split_detect(path, config, workers, pool)
+        except Exception:  # noqa: BLE001 -- e.g. a damaged index: the single pass reports the real problem
+            res = None
+        if res is not None:
+            return res
+    return detect_cuts(path, config)
+
+
+def _split_detect(path: str, config: ScenesConfig, workers: int, pool: cf.Executor | None) -> CutResult | None:
+    """The split-and-stitch detection, or None when the video cannot be split exactly (then: single pass)."""
+    from scenedetect.scene_manager import get_scenes_from_cuts
+
+    starts, fps = _segment_starts(path, config, workers)
+    if len(starts) < 2:
+        return None
+    bounds = list(zip(starts, starts[1:] + [None]))
+    own = pool is None
+    pool = pool or cf.ProcessPoolExecutor(max_workers=min(workers, len(bounds)), mp_context=_worker_context(),
+                                          initializer=_worker_init)
+    try:
+        parts = list(pool.map(_segment_scores, [path] * len(bounds), [config] * len(bounds),
+                              [a for a, _ in bounds], [b for _, b in bounds]))
+    finally:
+        if own:
+            pool.shutdown()
+    # every segment must continue its predecessor frame for frame, or the single pass decides
+    for (a, b), part in zip(bounds, parts):
+        nums = [p.frame_num for p in part.positions]
+        if not nums or nums[0] != a or nums != list(range(a, a + len(nums))) or (b is not None and len(nums) != b - a):
+            return None
+    scores: dict[int, float] = {}
+    for i, part in enumerate(parts):
+        for pos, sc in zip(part.positions, part.scores):
+            scores[pos.frame_num] = sc
+        if i > 0:  # the boundary frame's score against the previous segment's last frame
+            det = _make_detector(config)
+            det._calculate_frame_score(parts[i - 1].positions[-1], parts[i - 1].last)
+            scores[part.positions[0].frame_num] = det._calculate_frame_score(part.positions[0], part.first)
+    det = _ScoredContentDetector(config, scores).det
+    cuts: list = []
+    positions = [p for part in parts for p in part.positions]
+    for pos in positions:
+        cuts += det.process_frame(pos, None)
+    cuts += det.post_process(positions[-1])
+    scenes = get_scenes_from_cuts(cut_list=sorted(set(cuts)), start_pos=positions[0], end_pos=positions[-1] + 1)
+    cut_frames = [int(start.frame_num) for start, _ in sorted(scenes)[1:]]
+    num_frames = int(sorted(scenes)[-1][1].frame_num)
+    rate = parts[0].fps
+    return CutResult(cut_frames=cut_frames, num_frames=num_frames, fps=rate, duration_s=num_frames / rate)
+
+
 def _detect_or_error(path: str, config: ScenesConfig) -> CutResult | SceneDetectionError:
     # Exceptions are returned, not raised, and re-wrapped as plain SceneDetectionError so they always
     # pickle back from a worker process (some library exceptions do not).
     try:
         return detect_cuts(path, config)
+    except SceneDetectionError as exc:
+        return SceneDetectionError(str(exc))
+    except Exception as exc:  # noqa: BLE001 -- one bad video must not fail the shard (rule 4)
+        return SceneDetectionError(f"scene detection failed on {path}: {type(exc).__name__}: {exc}")
+
+
+def _detect_split_or_error(path: str, config: ScenesConfig, workers: int) -> CutResult | SceneDetectionError:
+    try:
+        return detect_cuts_split(path, config, workers)
     except SceneDetectionError as exc:
         return SceneDetectionError(str(exc))
     except Exception as exc:  # noqa: BLE001 -- one bad video must not fail the shard (rule 4)
@@ -287,8 +445,10 @@ def detect_many(
     """
     config = config or ScenesConfig()
     paths = [os.fspath(p) for p in paths]
-    if workers <= 1 or len(paths) <= 1:
+    if workers <= 1:
         return [_detect_or_error(p, config) for p in paths]
+    if len(paths) == 1:  # one video: split it at keyframes so every worker has a part (same cuts)
+        return [_detect_split_or_error(paths[0], config, workers)]
 
     def size(p: str) -> int:
         try:

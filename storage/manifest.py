@@ -8,6 +8,7 @@ shard stale until ``tag`` runs again, and ``status`` says so.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from typing import Any
 
 from storage.root import OutputRoot
@@ -49,3 +50,31 @@ def record_plan(root: OutputRoot, plan: dict) -> None:
 
 def read_plan(root: OutputRoot) -> dict | None:
     return root.read_json(root.path("ingest", "_plan.json"))
+
+
+_PLAN_CACHE: dict[str, tuple[tuple, dict]] = {}
+_PLAN_LOCK = threading.Lock()
+
+
+def cached_plan(root: OutputRoot) -> dict | None:
+    """The plan, parsed once per process while the file is unchanged (same modification time and size).
+
+    Every ingest shard and every staleness check needs it; re-reading the whole plan each time made the
+    work per run grow with shards x plan size. The returned dict is shared: callers must not modify it."""
+    import pyarrow.fs as pafs
+
+    path = root.path("ingest", "_plan.json")
+    info = root.fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    stamp = (info.mtime_ns, info.size)
+    key = root.url
+    with _PLAN_LOCK:
+        hit = _PLAN_CACHE.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+    plan = read_plan(root)
+    if plan is not None:
+        with _PLAN_LOCK:
+            _PLAN_CACHE[key] = (stamp, plan)
+    return plan

@@ -345,3 +345,29 @@ def test_cut_clip_errors(synth, tmp_path):
     with pytest.raises(ClipCutError, match="ffmpeg failed"):
         cut_clip(synth, tmp_path / "x.unknownext", 1.4, 2.0, [])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("backend", ["opencv", "pyav"])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_split_and_stitch_equals_single_pass(synth, tmp_path, backend, workers):
+    """One video split at keyframes, segments scored in parallel processes, then stitched: the cuts, frame
+    count and rate are those of the single pass, on real footage and on generated shots whose cuts fall near
+    the segment boundaries."""
+    from stages.scenes import _split_detect, detect_cuts_split, detect_many
+
+    config = ScenesConfig(backend=backend)
+    for video in (_bikes(), synth, write_shots(tmp_path / "near.mp4", shots=(26, 24, 30, 27, 40), seed=3)):
+        single = detect_cuts(video, config)
+        split = _split_detect(str(video), config, workers, None)
+        assert split is not None, "the video was not split (fell back to the single pass)"
+        assert split == single
+        assert detect_cuts_split(video, config, workers=workers) == single
+    assert detect_many([_bikes()], config, workers=workers) == [detect_cuts(_bikes(), config)]
+
+
+def test_split_detection_matches_the_cli_on_real_footage(tmp_path):
+    from stages.scenes import _split_detect
+
+    bikes = _bikes()
+    split = _split_detect(str(bikes), ScenesConfig(), 2, None)
+    assert split is not None and split.cut_frames == cli_cuts(bikes, ScenesConfig(), tmp_path)

@@ -18,6 +18,7 @@ from schemas.caption_verdicts import SCHEMA, CaptionVerdict
 from schemas.captions import Caption
 from schemas.tracks import Track
 from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources, vlm_expert_name
+from stages.shared.prefetch import batches, model_batch_size, prefetched
 from stages.shared.prompts import load_prompt
 from stages.imove_it.visual_prompts import boxed_frames
 
@@ -31,12 +32,27 @@ class CheckConfig(StageConfig):
     # What to do with a reply that states no verdict. "error" keeps it as an error row (default); the tiny
     # profile accepts so that data reaches the tasks stage with random-weight models.
     unparseable: Literal["error", "reject", "accept"] = "error"
+    # Decode the reply under VERDICT_SCHEMA when the backend can enforce it (in-process, or an endpoint with
+    # supports_json_schema). The tiny profile turns it off: a random model would then state a verdict, mostly
+    # "no", and reject every caption; unconstrained, its replies state none and unparseable=accept lets the
+    # data through to the tasks stage as before.
+    constrained_decoding: bool = True
 
 
 PROFILES = {
     "small": {"vlm": {"model_id": "Qwen/Qwen2-VL-2B-Instruct", "backend": "transformers"}},
     "tiny": {"vlm": {"model_id": "tiny://qwen2_vl", "backend": "transformers", "max_new_tokens": 24},
-             "num_frames": 4, "frame_short_side": 112, "unparseable": "accept"},
+             "num_frames": 4, "frame_short_side": 112, "unparseable": "accept", "constrained_decoding": False},
+}
+
+# The reply shape the prompt asks for; decoded against when the backend can enforce it (ChatSpec.enforces_json_schema).
+VERDICT_SCHEMA: dict = {
+    "title": "CheckVerdict", "type": "object",
+    "properties": {"correct": {"type": "string", "enum": ["yes", "no"]},
+                   "unique": {"type": "string", "enum": ["yes", "no"]},
+                   # a pattern also keeps raw control characters out of the decoded string
+                   "reason": {"type": "string", "pattern": "^\\S.{0,159}$"}},
+    "required": ["correct", "unique", "reason"], "additionalProperties": False,
 }
 
 _YES = {"yes", "true", "y", "correct", "1"}
@@ -55,13 +71,13 @@ def parse_verdict(text: str) -> tuple[bool | None, bool | None, str | None]:
     m = re.search(r"\{.*\}", text or "", re.S)
     if m:
         try:
-            d = json.loads(m.group(0))
+            d = json.loads(m.group(0), strict=False)
             if isinstance(d, dict):
                 return _yn(d.get("correct")), _yn(d.get("unique")), (str(d["reason"]) if d.get("reason") else None)
         except json.JSONDecodeError:
             pass
-    def field(name):
-        mm = re.search(rf"{name}\W{{0,3}}\s*(yes|no|true|false)\b", text or "", re.I)
+    def field(name):  # also reads a JSON reply cut short by max_new_tokens: "correct": "yes", ...
+        mm = re.search(rf"{name}\W{{0,3}}\s*\"?(yes|no|true|false)\b", text or "", re.I)
         return _yn(mm.group(1)) if mm else None
     rm = re.search(r"reason\W{0,3}\s*(.+)", text or "", re.I)
     return field("correct"), field("unique"), (rm.group(1).strip().strip('"}') if rm else None)
@@ -85,11 +101,11 @@ def verdict_row(cap: Caption, reply: str, cfg: CheckConfig, version: str) -> Cap
     return CaptionVerdict(**base, accepted=False, reason=msg, status=STATUS_SKIPPED, error=msg)
 
 
-def check_request(cap: Caption, track: Track | None, frames, prompt: str) -> VlmRequest:
+def check_request(cap: Caption, track: Track | None, frames, prompt: str, structured: bool = False) -> VlmRequest:
     images = boxed_frames(frames, track.points if track else None, cap.width, cap.height)
     text = prompt.format(t1=cap.t1_s - cap.clip_start_s, t2=cap.t2_s - cap.clip_start_s, label=cap.label,
                          dynamic_caption=(cap.dynamic_caption or "").replace('"', "'"))
-    return VlmRequest(text=text, images=images)
+    return VlmRequest(text=text, images=images, json_schema=VERDICT_SCHEMA if structured else None)
 
 
 def process(ctx: ShardContext) -> list[CaptionVerdict]:
@@ -104,25 +120,31 @@ def process(ctx: ShardContext) -> list[CaptionVerdict]:
     prompt = load_prompt("imove_it", cfg.prompt)
     vlm = ctx.chat_expert("check.vlm", cfg.vlm, load_vlm)
     rows: dict[str, CaptionVerdict] = {}
-    reqs, order = [], []
-    for cap in caps:
-        try:
-            frames = read_frames(cap.video_path, start_s=cap.t1_s, end_s=max(cap.t2_s, cap.t1_s + 1e-3) + 1e-3,
-                                 num_frames=cfg.num_frames, short_side=cfg.frame_short_side)
-        except Exception as exc:  # noqa: BLE001
-            rows[cap.instance_id] = CaptionVerdict(instance_id=cap.instance_id, clip_id=cap.clip_id, accepted=False,
-                                                   prompt_version=prompt.version, status=STATUS_ERROR,
-                                                   error=f"could not read frames of {cap.video_path}: {exc}")
-            continue
-        reqs.append(check_request(cap, tracks.get(cap.instance_id), frames, prompt.text))
-        order.append(cap)
-    for cap, resp in zip(order, vlm.generate(reqs)):
-        if resp.error:
-            rows[cap.instance_id] = CaptionVerdict(instance_id=cap.instance_id, clip_id=cap.clip_id, accepted=False,
-                                                   prompt_version=prompt.version, status=STATUS_ERROR,
-                                                   error=f"checker call failed: {resp.error}")
-        else:
-            rows[cap.instance_id] = verdict_row(cap, resp.text or "", cfg, prompt.version)
+
+    def load(cap: Caption):
+        return read_frames(cap.video_path, start_s=cap.t1_s, end_s=max(cap.t2_s, cap.t1_s + 1e-3) + 1e-3,
+                           num_frames=cfg.num_frames, short_side=cfg.frame_short_side)
+
+    # frames of the next batch are decoded on a prefetch thread while the checker works on this one
+    size = model_batch_size(cfg.vlm)
+    for batch in batches(prefetched(caps, load, depth=size), size):
+        reqs, order = [], []
+        for cap, frames in batch:
+            if isinstance(frames, Exception):
+                rows[cap.instance_id] = CaptionVerdict(instance_id=cap.instance_id, clip_id=cap.clip_id, accepted=False,
+                                                       prompt_version=prompt.version, status=STATUS_ERROR,
+                                                       error=f"could not read frames of {cap.video_path}: {frames}")
+                continue
+            reqs.append(check_request(cap, tracks.get(cap.instance_id), frames, prompt.text,
+                                      cfg.constrained_decoding and cfg.vlm.enforces_json_schema))
+            order.append(cap)
+        for cap, resp in zip(order, vlm.generate(reqs) if reqs else []):
+            if resp.error:
+                rows[cap.instance_id] = CaptionVerdict(instance_id=cap.instance_id, clip_id=cap.clip_id, accepted=False,
+                                                       prompt_version=prompt.version, status=STATUS_ERROR,
+                                                       error=f"checker call failed: {resp.error}")
+            else:
+                rows[cap.instance_id] = verdict_row(cap, resp.text or "", cfg, prompt.version)
     return [rows[c.instance_id] for c in caps]
 
 

@@ -151,16 +151,22 @@ def tag_row(clip: Clip, tagger: str, **kw: Any) -> ClipTags:
 
 def tag_clips(clips: Sequence[Clip], tagger: Any, cfg: TagConfig, blocklist: frozenset[str],
               read_frame=clip_first_frame, progress=lambda done, total: None) -> list[ClipTags]:
-    """One row per clip. Frames are read ``batch_size`` at a time so memory stays bounded."""
+    """One row per clip. Frames are read ``batch_size`` at a time on a prefetch thread, one batch ahead of the
+    tagger (decode overlaps the model; memory stays bounded), and tagged a batch of clips at a time."""
+    from stages.shared.prefetch import batches, prefetched
+
     rows: list[ClipTags] = []
-    for start in range(0, len(clips), cfg.batch_size):
-        chunk = clips[start:start + cfg.batch_size]
+    done = 0
+    loaded = prefetched(clips, lambda c: read_frame(c.video_path, c.start_s, c.end_s), depth=cfg.batch_size)
+    for chunk in batches(loaded, cfg.batch_size):
         frames: list[tuple[Clip, FirstFrame]] = []
-        for clip in chunk:
-            try:
-                frames.append((clip, read_frame(clip.video_path, clip.start_s, clip.end_s)))
-            except FrameReadError as exc:
-                rows.append(tag_row(clip, cfg.tagger, status=STATUS_ERROR, error=f"clip {clip.clip_id}: {exc}"))
+        for clip, frame in chunk:
+            if isinstance(frame, FrameReadError):
+                rows.append(tag_row(clip, cfg.tagger, status=STATUS_ERROR, error=f"clip {clip.clip_id}: {frame}"))
+            elif isinstance(frame, Exception):
+                raise frame  # not a per-clip read problem: the shard fails and is retried, as before
+            else:
+                frames.append((clip, frame))
         if frames:
             predicted = tagger.tag([f.image for _, f in frames], batch_size=cfg.batch_size)
             if len(predicted) != len(frames):
@@ -171,7 +177,8 @@ def tag_clips(clips: Sequence[Clip], tagger: Any, cfg: TagConfig, blocklist: fro
                 h, w = frame.image.shape[:2]
                 rows.append(tag_row(clip, cfg.tagger, width=w, height=h, frame_t_s=frame.t_s, tags=kept,
                                     dropped_tags=dropped))
-        progress(min(start + cfg.batch_size, len(clips)), len(clips))
+        done += len(chunk)
+        progress(done, len(clips))
     order = {c.clip_id: i for i, c in enumerate(clips)}
     return sorted(rows, key=lambda r: order[r.clip_id])
 

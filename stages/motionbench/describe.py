@@ -219,44 +219,48 @@ def _row(clip: Clip, **kw: Any) -> Description:
 
 
 def describe_with_vlm(clips: list[Clip], vlm: Any, cfg: DescribeConfig, load_frames) -> list[Description]:
-    """Two requests per clip (first frame; uniform frames as a video). ``load_frames(clip)`` -> (first, frames)."""
+    """Two requests per clip (first frame; uniform frames as a video). ``load_frames(clip)`` -> (first, frames).
+
+    Frames are decoded on a prefetch thread, a batch ahead of the model (:mod:`stages.shared.prefetch`)."""
     from experts.vlm import VlmRequest
+    from stages.shared.prefetch import batches, model_batch_size, prefetched
 
     first_prompt, dyn_template, version = load_prompts(cfg.prompt_file)
     rows: dict[str, Description] = {}
-    reqs, owners = [], []
-    for clip in clips:
-        try:
-            first, frames = load_frames(clip)
-        except Exception as exc:  # noqa: BLE001 -- one unreadable clip is one error row
-            rows[clip.clip_id] = _row(clip, source="vlm", status=STATUS_ERROR, prompt_version=version,
-                                      error=f"cannot read frames of clip {clip.clip_id} ({clip.video_path} "
-                                            f"{clip.start_s:.2f}-{clip.end_s:.2f} s): {type(exc).__name__}: {exc}")
-            continue
-        if len(frames) < 2:
-            rows[clip.clip_id] = _row(clip, source="vlm", status=STATUS_ERROR, prompt_version=version,
-                                      error=f"clip {clip.clip_id} yielded {len(frames)} frame(s); at least 2 are "
-                                            "needed to describe motion")
-            continue
-        dyn = dyn_template.format(num_frames=len(frames), duration_s=clip.end_s - clip.start_s)
-        reqs += [VlmRequest(text=first_prompt, images=(first,)),
-                 VlmRequest(text=dyn, images=tuple(frames), as_video=True)]
-        owners.append((clip, len(frames)))
-    responses = vlm.generate(reqs) if reqs else []
-    for k, (clip, n) in enumerate(owners):
-        r_first, r_dyn = responses[2 * k], responses[2 * k + 1]
-        problems = [f"{what}: {r.error}" for what, r in (("first-frame request", r_first), ("motion request", r_dyn))
-                    if r.error is not None]
-        if not problems and not (r_dyn.text or "").strip():
-            problems.append("the motion description came back empty")
-        if problems:
-            rows[clip.clip_id] = _row(clip, source="vlm", num_frames=n, prompt_version=version, status=STATUS_ERROR,
-                                      error=f"describe clip {clip.clip_id}: " + "; ".join(problems)
-                                            + "; re-run describe when the VLM works")
-            continue
-        rows[clip.clip_id] = _row(clip, source="vlm", num_frames=n, prompt_version=version,
-                                  first_frame_description=(r_first.text or "").strip() or None,
-                                  dynamic_description=r_dyn.text.strip())
+    size = model_batch_size(cfg.vlm)
+    for batch in batches(prefetched(clips, load_frames, depth=size), size):
+        reqs, owners = [], []
+        for clip, loaded in batch:
+            if isinstance(loaded, Exception):  # one unreadable clip is one error row
+                rows[clip.clip_id] = _row(clip, source="vlm", status=STATUS_ERROR, prompt_version=version,
+                                          error=f"cannot read frames of clip {clip.clip_id} ({clip.video_path} "
+                                                f"{clip.start_s:.2f}-{clip.end_s:.2f} s): {type(loaded).__name__}: {loaded}")
+                continue
+            first, frames = loaded
+            if len(frames) < 2:
+                rows[clip.clip_id] = _row(clip, source="vlm", status=STATUS_ERROR, prompt_version=version,
+                                          error=f"clip {clip.clip_id} yielded {len(frames)} frame(s); at least 2 are "
+                                                "needed to describe motion")
+                continue
+            dyn = dyn_template.format(num_frames=len(frames), duration_s=clip.end_s - clip.start_s)
+            reqs += [VlmRequest(text=first_prompt, images=(first,)),
+                     VlmRequest(text=dyn, images=tuple(frames), as_video=True)]
+            owners.append((clip, len(frames)))
+        responses = vlm.generate(reqs) if reqs else []
+        for k, (clip, n) in enumerate(owners):
+            r_first, r_dyn = responses[2 * k], responses[2 * k + 1]
+            problems = [f"{what}: {r.error}" for what, r in (("first-frame request", r_first), ("motion request", r_dyn))
+                        if r.error is not None]
+            if not problems and not (r_dyn.text or "").strip():
+                problems.append("the motion description came back empty")
+            if problems:
+                rows[clip.clip_id] = _row(clip, source="vlm", num_frames=n, prompt_version=version, status=STATUS_ERROR,
+                                          error=f"describe clip {clip.clip_id}: " + "; ".join(problems)
+                                                + "; re-run describe when the VLM works")
+                continue
+            rows[clip.clip_id] = _row(clip, source="vlm", num_frames=n, prompt_version=version,
+                                      first_frame_description=(r_first.text or "").strip() or None,
+                                      dynamic_description=r_dyn.text.strip())
     return [rows[c.clip_id] for c in clips if c.clip_id in rows]
 
 

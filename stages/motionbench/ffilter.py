@@ -10,6 +10,7 @@ the judge works: successful answers are cached), with ``"keep"`` the question go
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +21,7 @@ from schemas._base import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
 from schemas.ffilter_verdicts import ALL_JUDGES, ROW_DECISION, ROW_VERDICT, SCHEMA, FilterVerdict
 from schemas.questions import Question
 from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources
-from stages.shared.motionbench_format import extract_letter, format_question, prompt_for
+from stages.shared.motionbench_format import LETTERS, extract_letter, format_question, prompt_for
 
 
 class Judge(BaseModel):
@@ -62,8 +63,8 @@ PROFILES = {
         {"name": "qwen2.5-vl-3b", "vlm": {"model_id": "Qwen/Qwen2.5-VL-3B-Instruct", "backend": "transformers", "max_new_tokens": 8}},
     ]},
     "tiny": {"judges": [
-        {"name": "tiny-qwen2-vl", "vlm": {"model_id": "tiny://qwen2_vl", "backend": "transformers", "max_new_tokens": 4}},
-        {"name": "tiny-qwen2.5-vl", "vlm": {"model_id": "tiny://qwen2_5_vl", "backend": "transformers", "max_new_tokens": 4}},
+        {"name": "tiny-qwen2-vl", "vlm": {"model_id": "tiny://qwen2_vl", "backend": "transformers", "max_new_tokens": 12}},
+        {"name": "tiny-qwen2.5-vl", "vlm": {"model_id": "tiny://qwen2_5_vl", "backend": "transformers", "max_new_tokens": 12}},
     ], "frame_short_side_px": 64},
 }
 
@@ -72,13 +73,34 @@ def judge_prompt(q: Question) -> str:
     return prompt_for(format_question(q.question or "", q.options or []))
 
 
+# With a judge that can enforce it (in-process, or an endpoint taking response_format json_schema) the answer
+# is decoded as {"answer": "<letter>"}; other judges get the plain prompt and reply in free text.
+ANSWER_SCHEMA: dict = {
+    "title": "JudgeAnswer", "type": "object",
+    "properties": {"answer": {"type": "string", "enum": list(LETTERS)}},
+    "required": ["answer"], "additionalProperties": False,
+}
+
+
+def judge_letter(text: str | None) -> str | None:
+    """The letter of a structured reply ``{"answer": "B"}``, else whatever :func:`extract_letter` reads."""
+    if text and text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("answer"), str):
+            return extract_letter(value["answer"])
+    return extract_letter(text)
+
+
 def verdict_row(q: Question, judge: Judge, text: str | None, error: str | None) -> FilterVerdict:
     base = dict(question_id=q.question_id, clip_id=q.clip_id, row_kind=ROW_VERDICT, judge=judge.name,
                 judge_model=judge.vlm.model_id)
     if error is not None:
         return FilterVerdict(**base, status=STATUS_ERROR,
                              error=f"judge {judge.name} on question {q.question_id}: {error}")
-    letter = extract_letter(text)
+    letter = judge_letter(text)
     return FilterVerdict(**base, raw_reply=text, answer_letter=letter, correct=letter == q.answer)
 
 
@@ -133,8 +155,9 @@ def filter_questions(questions: list[Question], judges: dict[str, Any], cfg: Ffi
     answerable = [q for q in questions if not isinstance(frames[q.clip_id], Exception)]
     verdicts: dict[str, list[FilterVerdict]] = {q.question_id: [] for q in questions}
     for judge in cfg.judges:
+        schema = ANSWER_SCHEMA if judge.vlm.enforces_json_schema else None
         reqs = [VlmRequest(text=judge_prompt(q), images=(frames[q.clip_id],), max_new_tokens=judge.vlm.max_new_tokens,
-                           temperature=0.0) for q in answerable]
+                           temperature=0.0, json_schema=schema) for q in answerable]
         responses = judges[judge.name].generate(reqs) if reqs else []
         for q, r in zip(answerable, responses):
             verdicts[q.question_id].append(verdict_row(q, judge, r.text, r.error))

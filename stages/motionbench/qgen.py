@@ -30,6 +30,7 @@ The primary (first) content dimension decides, except that camera movement anywh
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from functools import lru_cache
 from typing import Any
@@ -44,6 +45,7 @@ from stages.shared.prompts import DATA_DIR as SHARED_DATA_DIR
 from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources
 from stages.shared.motionbench_questions import failure_id, leaked_phrase, normalise, question_id
 
+log = logging.getLogger(__name__)
 DATA_DIR = SHARED_DATA_DIR / "motionbench"
 LETTERS = ("A", "B", "C", "D")
 CONTENT_DIMENSIONS: dict[str, str] = {
@@ -62,11 +64,16 @@ class QgenConfig(StageConfig):
     num_questions: int = Field(6, ge=1, le=20)  # 9.2 guideline 8: "around six"
     prompt_file: str = "qgen_prompt.v1.txt"
     repair_retries: int = Field(2, ge=0, le=5)
+    # When the backend enforces a JSON schema while decoding (in-process xgrammar, or an endpoint taking
+    # response_format json_schema): the longest question / option / explanation text it may write, in characters.
+    decode_max_chars: int = Field(300, ge=8, le=4000)
 
 
 PROFILES = {
     "small": {"llm": {"model_id": "Qwen/Qwen2.5-7B-Instruct", "backend": "transformers", "max_new_tokens": 2048}},
-    "tiny": {"llm": {"model_id": "tiny://qwen2_lm", "backend": "transformers", "max_new_tokens": 64}},
+    # Short texts and one question: under constrained decoding the random model then finishes a valid reply.
+    "tiny": {"llm": {"model_id": "tiny://qwen2_lm", "backend": "transformers", "max_new_tokens": 384},
+             "num_questions": 1, "decode_max_chars": 16},
 }
 
 
@@ -202,6 +209,26 @@ class GeneratedQuestions(BaseModel):
         return self
 
 
+def decoding_schema(num_questions: int, max_chars: int) -> dict:
+    """The JSON schema a reply is decoded against when the backend enforces one: :class:`GeneratedQuestions`'
+    schema, tightened to what the rules accept (four options, the letter, known dimension codes), with bounded
+    texts and at most twice ``num_questions`` questions ("about" that many, 9.2 guideline 8). Validation stays
+    the lenient pydantic rules, which also accept e.g. an answer written as the option's text."""
+    schema = GeneratedQuestions.model_json_schema()
+    q = schema["$defs"]["GeneratedQuestion"]["properties"]
+    # A pattern rather than min/maxLength (xgrammar takes one or the other): starts with a non-blank character,
+    # at most max_chars characters, no line breaks.
+    text = {"type": "string", "pattern": f"^\\S.{{0,{max_chars - 1}}}$"}
+    q["question"].update(text)
+    q["options"].update(minItems=4, maxItems=4, items=dict(text))
+    q["answer"].update(enum=list(LETTERS))
+    q["content_dimensions"].update(minItems=1, maxItems=3, items={"type": "string", "enum": list(CONTENT_DIMENSIONS)})
+    q["logic_dimension"].update(enum=list(LOGIC_DIMENSIONS))
+    q["explanation"]["anyOf"] = [dict(text), {"type": "null"}]
+    schema["properties"]["questions"].update(maxItems=max(2 * num_questions, 1))
+    return schema
+
+
 class InvalidQuestion(BaseModel):
     index: int
     reason: str
@@ -310,13 +337,19 @@ def process(ctx: ShardContext) -> list[Question]:
         return []
     template, version = load_prompt(cfg.prompt_file)
     llm = ctx.chat_expert("qgen.llm", cfg.llm, load_llm)
+    # Endpoints that cannot enforce a schema get the model's plain schema in the prompt, as before (same
+    # requests, so the response cache still answers them).
+    schema = decoding_schema(cfg.num_questions, cfg.decode_max_chars) if cfg.llm.enforces_json_schema else None
     requests = [LlmRequest(prompt=render_prompt(template, d.first_frame_description, d.dynamic_description,
-                                                cfg.num_questions)) for d in descriptions]
+                                                cfg.num_questions), json_schema=schema) for d in descriptions]
     results = llm.generate_json(requests, GeneratedQuestions, repair_retries=cfg.repair_retries)
     rows: list[Question] = []
     for i, (d, r) in enumerate(zip(descriptions, results)):
         rows += rows_for_reply(d, r.value, r.raw, r.error, r.attempts, version)
         ctx.progress(i + 1, len(descriptions))
+    reasks = sum(r.attempts - 1 for r in results if r.attempts > 1)
+    log.info("qgen shard %d: %d replies, %d repair re-ask(s) (schema enforced while decoding: %s)",
+             ctx.shard, len(results), reasks, schema is not None)
     return rows
 
 

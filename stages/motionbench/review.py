@@ -255,8 +255,9 @@ def pending_items(root: OutputRoot, include_decided: bool = False) -> list[dict]
     from schemas.ffilter_verdicts import SCHEMA as FF_SCHEMA
 
     items = []
+    filtered = set(root.completed_shards("ffilter"))  # listed once, not once per qgen shard
     for shard, questions in questions_by_shard(root).items():
-        if shard not in root.completed_shards("ffilter"):
+        if shard not in filtered:
             continue
         ff = from_table(root.read_shard("ffilter", shard, FF_SCHEMA), FilterVerdict)
         kept = {v.question_id for v in ff if v.row_kind == ROW_DECISION and v.status == STATUS_OK}

@@ -1,0 +1,137 @@
+"""CPU that the Prefect orchestration adds per (stage, shard) task, against a plain loop over the same stages.
+
+Makes N tiny test videos (ffmpeg testsrc, 1 s, 160x90) and, for two sizes N and 2N, runs ``ingest`` and
+``scenes`` at shard size 1:
+
+* plain:   ``stages.runner.run_shard`` for every (stage, shard), one after another, in this process;
+* prefect: the ``motionforge-pipeline`` flow (thread-pool task runner, the temporary local Prefect server
+           unless PREFECT_API_URL points at one), through ``flows.pipeline.pipeline``.
+
+CPU is user + system time of this process and all its children (the temporary server included), sampled
+with psutil. A first, uncounted flow run starts the temporary server. The per-task tax is the slope between
+the two sizes, so fixed costs (flow start, report, artifacts) drop out of it and are reported separately:
+
+    tax per task = [(prefect(2N) - prefect(N)) - (plain(2N) - plain(N))] / (tasks(2N) - tasks(N))
+
+Target: <= 20 ms per task. Modest default sizes; the machine may be shared.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_orchestration.py [--n 20] [--dir /tmp/x]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil  # noqa: E402
+
+STAGES = ["ingest", "scenes"]
+
+
+def cpu_split() -> tuple[float, float]:
+    """(this process, its children) user + system CPU seconds; children = live ones (the temporary Prefect
+    server) plus reaped ones (ffprobe, scenedetect workers)."""
+    me = psutil.Process()
+    t = me.cpu_times()
+    kids = t.children_user + t.children_system
+    for c in me.children(recursive=True):
+        try:
+            ct = c.cpu_times()
+            kids += ct.user + ct.system
+        except psutil.Error:
+            pass
+    return t.user + t.system, kids
+
+
+def cpu_tree() -> float:
+    return sum(cpu_split())
+
+
+def make_videos(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        p = folder / f"v{i:04d}.mp4"
+        if p.exists():
+            continue
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc=size=160x90:rate=25:duration=1",
+                        "-vf", f"hue=h={i * 37 % 360}", "-pix_fmt", "yuv420p", str(p)], check=True)
+
+
+def config():
+    from flows.config import load_pipeline_config
+
+    return load_pipeline_config("tiny", overrides={"ingest": {"shard_size": 1}, "runtime": {"max_workers": 2}})
+
+
+def plain(videos: Path, out: Path) -> tuple[float, float, int]:
+    from flows.pipeline import plan_inputs
+    from stages.registry import get_stage
+    from stages.runner import plan_shards, run_shard
+    from storage.root import OutputRoot
+
+    pc = config()
+    shutil.rmtree(out, ignore_errors=True)
+    root = OutputRoot(str(out))
+    plan_inputs.fn(str(videos), str(out), 1, list(pc.ingest.extensions))
+    c0, w0 = cpu_tree(), time.perf_counter()
+    tasks = 0
+    for name in STAGES:
+        for k in plan_shards(root):
+            run_shard(get_stage(name), root, pc.stage_config(name), k, force=True)
+            tasks += 1
+    return cpu_tree() - c0, time.perf_counter() - w0, tasks
+
+
+SPLIT: dict[str, tuple[float, float]] = {}
+
+
+def prefect(videos: Path, out: Path) -> tuple[float, float]:
+    from flows.pipeline import pipeline
+
+    shutil.rmtree(out, ignore_errors=True)
+    (s0, k0), w0 = cpu_split(), time.perf_counter()
+    pipeline(input=str(videos), out=str(out), config=config(), stages=STAGES, force=True)
+    s1, k1 = cpu_split()
+    SPLIT[str(out)] = (s1 - s0, k1 - k0)
+    return (s1 - s0) + (k1 - k0), time.perf_counter() - w0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "motionforge-bench-orchestration")
+    args = ap.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    sizes = (args.n, 2 * args.n)
+    for n in sizes:
+        make_videos(args.dir / f"videos-{n}", n)
+    # Warm-up: the first flow run of a process starts the temporary server and imports Prefect's engine; that
+    # one-off cost is reported apart, not mixed into the slope.
+    w_cpu, w_wall = prefect(args.dir / f"videos-{args.n}", args.dir / "prefect-warmup")
+    print(f"warm-up flow run (server start, imports): cpu {w_cpu:.2f}s wall {w_wall:.2f}s")
+    res = {}
+    for n in sizes:
+        pc_cpu, pc_wall, tasks = plain(args.dir / f"videos-{n}", args.dir / f"plain-{n}")
+        pf_cpu, pf_wall = prefect(args.dir / f"videos-{n}", args.dir / f"prefect-{n}")
+        res[n] = (pc_cpu, pc_wall, pf_cpu, pf_wall, tasks)
+        own, kids = SPLIT[str(args.dir / f"prefect-{n}")]
+        print(f"N={n:4d} tasks={tasks:4d}  plain cpu {pc_cpu:7.2f}s wall {pc_wall:7.2f}s | prefect cpu {pf_cpu:7.2f}s "
+              f"(flow process {own:.2f}s, children incl. server {kids:.2f}s) wall {pf_wall:7.2f}s | "
+              f"ratio cpu {pf_cpu / pc_cpu:.2f}x wall {pf_wall / pc_wall:.2f}x")
+    (a, b) = sizes
+    d_tasks = res[b][4] - res[a][4]
+    tax = ((res[b][2] - res[a][2]) - (res[b][0] - res[a][0])) / d_tasks
+    fixed = res[a][2] - res[a][0] - tax * res[a][4]
+    print(f"orchestration CPU per (stage, shard) task: {tax * 1000:.1f} ms (target <= 20 ms); "
+          f"fixed per flow run once the server is up: {fixed:.2f} CPU-s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""`motionforge status` on a large output root, built synthetically (no videos are processed).
+
+Writes a root with an ingest plan of N shards (one video URI each), the manifest, and complete markers for
+``ingest`` and ``scenes`` on every shard (plus a few stale and pending ones, so every state is exercised),
+then times:
+
+1. ``dashboards.status.root_status`` in-process (the work ``status`` does), best of ``--repeat``;
+2. the CLI end to end (``python -m flows.cli status --out ROOT --no-server``, a fresh process: imports
+   included), best of ``--repeat``.
+
+Target: the CLI answers in under 2 s at 10,000 shards. The root is cached under --dir and reused.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_status.py [--shards 10000] [--repeat 3] [--dir /tmp/x]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from storage.manifest import record_plan, record_stage_config  # noqa: E402
+from storage.root import OutputRoot  # noqa: E402
+
+
+def build_root(path: Path, n: int) -> OutputRoot:
+    from stages.runner import plan_fingerprint
+
+    root = OutputRoot(str(path))
+    done = path / ".complete"
+    if done.exists() and done.read_text() == str(n):
+        return root
+    record_plan(root, {"version": 1, "shard_size": 1, "input": "/synthetic",
+                       "shards": [[f"/synthetic/video-{k:06d}.mp4"] for k in range(n)]})
+    hashes = {"ingest": "a" * 16, "scenes": "b" * 16}
+    record_stage_config(root, "ingest", hashes["ingest"], {}, [])
+    record_stage_config(root, "scenes", hashes["scenes"], {}, ["ingest"])
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    for stage in ("ingest", "scenes"):
+        (path / stage / "_markers").mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        fp_ingest = uuid.uuid4().hex
+        markers = {
+            "ingest": {"inputs": {"plan": plan_fingerprint(root, k)}, "fingerprint": fp_ingest},
+            "scenes": {"inputs": {"ingest": fp_ingest}, "fingerprint": uuid.uuid4().hex},
+        }
+        for stage, m in markers.items():
+            if stage == "scenes" and k % 1000 == 999:
+                continue  # pending
+            chash = hashes[stage] if not (stage == "scenes" and k % 1000 == 998) else "c" * 16  # stale
+            body = {"stage": stage, "shard": k, "config_hash": chash, **m, "rows": 1, "ok": 1, "error": 0,
+                    "skipped": 0, "top_errors": [], "seconds": 0.1, "created_at": now}
+            (path / stage / "_markers" / f"shard-{k:05d}.json").write_text(json.dumps(body))
+    done.write_text(str(n))
+    return root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=int, default=10_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=None)
+    args = ap.parse_args()
+    base = args.dir or Path(tempfile.gettempdir()) / f"motionforge-bench-status-{args.shards}"
+    t0 = time.perf_counter()
+    build_root(base, args.shards)
+    print(f"root {base} with {args.shards} shards ready in {time.perf_counter() - t0:.1f}s")
+
+    from dashboards.status import root_status
+
+    best = float("inf")
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        st = root_status(str(base))
+        best = min(best, time.perf_counter() - t)
+    by = {s["stage"]: s for s in st["stages"]}
+    exp = args.shards // 1000
+    assert by["ingest"]["complete"] == args.shards, by["ingest"]
+    assert by["scenes"]["pending"] == exp and by["scenes"]["stale"] == exp, by["scenes"]
+    print(f"root_status in-process: {best:.3f}s  (ingest complete {by['ingest']['complete']}, scenes complete "
+          f"{by['scenes']['complete']}, stale {by['scenes']['stale']}, pending {by['scenes']['pending']})")
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("PREFECT_API_URL", None)
+    cli_best = float("inf")
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "flows.cli", "status", "--out", str(base), "--no-server"], env=env,
+                       check=True, capture_output=True)
+        cli_best = min(cli_best, time.perf_counter() - t)
+    print(f"`motionforge status` end to end (fresh process, imports included): {cli_best:.3f}s  (target < 2 s)")
+    digest = hashlib.sha256(json.dumps(st, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    print(f"status digest {digest}")
+
+
+if __name__ == "__main__":
+    main()

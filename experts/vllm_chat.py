@@ -1,0 +1,147 @@
+"""In-process vLLM backend for the LLM and VLM experts (``backend="vllm"``; optional extra ``vllm``, CUDA only).
+
+Same interface as the other backends: ``run(items) -> responses`` in order, a failed item carries ``error``.
+What it keeps from the others:
+
+* prompts: the chat messages are built exactly as for the OpenAI-compatible backend (images as JPEG
+  ``data:`` URLs, a frame list preceded by the line saying it is one video), and vLLM applies the
+  checkpoint's own chat template;
+* cache: the response cache is looked up before and written after, under the same key scheme
+  (``cache.request_key(model, messages, params)``), so a re-run pays for nothing it already has;
+* validation: callers validate replies as before (``Llm.generate_json`` with its repair re-asks);
+* structured output: a request's JSON schema is enforced by vLLM's guided decoding
+  (``StructuredOutputsParams(json=...)``, or ``GuidedDecodingParams`` on older releases).
+
+Throughput comes from handing vLLM every request of a call at once (one ``LLM.chat`` over the whole shard's
+list): its scheduler batches them continuously, instead of the fixed ``batch_size`` chunks of the
+transformers backend.
+
+Not run in this repository's CI: vLLM needs CUDA. ``tests/test_vllm_backend.py`` checks the request /
+response mapping against a stand-in module; ``benchmarks/bench_e2e_gpu.py --backend vllm`` is the GPU check.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+from experts.base import ModelSpec, get_expert, resolve_local
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = ("backend='vllm' needs the optional extra: pip install 'motionforge[vllm]' on a CUDA machine "
+                "(vLLM does not run on CPU-only hosts); or use backend='transformers' / 'openai'")
+
+
+class VllmUnavailableError(ImportError):
+    """vLLM is not installed (or cannot initialise here)."""
+
+
+def import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise VllmUnavailableError(f"{INSTALL_HINT} ({exc})") from exc
+    return vllm
+
+
+class _VllmWeights(ModelSpec):
+    """Cache key for one loaded vLLM engine (independent of generation defaults)."""
+
+
+def _load_engine(spec: ModelSpec) -> Any:
+    vllm = import_vllm()
+    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[spec.dtype]
+    return vllm.LLM(model=resolve_local(spec.model_id, spec.revision), revision=spec.revision, dtype=dtype,
+                    limit_mm_per_prompt={"image": 64, "video": 1})
+
+
+def sampling_params(vllm: Any, max_new_tokens: int, temperature: float, seed: int | None,
+                    json_schema: dict | None) -> Any:
+    """vLLM SamplingParams for one request; a JSON schema becomes guided decoding."""
+    kw: dict[str, Any] = {"max_tokens": int(max_new_tokens), "temperature": float(temperature)}
+    if seed is not None:
+        kw["seed"] = int(seed)
+    if json_schema is not None:
+        sp_mod = getattr(vllm, "sampling_params", vllm)
+        if hasattr(sp_mod, "StructuredOutputsParams"):
+            kw["structured_outputs"] = sp_mod.StructuredOutputsParams(json=json_schema)
+        elif hasattr(sp_mod, "GuidedDecodingParams"):
+            kw["guided_decoding"] = sp_mod.GuidedDecodingParams(json=json_schema)
+        else:
+            raise VllmUnavailableError("this vLLM has neither StructuredOutputsParams nor GuidedDecodingParams")
+    return vllm.SamplingParams(**kw)
+
+
+def cache_params(max_new_tokens: int, temperature: float, seed: int | None, json_schema: dict | None) -> dict:
+    """The parameters that key the response cache (JSON-able, backend-neutral)."""
+    p: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature, "backend": "vllm"}
+    if seed is not None:
+        p["seed"] = seed
+    if json_schema is not None:
+        p["json_schema"] = json_schema
+    return p
+
+
+class VllmChat:
+    """One engine per (model, revision, dtype) per process; ``run`` takes (messages, max_new_tokens,
+    temperature, json_schema) tuples and returns (text, error, cached) tuples."""
+
+    def __init__(self, spec: Any, cache: Any | None = None) -> None:
+        self.spec = spec
+        self.cache = cache
+        self.model_name = spec.model_id + (f"@{spec.revision}" if spec.revision else "")
+        self.vllm = import_vllm()
+        key = _VllmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device, dtype=spec.dtype)
+        self.engine = get_expert(key, _load_engine)
+
+    def run(self, requests: Sequence[tuple[list[dict], int, float, dict | None]]) -> list[tuple[str | None, str | None, bool]]:
+        out: list[tuple[str | None, str | None, bool] | None] = [None] * len(requests)
+        keys: list[str | None] = [None] * len(requests)
+        todo: list[int] = []
+        for i, (messages, n, temp, schema) in enumerate(requests):
+            if self.cache is not None:
+                try:
+                    keys[i] = self.cache.request_key(self.spec.model_id, messages, cache_params(n, temp, self.spec.seed, schema))
+                    hit = self.cache.get(keys[i])
+                except Exception as exc:  # noqa: BLE001 -- a broken cache costs a generation, nothing more
+                    log.warning("response cache read failed: %s", exc)
+                    hit = None
+                if hit and isinstance(hit.get("text"), str):
+                    out[i] = (hit["text"], None, True)
+                    continue
+            todo.append(i)
+        if todo:
+            params = [sampling_params(self.vllm, requests[i][1], requests[i][2], self.spec.seed, requests[i][3]) for i in todo]
+            try:
+                results = self.engine.chat([requests[i][0] for i in todo], params, use_tqdm=False)
+            except Exception as exc:  # noqa: BLE001 -- e.g. one unreadable image fails the call: isolate it
+                if len(todo) == 1:
+                    out[todo[0]] = (None, f"{type(exc).__name__}: {exc}", False)
+                    results = None
+                else:
+                    log.warning("vLLM call over %d requests failed (%s); retrying one by one", len(todo), exc)
+                    for i in todo:
+                        out[i] = self.run([requests[i]])[0]
+                    results = None
+            if results is not None:
+                for i, res in zip(todo, results):
+                    text = res.outputs[0].text if getattr(res, "outputs", None) else None
+                    if text is None:
+                        out[i] = (None, "vLLM returned no output", False)
+                        continue
+                    out[i] = (text.strip(), None, False)
+                    self._put(keys[i], text.strip(), res, requests[i])
+        return out  # type: ignore[return-value]
+
+    def _put(self, key: str | None, text: str, res: Any, req: tuple) -> None:
+        if self.cache is None or key is None:
+            return
+        finish = getattr(res.outputs[0], "finish_reason", None)
+        value = {"model": self.model_name, "endpoint_model": self.spec.model_id, "text": text,
+                 "finish_reason": finish, "params": cache_params(req[1], req[2], self.spec.seed, req[3]),
+                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            self.cache.put(key, value)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("response cache write failed: %s", exc)

@@ -1,0 +1,117 @@
+"""Work that used to grow faster than the data: the plan cache, the memoised status, the incremental progress
+count, the VFR packet index, and the pipeline config validated once per config object."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from stages.runner import shard_state
+from storage.manifest import cached_plan, read_plan, record_plan, record_stage_config
+from storage.root import OutputRoot
+
+
+def test_cached_plan_follows_rewrites(tmp_path):
+    root = OutputRoot(str(tmp_path / "out"))
+    assert cached_plan(root) is None
+    record_plan(root, {"version": 1, "shards": [["a"], ["b"]]})
+    first = cached_plan(root)
+    assert first == read_plan(root) and cached_plan(root) is first  # parsed once while unchanged
+    time.sleep(0.01)
+    record_plan(root, {"version": 1, "shards": [["a"], ["b"], ["c"]]})
+    os.utime(root.path("ingest", "_plan.json"), ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert len(cached_plan(root)["shards"]) == 3
+
+
+def _synthetic_root(tmp_path, n: int):
+    """ingest + scenes markers for n shards; scenes shard 1 stale (config), shard 2 pending, shard 3 stale
+    (its ingest input was rewritten after it)."""
+    from stages.registry import get_stage
+    from stages.runner import plan_fingerprint
+
+    root = OutputRoot(str(tmp_path / "out"))
+    record_plan(root, {"version": 1, "shards": [[f"/v{k}.mp4"] for k in range(n)]})
+    record_stage_config(root, "ingest", "h-ingest", {}, [])
+    record_stage_config(root, "scenes", "h-scenes", {}, ["ingest"])
+    for k in range(n):
+        fp = f"ing-{k}"
+        root.write_marker("ingest", k, {"config_hash": "h-ingest", "inputs": {"plan": plan_fingerprint(root, k)},
+                                        "fingerprint": fp, "ok": 1, "error": 0, "skipped": 0, "top_errors": []})
+        if k == 2:
+            continue
+        root.write_marker("scenes", k, {"config_hash": "old" if k == 1 else "h-scenes",
+                                        "inputs": {"ingest": "rewritten" if k == 3 else fp}, "fingerprint": f"sc-{k}",
+                                        "ok": 2, "error": 1, "skipped": 0, "top_errors": [["bad", 1]]})
+    return root, get_stage("ingest"), get_stage("scenes")
+
+
+def test_memoised_status_agrees_with_shard_state_per_shard(tmp_path):
+    from dashboards.status import root_status
+
+    root, ingest, scenes = _synthetic_root(tmp_path, 12)
+    st = {s["stage"]: s for s in root_status(root.url)["stages"]}
+    expected = {}
+    for stage in (ingest, scenes):
+        states = [shard_state(stage, root, k) for k in range(12)]  # the unmemoised path, one shard at a time
+        expected[stage.name] = {s: states.count(s) for s in ("complete", "stale", "pending")}
+    for name in ("ingest", "scenes"):
+        got = {s: st[name][s] for s in ("complete", "stale", "pending")}
+        assert got == expected[name]
+    assert expected["scenes"] == {"complete": 9, "stale": 2, "pending": 1}
+    assert st["scenes"]["stale_shards"] == [1, 3] and st["scenes"]["rows_ok"] == 22
+
+
+def test_progress_count_is_incremental_and_notices_rewrites(tmp_path):
+    from flows.cli import _Progress
+
+    root, ingest, scenes = _synthetic_root(tmp_path, 6)
+    prog = _Progress(root.url, ["ingest", "scenes"])
+    assert prog._count() == (6 + 3, 12)  # scenes: 0, 4, 5 complete
+    # a re-written marker (new mtime) is checked again: shard 1 of scenes completes under the current hash
+    m = root.read_marker("scenes", 1)
+    m["config_hash"] = "h-scenes"
+    root.write_marker("scenes", 1, m)
+    os.utime(root.marker_file("scenes", 1), ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert prog._count() == (6 + 4, 12)
+    root.delete_marker("scenes", 0)
+    assert prog._count() == (6 + 3, 12)
+
+
+def test_vfr_frame_count_from_one_packet_index(tmp_path):
+    import av
+
+    from experts import video
+    from tests._video_fixtures import make_vfr, require_ffmpeg
+
+    require_ffmpeg()
+    times = [0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0]
+    path = make_vfr(tmp_path / "vfr.mp4", times)
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        pts = sorted(p.pts for p in c.demux(stream) if p.pts is not None and p.size > 0)
+        index = stream.index
+    video._sorted_packet_pts.cache_clear()
+    for i, p in enumerate(pts):
+        assert video._count_frames_before(path, index, p) == i  # frames strictly before the i-th
+    assert video._count_frames_before(path, index, pts[-1] + 1) == len(pts)
+    info = video._sorted_packet_pts.cache_info()
+    assert info.misses == 1 and info.hits == len(pts)  # demuxed once for all the seeks
+
+
+def test_pipeline_config_validated_once_per_config_object():
+    from flows import pipeline as fp
+    from flows.config import load_pipeline_config
+
+    cfg = load_pipeline_config("tiny").model_dump(mode="json")
+    a = fp.validated_config(cfg)
+    assert fp.validated_config(cfg) is a
+    other = json.loads(json.dumps(cfg))
+    other["scenes"]["threshold"] = 31.0
+    b = fp.validated_config(other)
+    assert b is not a and b.scenes.threshold == 31.0
+    bad = json.loads(json.dumps(cfg))
+    bad["scenes"]["no_such_key"] = 1
+    with pytest.raises(ValueError):
+        fp.validated_config(bad)

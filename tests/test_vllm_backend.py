@@ -1,0 +1,118 @@
+"""The in-process vLLM backend's request / response mapping, against a stand-in ``vllm`` module (vLLM itself
+needs CUDA and is not installed here; benchmarks/bench_e2e_gpu.py --backend vllm is the real check)."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from experts.base import clear_expert_cache
+
+
+class _Out:
+    def __init__(self, text):
+        self.outputs = [types.SimpleNamespace(text=text, finish_reason="stop")]
+
+
+class _StandInVllm(types.ModuleType):
+    """Records engines, chat calls and sampling params; ``reply(messages, params)`` gives each text."""
+
+    def __init__(self, reply):
+        super().__init__("vllm")
+        self.reply, self.engines, self.calls = reply, [], []
+        mod = self
+
+        class SamplingParams:
+            def __init__(self, **kw):
+                self.kw = kw
+
+        class StructuredOutputsParams:
+            def __init__(self, json=None):
+                self.json = json
+
+        class LLM:
+            def __init__(self, **kw):
+                mod.engines.append(kw)
+
+            def chat(self, messages, params, use_tqdm=True):
+                mod.calls.append((messages, params))
+                return [_Out(mod.reply(m, p)) for m, p in zip(messages, params)]
+
+        self.SamplingParams, self.LLM = SamplingParams, LLM
+        self.sampling_params = types.SimpleNamespace(StructuredOutputsParams=StructuredOutputsParams)
+
+
+@pytest.fixture()
+def stand_in(monkeypatch):
+    def install(reply):
+        mod = _StandInVllm(reply)
+        monkeypatch.setitem(sys.modules, "vllm", mod)
+        clear_expert_cache()
+        return mod
+
+    yield install
+    clear_expert_cache()
+
+
+def test_llm_json_batches_the_whole_call_with_guided_decoding_and_repairs(stand_in, tmp_path):
+    from pydantic import BaseModel
+
+    from experts.llm import LlmRequest, LlmSpec, load_llm
+
+    class Answer(BaseModel):
+        answer: str
+
+    def reply(messages, params):
+        if "bad" in messages[-1]["content"] and len(messages) <= 2:
+            return "not json"
+        return json.dumps({"answer": "B"})
+
+    mod = stand_in(reply)
+    llm = load_llm(LlmSpec(model_id="Qwen/Qwen2.5-7B-Instruct", backend="vllm", seed=7, max_new_tokens=32))
+    res = llm.generate_json([LlmRequest("q1"), LlmRequest("bad q2"), LlmRequest("q3")], Answer, repair_retries=1)
+    assert [r.value.answer for r in res] == ["B", "B", "B"] and [r.attempts for r in res] == [1, 2, 1]
+    assert mod.engines == [{"model": "Qwen/Qwen2.5-7B-Instruct", "revision": None, "dtype": "auto",
+                            "limit_mm_per_prompt": {"image": 64, "video": 1}}]
+    first_messages, first_params = mod.calls[0]
+    assert len(first_messages) == 3  # every request of the call in one engine call
+    assert len(mod.calls) == 2 and len(mod.calls[1][0]) == 1  # the repair re-ask, for the bad one only
+    kw = first_params[0].kw
+    assert kw["max_tokens"] == 32 and kw["temperature"] == 0.0 and kw["seed"] == 7
+    assert kw["structured_outputs"].json == Answer.model_json_schema()
+    assert "JSON schema" in first_messages[0][0]["content"]  # same prompt as the transformers backend
+
+
+def test_vlm_messages_cache_and_per_item_failures(stand_in, tmp_path):
+    from experts.vlm import VlmRequest, VlmSpec, load_vlm
+    from storage.response_cache import ResponseCache
+
+    mod = stand_in(lambda messages, params: "a car moves left")
+    cache = ResponseCache(str(tmp_path / "root"))
+    vlm = load_vlm(VlmSpec(model_id="Qwen/Qwen2-VL-2B-Instruct", backend="vllm"), cache=cache)
+    frame = np.zeros((16, 16, 3), np.uint8)
+    reqs = [VlmRequest("describe", images=(frame, frame), as_video=True),
+            VlmRequest("broken", images=(np.zeros((2, 2, 2, 2)),)),
+            VlmRequest("first frame", images=(frame,), json_schema={"type": "object"})]
+    out = vlm.generate(reqs)
+    assert out[0].text == "a car moves left" and out[1].error and "shape" in out[1].error and out[2].text
+    messages, params = mod.calls[0]
+    assert len(messages) == 2
+    content = messages[0][0]["content"]
+    assert "2 images are frames of one video" in content[0]["text"]
+    assert content[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert "structured_outputs" not in params[0].kw and params[1].kw["structured_outputs"].json == {"type": "object"}
+    again = vlm.generate([reqs[0], reqs[2]])
+    assert [r.cached for r in again] == [True, True] and len(mod.calls) == 1  # served from the response cache
+
+
+def test_missing_vllm_is_a_clear_error(monkeypatch):
+    from experts.llm import LlmSpec, load_llm
+    from experts.vllm_chat import VllmUnavailableError
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    clear_expert_cache()
+    with pytest.raises(VllmUnavailableError, match="optional extra"):
+        load_llm(LlmSpec(model_id="x", backend="vllm"))
