@@ -211,6 +211,15 @@ class _VlmWeights(ModelSpec):
 
 
 def _load_transformers(spec: ModelSpec) -> tuple[Any, Any]:
+    model, processor = load_transformers_weights(spec)
+    return model.eval(), processor
+
+
+def load_transformers_weights(spec: ModelSpec, **model_kwargs: Any) -> tuple[Any, Any]:
+    """(model, processor) of a transformers VLM on the spec's device and dtype, the processor set up for frames
+    that arrive already sampled. Shared by inference (:class:`Vlm`) and fine-tuning (``stages.training``);
+    ``model_kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``). The tokenizer pads on the left,
+    as batched generation needs; a trainer sets its own side."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = resolve_device(spec.device)
@@ -228,8 +237,9 @@ def _load_transformers(spec: ModelSpec) -> tuple[Any, Any]:
             vp.do_sample_frames = False  # frames arrive already sampled by the video reader
         if hasattr(vp, "cap_pixels_per_frame") and vp.cap_pixels_per_frame is None:
             vp.cap_pixels_per_frame = True  # qwen-vl-utils' total pixel budget per video
-    model = hf_load(AutoModelForImageTextToText.from_pretrained, spec.model_id, spec.revision, dtype=dtype)
-    return model.to(device).eval(), processor
+    model = hf_load(AutoModelForImageTextToText.from_pretrained, spec.model_id, spec.revision, dtype=dtype,
+                    **model_kwargs)
+    return model.to(device), processor
 
 
 @dataclass(frozen=True)
