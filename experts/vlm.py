@@ -392,6 +392,17 @@ class Vlm:
         self.close()
 
 
+def vlm_from_loaded(model: Any, processor: Any, spec: VlmSpec, name: str | None = None) -> Vlm:
+    """The expert around a model already in memory (a fine-tuned checkpoint with its adapter, say): same
+    prompting and batched generation as :func:`load_vlm`, no loading or caching."""
+    backend = _TransformersVlm.__new__(_TransformersVlm)
+    backend.spec = spec
+    backend.model_name = name or spec.model_id
+    processor.tokenizer.padding_side = "left"
+    backend.model, backend.processor = model.eval(), processor
+    return Vlm(spec, backend)
+
+
 def load_vlm(spec: VlmSpec, cache: ResponseCacheLike | None = None) -> Vlm:
     """Build the expert for ``spec``. Transformers weights load once per process (``get_expert``); the
     response cache applies to the OpenAI-compatible backend."""

@@ -92,8 +92,9 @@ class VlmCollator:
         kwargs: dict[str, Any] = {}
         if videos:
             kwargs["video_metadata"] = metadata
-        self.tokenizer.padding_side = "right"
-        enc = self.processor(text=texts, videos=videos or None, padding=True, return_tensors="pt", **kwargs)
+        # explicit: some processors (InternVL) default to left padding in their own text kwargs
+        enc = self.processor(text=texts, videos=videos or None, padding=True, padding_side="right", return_tensors="pt",
+                             **kwargs)
         ids = enc["input_ids"]
         labels = torch.full_like(ids, IGNORE_INDEX)
         lengths = enc["attention_mask"].sum(dim=1).tolist()

@@ -58,6 +58,8 @@ def _under(name: str, prefix: str) -> bool:
 
 def load_model_for_training(cfg: TrainConfig, device: str = "cpu") -> tuple[Any, Any]:
     """(model, processor) ready for the Trainer: on ``device`` (the Trainer moves it for accelerators)."""
+    from transformers import set_seed
+
     from experts.vlm import VlmSpec, load_transformers_weights
 
     spec = VlmSpec(model_id=cfg.model.model_id, revision=cfg.model.revision, device=device, dtype=cfg.model.dtype)
@@ -65,6 +67,9 @@ def load_model_for_training(cfg: TrainConfig, device: str = "cpu") -> tuple[Any,
     model, processor = load_transformers_weights(spec, **extra)
     model.train()
     processor.tokenizer.padding_side = "right"
+    # seeded after loading (building a tiny:// checkpoint draws from the global RNG too): LoRA's A matrices and
+    # any part's new weights are then the same in every run and every process
+    set_seed(cfg.optim.seed)
     before = {n for n, _ in model.named_parameters()}
     model, processor = apply_model_parts(model, processor, cfg.model_parts)
     new_params = {n for n, _ in model.named_parameters()} - before

@@ -159,7 +159,7 @@ def training_arguments(cfg: TrainConfig):
 
 def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = ()):
     """(trainer, record, n_train): model, data, collator and callbacks wired into a ``Trainer``."""
-    from transformers import Trainer, set_seed
+    from transformers import Trainer
 
     from stages.training.model import load_model_for_training
 
@@ -167,7 +167,6 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = ()):
     if not samples:
         raise ValueError(f"no training samples in {[s.path for s in cfg.data.sources]} (after the held-out split)")
     record = fingerprint_record(cfg, data_fingerprint(samples), len(samples))
-    set_seed(cfg.optim.seed)  # LoRA's A matrices and any new part draw from the global RNG as they are made
     model, processor = load_model_for_training(cfg)
     dataset = VideoConversationDataset(samples, cfg.data.num_frames, cfg.data.short_side, train=True,
                                        seed=cfg.optim.seed)
