@@ -98,13 +98,12 @@ def run_one(args) -> dict:
     import torch
 
     from stages.training.config import DataConfig, DataSource, LoraConfig, ModelConfig, OptimConfig, TrainConfig
-    from stages.training.model import trainable_summary
-    from stages.training.trainer import build_trainer, run_training
+    from stages.training.trainer import run_training
 
     cuda = torch.cuda.is_available()
     cfg = TrainConfig(
         output_dir=str(Path(args.work) / f"run_{args.method}"),
-        model=ModelConfig(model_id=args.model, dtype="bfloat16" if cuda else "float32",
+        model=ModelConfig(model_id=args.model, dtype="bf16" if cuda else "fp32",
                           gradient_checkpointing=args.grad_ckpt),
         data=DataConfig(sources=(DataSource(path=args.data),), eval_fraction=0.0, num_frames=args.frames,
                         short_side=args.side),
@@ -115,9 +114,6 @@ def run_one(args) -> dict:
     )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer, _, _ = build_trainer(cfg)
-    params = trainable_summary(trainer.model)
-    del trainer
     t0 = time.perf_counter()
     summary = run_training(cfg, resume=False)
     wall = time.perf_counter() - t0
@@ -125,7 +121,8 @@ def run_one(args) -> dict:
     return {"method": args.method, "steps": summary["global_step"], "batch": args.batch, "frames": args.frames,
             "samples_per_s": round(summary["samples_per_s"], 3), "tokens_per_s": round(summary["tokens_per_s"], 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
-            "wall_s_incl_load_and_save": round(wall, 1), **params,
+            "wall_s_incl_load_and_save": round(wall, 1), "parameters": summary["parameters"],
+            "trainable": summary["trainable"],
             "loss_first": round(curve[0][1], 4), "loss_last": round(curve[-1][1], 4)}
 
 

@@ -87,7 +87,7 @@ class VlmCollator:
             spans.append(assistant_spans_from_end(self.tokenizer, self._render, messages))
             if frames is not None:
                 videos.append(np.asarray(frames))
-                dur = max((s.clip_end_s or 0.0) - s.clip_start_s, 1e-3)
+                dur = max(float(it.get("duration_s") or 0.0), 1e-3)
                 metadata.append({"fps": len(frames) / dur, "total_num_frames": len(frames), "duration": dur})
         kwargs: dict[str, Any] = {}
         if videos:

@@ -27,7 +27,7 @@ class ModelConfig(_Frozen):
     model_id: str = Field("Qwen/Qwen2-VL-7B-Instruct", description="HF id, local path, or tiny://qwen2_vl | "
                           "tiny://qwen2_5_vl | tiny://internvl")
     revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, flash_attention_2; None: the model's default")
     gradient_checkpointing: bool = False
 

@@ -97,12 +97,26 @@ def _from_jsonl_row(row: dict, src: DataSource, n: int) -> TrainSample:
         raise ValueError(f"{where}: no 'conversations'")
     meta = row.get("meta") or {}
     video = row.get("video")
+    start = float(row.get("clip_start_s") or 0.0)
+    end = None if row.get("clip_end_s") is None else float(row["clip_end_s"])
+    truth: dict = {}
+    if end is not None and all(k in meta for k in ("t1_token", "t2_token", "box1_tokens", "box2_tokens")):
+        # an `export imove-it` line keeps the targets as tokens only: times come back to within half a token
+        # (3.2.2), boxes stay on the 0-1000 grid (box IoU does not change when both axes are rescaled)
+        from stages.shared.relative_tokens import N_SPACE, dequantize_time
+
+        dur = end - start
+        truth = dict(duration_s=dur, width=N_SPACE, height=N_SPACE,
+                     t1_s=dequantize_time(meta["t1_token"], dur), t2_s=dequantize_time(meta["t2_token"], dur),
+                     box1_xyxy_px=tuple(float(v) for v in meta["box1_tokens"]),
+                     box2_xyxy_px=tuple(float(v) for v in meta["box2_tokens"]))
+        gpt = [t for t in conv if str(t.get("from", t.get("role"))) in ("gpt", "assistant")]
+        if row.get("task") == "dynamic_captioning" and gpt:
+            truth["dynamic_caption"] = str(gpt[0].get("value", gpt[0].get("content", "")))
     return TrainSample(
         sample_id=str(row.get("id") or f"{hashlib.sha256(src.path.encode()).hexdigest()[:8]}-{n}"),
-        conversations=_conv(conv, where), video_path=_resolve(video, src.video_root),
-        clip_start_s=float(row.get("clip_start_s") or 0.0),
-        clip_end_s=None if row.get("clip_end_s") is None else float(row["clip_end_s"]),
-        task=row.get("task"), clip_id=meta.get("clip_id"), source=src.path)
+        conversations=_conv(conv, where), video_path=_resolve(video, src.video_root), clip_start_s=start,
+        clip_end_s=end, task=row.get("task"), clip_id=meta.get("clip_id"), source=src.path, **truth)
 
 
 def read_source(src: DataSource) -> list[TrainSample]:
@@ -218,4 +232,5 @@ class VideoConversationDataset:
             rng = sample_rng(self.seed, self.epoch, s.sample_id) if self.train else None
             times = segment_times(s.clip_start_s, end, self.num_frames, rng)
             frames = np.stack(frames_at(s.video_path, s.clip_start_s, end, times, self.short_side))
-        return {"sample": s, "frames": frames}
+            return {"sample": s, "frames": frames, "duration_s": end - s.clip_start_s}
+        return {"sample": s, "frames": None, "duration_s": None}

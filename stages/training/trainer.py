@@ -33,6 +33,7 @@ from typing import Any
 from stages.training.collator import VlmCollator
 from stages.training.config import TrainConfig, config_fingerprint
 from stages.training.data import VideoConversationDataset, data_fingerprint, load_samples
+from stages.training.model import trainable_summary
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,6 @@ def training_arguments(cfg: TrainConfig):
         ddp_find_unused_parameters=False,
         average_tokens_across_devices=True,  # the loss is a mean over all processes' tokens, as in one process
         include_num_input_tokens_seen="non_padding",
-        gradient_checkpointing=False,  # enabled on the model itself (stages.training.model)
         **kwargs,
     )
 
@@ -189,6 +189,7 @@ def run_training(cfg: TrainConfig, resume: bool = True, extra_callbacks: tuple =
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer, record, n_train = build_trainer(cfg, extra_callbacks)
+    params = trainable_summary(trainer.model)
     main = trainer.args.process_index == 0
     if main:
         _write_json(out / "config.json", cfg.model_dump(mode="json"))
@@ -217,6 +218,7 @@ def run_training(cfg: TrainConfig, resume: bool = True, extra_callbacks: tuple =
         "samples_per_s": steps_run * global_batch / wall if wall > 0 else None,
         "tokens_per_s": tokens / wall if wall > 0 else None,
         "config_fingerprint": record["config_fingerprint"], "data_fingerprint": record["data_fingerprint"],
+        **params,
     }
     if main:
         _write_json(out / "summary.json", summary)
