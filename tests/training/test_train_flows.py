@@ -82,3 +82,26 @@ def test_eval_charades_and_motionbench_on_the_checkpoint(trained, tmp_path):
         invoke("eval", "run", *how, "--meta", str(meta), "--videos", str(tmp), "--num-frames", "2",
                "--short-side", "32", "--responses", str(tmp_path / "resp.json"), "--json")
         assert set(json.loads((tmp_path / "resp.json").read_text())) == {"q1"}
+
+
+def test_training_holds_gpu_slots_of_the_concurrency_limit(prefect_harness):
+    """A training run takes one slot per process it starts, like the pipeline's GPU stages, and a missing limit
+    is a clear error instead of an unguarded run."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.pipeline import GpuLimitMissingError
+    from flows.train import gpu_slots, gpus_needed
+    from stages.training.config import DistributedConfig, TrainConfig
+
+    cfg = TrainConfig(output_dir="x", distributed=DistributedConfig(nproc_per_node=2))
+    assert gpus_needed(cfg) == 2
+    assert gpus_needed(cfg.model_copy(update={"distributed": DistributedConfig(ray_workers=3)})) == 3
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="mf-train-gpu", limit=4))
+        with gpu_slots(gpus_needed(cfg), "mf-train-gpu", "test run"):
+            assert client.read_global_concurrency_limit_by_name("mf-train-gpu").active_slots == 2
+        assert client.read_global_concurrency_limit_by_name("mf-train-gpu").active_slots == 0
+    with pytest.raises(GpuLimitMissingError, match="setup-prefect"):
+        with gpu_slots(1, "mf-no-such-limit", "test run"):
+            pass
