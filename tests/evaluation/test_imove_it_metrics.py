@@ -116,3 +116,15 @@ def test_caption_metrics_use_the_coco_scorer_without_java():
     assert perfect.metrics["BLEU-1"] == pytest.approx(1.0) and perfect.metrics["ROUGE-L"] == pytest.approx(1.0)
     empty = score_captions(refs, {"a": preds["a"]}, use_java=False)
     assert empty.unparseable == ["b"] and empty.metrics["ROUGE-L"] < s.metrics["ROUGE-L"]
+
+
+def test_caption_metrics_with_java_add_meteor_and_the_ptb_tokenizer():
+    from stages.evaluation.imove_it import java_works
+
+    if not java_works():
+        pytest.skip("no working Java runtime: METEOR and the PTB tokenizer are skipped (and reported as skipped)")
+    refs = {"a": ["The red car moves to the left."], "b": ["A dog jumps over the fence."]}
+    s = score_captions(refs, {"a": "The red car moves to the left.", "b": None}, use_java=True)  # one jar run
+    assert "METEOR" in s.metrics and "METEOR" not in s.skipped and s.unparseable == ["b"]
+    # one perfect and one empty caption: METEOR (mean over captions) lands between the two
+    assert 0.3 < s.metrics["METEOR"] < 0.7

@@ -179,3 +179,19 @@ def test_an_export_jsonl_trains_and_evaluates_like_its_root(root, tmp_path):
             assert b.box1_xyxy_px == tuple(quantize_box(a.box1_xyxy_px, a.width, a.height))
             if a.task == "dynamic_captioning":  # the reference is the reply, which holds the caption
                 assert a.dynamic_caption.rstrip(".") in b.dynamic_caption
+
+
+def test_train_command_config_defaults_and_overrides(tmp_path):
+    from flows.cli_train import build_train_config
+
+    cfg = build_train_config("/data/root", "r1", None, None, None, None, None, None, None)
+    assert cfg.output_dir == "/data/root/training/r1" and [s.path for s in cfg.data.sources] == ["/data/root"]
+    assert cfg.method == "lora" and cfg.optim.warmup_ratio == 0.03 and cfg.freeze_vision_tower and cfg.train_projector
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({"optim": {"learning_rate": 1e-4}, "data": {"num_frames": 16}}))
+    cfg = build_train_config("/r", "r2", f, "tiny://qwen2_vl", "full", ["/exp/imove_it.jsonl"], 7, 2, None,
+                             ["/mix/chat.jsonl"])
+    assert cfg.optim.learning_rate == 1e-4 and cfg.optim.max_steps == 7 and cfg.data.num_frames == 16
+    assert [(s.kind, s.path) for s in cfg.data.sources] == [("imove_it", "/exp/imove_it.jsonl"),
+                                                           ("conversations", "/mix/chat.jsonl")]
+    assert cfg.method == "full" and cfg.distributed.nproc_per_node == 2 and cfg.model.model_id == "tiny://qwen2_vl"
