@@ -252,11 +252,14 @@ class _Prepared:
 
 
 class _TransformersVlm:
-    def __init__(self, spec: VlmSpec) -> None:
+    def __init__(self, spec: VlmSpec, loaded: tuple[Any, Any] | None = None, name: str | None = None) -> None:
         self.spec = spec
-        self.model_name = spec.model_id + (f"@{spec.revision}" if spec.revision else "")
-        key = _VlmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device, dtype=spec.dtype)
-        self.model, self.processor = get_expert(key, _load_transformers)
+        self.model_name = name or spec.model_id + (f"@{spec.revision}" if spec.revision else "")
+        if loaded is None:
+            key = _VlmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device, dtype=spec.dtype)
+            self.model, self.processor = get_expert(key, _load_transformers)
+        else:
+            self.model, self.processor = loaded
 
     def _prepare(self, req: VlmRequest) -> _Prepared:
         frames = [as_rgb_uint8(im) for im in req.images]
@@ -395,12 +398,8 @@ class Vlm:
 def vlm_from_loaded(model: Any, processor: Any, spec: VlmSpec, name: str | None = None) -> Vlm:
     """The expert around a model already in memory (a fine-tuned checkpoint with its adapter, say): same
     prompting and batched generation as :func:`load_vlm`, no loading or caching."""
-    backend = _TransformersVlm.__new__(_TransformersVlm)
-    backend.spec = spec
-    backend.model_name = name or spec.model_id
-    processor.tokenizer.padding_side = "left"
-    backend.model, backend.processor = model.eval(), processor
-    return Vlm(spec, backend)
+    processor.tokenizer.padding_side = "left"  # batched generation continues every row at the right edge
+    return Vlm(spec, _TransformersVlm(spec, loaded=(model.eval(), processor), name=name))
 
 
 def load_vlm(spec: VlmSpec, cache: ResponseCacheLike | None = None) -> Vlm:
