@@ -207,7 +207,7 @@ def deploy(pool: str = DEFAULT_CPU_POOL, gpu_pool: str | None = None, *, profile
         name=EVAL_DEPLOYMENT, work_pool_name=pipeline_pool, build=False, push=False,
         parameters={"benchmark": "imove_it", **limit_param},
         description="motionforge: score a trained checkpoint (imove_it: held-out grounding + captioning metrics; "
-                    "charades: Charades-STA-style annotations).",
+                    "charades: Charades-STA-style annotations; motionbench: a video_info.meta.jsonl).",
         tags=tags, print_next_steps=False, ignore_warnings=True,
     )
     out_list.append(DeployedDeployment(f"{EVAL_FLOW}/{EVAL_DEPLOYMENT}", str(dep_id), pipeline_pool))

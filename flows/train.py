@@ -127,16 +127,19 @@ def train(config: TrainConfig, resume: bool = True, gpu_limit: Optional[str] = N
 @flow(name=EVAL_FLOW, flow_run_name="eval {benchmark} <- {checkpoint}", log_prints=True)
 def evaluate(checkpoint: str, benchmark: str = "imove_it", out: Optional[str] = None, merge: bool = False,
              num_frames: Optional[int] = None, short_side: Optional[int] = None, annotations: Optional[str] = None,
-             videos: Optional[str] = None, batch_size: int = 8, limit: Optional[int] = None,
-             use_java: Optional[bool] = None, gpu_limit: Optional[str] = None) -> dict:
+             videos: Optional[str] = None, answers: Optional[str] = None, batch_size: int = 8,
+             limit: Optional[int] = None, use_java: Optional[bool] = None, gpu_limit: Optional[str] = None) -> dict:
     """Score a trained checkpoint: ``imove_it`` (held-out split of its training data: grounding and
-    captioning metrics) or ``charades`` (``annotations`` in Charades-STA format, ``videos`` folder).
+    captioning metrics), ``charades`` (``annotations`` in Charades-STA format, ``videos`` folder) or
+    ``motionbench`` (``annotations`` = video_info.meta.jsonl, ``videos``, optional ``answers`` key).
     ``use_java``: METEOR (a jar) and Stanford's tokenizer; None = when a Java runtime works."""
     from experts.vlm import VlmSpec, vlm_from_loaded
     from stages.training import evaluate as ev
 
-    if benchmark not in ("imove_it", "charades"):
-        raise ValueError(f"benchmark must be imove_it or charades, got {benchmark!r}")
+    if benchmark not in ("imove_it", "charades", "motionbench"):
+        raise ValueError(f"benchmark must be imove_it, charades or motionbench, got {benchmark!r}")
+    if benchmark != "imove_it" and not (annotations and videos):
+        raise ValueError(f"{benchmark} needs annotations (the annotation / meta file) and videos (their folder)")
     out_dir = out or str(Path(checkpoint) / f"eval_{benchmark}")
     with gpu_slots(1, gpu_limit, f"evaluation of {checkpoint}"):
         model, processor, cfg = ev.load_checkpoint(checkpoint, merge=merge)
@@ -147,9 +150,10 @@ def evaluate(checkpoint: str, benchmark: str = "imove_it", out: Optional[str] = 
         if benchmark == "imove_it":
             samples = ev.held_out_samples(cfg)[:limit]
             metrics = ev.evaluate_imove_it(vlm, samples, n, side, out_dir, batch_size=batch_size, use_java=use_java)
+        elif benchmark == "motionbench":
+            metrics = ev.evaluate_motionbench(vlm, annotations, videos, n, side, out_dir, answers=answers,
+                                              batch_size=batch_size, limit=limit)
         else:
-            if not (annotations and videos):
-                raise ValueError("charades needs annotations (the STA .txt file) and videos (their folder)")
             from stages.evaluation.imove_it import read_charades_sta
 
             queries = read_charades_sta(annotations)[:limit]
@@ -161,6 +165,10 @@ def evaluate(checkpoint: str, benchmark: str = "imove_it", out: Optional[str] = 
 
 def metric_rows(metrics: dict) -> list[dict]:
     rows = []
+    if "per_category" in metrics:  # MotionBench
+        rows += [{"task": "motionbench", "metric": name, "value": None if acc is None else round(acc, 4)}
+                 for name, acc in {**metrics["per_category"], "overall": metrics.get("overall")}.items()]
+        return rows
     for task, vals in metrics.items():
         if not isinstance(vals, dict) or task == "errors":
             continue

@@ -231,6 +231,11 @@ class VideoConversationDataset:
             end = clip_end(s)
             rng = sample_rng(self.seed, self.epoch, s.sample_id) if self.train else None
             times = segment_times(s.clip_start_s, end, self.num_frames, rng)
-            frames = np.stack(frames_at(s.video_path, s.clip_start_s, end, times, self.short_side))
+            try:
+                frames = np.stack(frames_at(s.video_path, s.clip_start_s, end, times, self.short_side))
+            except Exception as exc:  # noqa: BLE001 -- say which sample and file, then stop the run
+                raise ValueError(f"sample {s.sample_id} ({s.source}): cannot read frames of {s.video_path} "
+                                 f"[{s.clip_start_s:.2f}, {end:.2f}]s: {type(exc).__name__}: {exc}; fix or remove "
+                                 "the file, or drop the sample from the data, then run again (the run resumes)") from exc
             return {"sample": s, "frames": frames, "duration_s": end - s.clip_start_s}
         return {"sample": s, "frames": None, "duration_s": None}

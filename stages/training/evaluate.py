@@ -203,6 +203,31 @@ def evaluate_charades(vlm: Any, queries: Sequence[GroundingQuery], videos: str |
     return metrics
 
 
+def evaluate_motionbench(vlm: Any, meta: str | Path, videos: str | Path | None, num_frames: int,
+                         short_side: int | None, out_dir: str | Path, answers: str | Path | None = None,
+                         batch_size: int = 8, limit: int | None = None, progress=lambda d, t: None) -> dict:
+    """MotionBench accuracy per category (the released meta format; :mod:`stages.evaluation.motionbench`),
+    N uniform frames per clip."""
+    from stages.evaluation.motionbench import build_inputs, meta_questions, read_answer_key, read_meta, \
+        resolve_video, run_model, score
+
+    questions = meta_questions(read_meta(meta))[:limit]
+    inputs = build_inputs(questions, videos)
+
+    def load_frames(inp):
+        return centre_frames(resolve_video(inp.video_path, videos), inp.start_s or 0.0, inp.end_s, num_frames,
+                             short_side)
+
+    replies, errors = run_model(inputs, vlm, load_frames, as_video=True, batch_size=batch_size, progress=progress)
+    result = score(questions, replies, read_answer_key(answers) if answers else None).as_dict()
+    result["errors"] = errors
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "responses.json").write_text(json.dumps(replies, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
 def _write(out_dir: str | Path, predictions: list[dict], metrics: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

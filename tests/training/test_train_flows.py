@@ -83,6 +83,15 @@ def test_eval_charades_and_motionbench_on_the_checkpoint(trained, tmp_path):
                "--short-side", "32", "--responses", str(tmp_path / "resp.json"), "--json")
         assert set(json.loads((tmp_path / "resp.json").read_text())) == {"q1"}
 
+    # the eval deployment's MotionBench branch: same scorer, replies and accuracy written beside each other
+    from flows.train import evaluate, metric_rows
+
+    res = evaluate(checkpoint=str(run / "final"), benchmark="motionbench", annotations=str(meta), videos=str(tmp),
+                   out=str(tmp_path / "mb"), num_frames=2)
+    assert res["scored"] == 1 and "Motion Recognition" in res["per_category"]
+    assert set(json.loads((tmp_path / "mb" / "responses.json").read_text())) == {"q1"}
+    assert {r["metric"] for r in metric_rows(res)} >= {"Motion Recognition", "overall"}
+
 
 def test_training_holds_gpu_slots_of_the_concurrency_limit(prefect_harness):
     """A training run takes one slot per process it starts, like the pipeline's GPU stages, and a missing limit

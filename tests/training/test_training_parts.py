@@ -195,3 +195,10 @@ def test_train_command_config_defaults_and_overrides(tmp_path):
     assert [(s.kind, s.path) for s in cfg.data.sources] == [("imove_it", "/exp/imove_it.jsonl"),
                                                            ("conversations", "/mix/chat.jsonl")]
     assert cfg.method == "full" and cfg.distributed.nproc_per_node == 2 and cfg.model.model_id == "tiny://qwen2_vl"
+
+
+def test_an_unreadable_video_names_the_sample_and_the_file(tmp_path):
+    s = TrainSample(sample_id="bad-1", conversations=(("human", "<video>\nWhat?"), ("gpt", "No.")),
+                    video_path=str(tmp_path / "missing.mp4"), clip_start_s=0.0, clip_end_s=2.0, source="root")
+    with pytest.raises(ValueError, match="sample bad-1 .*missing.mp4"):
+        VideoConversationDataset([s], 2, 32, train=True)[0]
