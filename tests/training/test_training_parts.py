@@ -73,23 +73,28 @@ def test_labels_cover_exactly_the_assistant_replies(root, tmp_path, family):
     from stages.training.model import load_model_for_training
 
     cfg = _cfg(root, tmp_path, model_id=f"tiny://{family}")
-    _, processor = load_model_for_training(cfg)
+    model, processor = load_model_for_training(cfg)
     samples = load_samples(cfg.data, "train")[:3]
     multi = TrainSample(sample_id="m", conversations=(("human", "<video>\nWhat moves?"), ("gpt", "A dog."),
                                                        ("human", "When?"), ("gpt", "From <3> to <90>.")),
                         video_path=samples[0].video_path, clip_start_s=0.0, clip_end_s=2.0)
-    ds = VideoConversationDataset(samples + [multi], 2, 32, train=False)
+    text_only = TrainSample(sample_id="t", conversations=(("human", "Say hi."), ("gpt", "Hi there.")))  # mixed-in chat
+    rows = samples[:1] + [text_only] + samples[1:] + [multi]
+    ds = VideoConversationDataset(rows, 2, 32, train=False)
     batch = VlmCollator(processor, 2)([ds[i] for i in range(len(ds))])
     tok = processor.tokenizer
-    for r, s in enumerate(samples + [multi]):
+    for r, s in enumerate(rows):
         ids, labels = batch["input_ids"][r], batch["labels"][r]
         replies = [t for role, t in s.conversations if role == "gpt"]
         learned = tok.decode(ids[labels != IGNORE_INDEX])
         # independent check: every reply followed by the template's end-of-turn text, nothing else
         assert learned == "".join(f"{t}<|im_end|>\n" for t in replies)
         assert (labels[batch["attention_mask"][r] == 0] == IGNORE_INDEX).all()
-    # the video went in as the model's own vision tokens
+    # the videos went in as the model's own vision tokens, and the mixed batch runs through the model
     assert ("pixel_values_videos" in batch) or ("pixel_values" in batch)
+    import torch
+
+    assert torch.isfinite(model(**batch).loss)
 
 
 def test_video_placeholder_without_video_is_an_error():
