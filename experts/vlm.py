@@ -212,6 +212,15 @@ class _VlmWeights(ModelSpec):
 
 
 def _load_transformers(spec: ModelSpec) -> tuple[Any, Any]:
+    model, processor = load_transformers_weights(spec)
+    return model.eval(), processor
+
+
+def load_transformers_weights(spec: ModelSpec, **model_kwargs: Any) -> tuple[Any, Any]:
+    """(model, processor) of a transformers VLM on the spec's device and dtype, the processor set up for frames
+    that arrive already sampled. Shared by inference (:class:`Vlm`) and fine-tuning (``stages.training``);
+    ``model_kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``). The tokenizer pads on the left,
+    as batched generation needs; a trainer sets its own side."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = resolve_device(spec.device)
@@ -229,8 +238,9 @@ def _load_transformers(spec: ModelSpec) -> tuple[Any, Any]:
             vp.do_sample_frames = False  # frames arrive already sampled by the video reader
         if hasattr(vp, "cap_pixels_per_frame") and vp.cap_pixels_per_frame is None:
             vp.cap_pixels_per_frame = True  # qwen-vl-utils' total pixel budget per video
-    model = hf_load(AutoModelForImageTextToText.from_pretrained, spec.model_id, spec.revision, dtype=dtype)
-    return model.to(device).eval(), processor
+    model = hf_load(AutoModelForImageTextToText.from_pretrained, spec.model_id, spec.revision, dtype=dtype,
+                    **model_kwargs)
+    return model.to(device), processor
 
 
 @dataclass(frozen=True)
@@ -244,11 +254,14 @@ class _Prepared:
 
 
 class _TransformersVlm:
-    def __init__(self, spec: VlmSpec) -> None:
+    def __init__(self, spec: VlmSpec, loaded: tuple[Any, Any] | None = None, name: str | None = None) -> None:
         self.spec = spec
-        self.model_name = spec.model_id + (f"@{spec.revision}" if spec.revision else "")
-        key = _VlmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device, dtype=spec.dtype)
-        self.model, self.processor = get_expert(key, _load_transformers)
+        self.model_name = name or spec.model_id + (f"@{spec.revision}" if spec.revision else "")
+        if loaded is None:
+            key = _VlmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device, dtype=spec.dtype)
+            self.model, self.processor = get_expert(key, _load_transformers)
+        else:
+            self.model, self.processor = loaded
 
     def _prepare(self, req: VlmRequest) -> _Prepared:
         frames = [as_rgb_uint8(im) for im in req.images]
@@ -415,6 +428,13 @@ class Vlm:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def vlm_from_loaded(model: Any, processor: Any, spec: VlmSpec, name: str | None = None) -> Vlm:
+    """The expert around a model already in memory (a fine-tuned checkpoint with its adapter, say): same
+    prompting and batched generation as :func:`load_vlm`, no loading or caching."""
+    processor.tokenizer.padding_side = "left"  # batched generation continues every row at the right edge
+    return Vlm(spec, _TransformersVlm(spec, loaded=(model.eval(), processor), name=name))
 
 
 def load_vlm(spec: VlmSpec, cache: ResponseCacheLike | None = None) -> Vlm:

@@ -344,7 +344,7 @@ def demo(
 
 # Command groups that live in their own modules (one file, one job) register themselves here.
 CLI_MODULES = ("flows.cli_imove", "flows.cli_motionbench", "flows.cli_hf", "flows.cli_ops", "flows.cli_report",
-               "flows.cli_ablation")
+               "flows.cli_ablation", "flows.cli_train")
 
 
 def _register_extensions() -> None:

@@ -6,7 +6,7 @@
     motionforge review serve --out ROOT [--host 127.0.0.1] [--port 8765] [--token T]
     motionforge export motionbench --out ROOT --to DIR
     motionforge eval score --meta META --responses RESP.json [--answers KEY] [--json]
-    motionforge eval run --model SPEC --meta META --videos DIR [--num-frames N | --fps F] [--text-only | --first-frame]
+    motionforge eval run --model SPEC | --checkpoint DIR [--merge] --meta META --videos DIR [--num-frames N | --fps F] [--text-only | --first-frame]
 
 Wiring only: the logic is in stages.motionbench.describe / stages.motionbench.review /
 stages.export.motionbench / stages.evaluation.motionbench, and the review web server in dashboards.server.
@@ -223,8 +223,11 @@ def register(app: typer.Typer) -> None:
 
     @eval_app.command("run")
     def _eval_run(
-        model: str = typer.Option(..., "--model", help="tiny://qwen2_vl, an HF id / local path, openai:<model>, "
-                                  "or a .json/.yaml VlmSpec file"),
+        model: Optional[str] = typer.Option(None, "--model", help="tiny://qwen2_vl, an HF id / local path, "
+                                            "openai:<model>, or a .json/.yaml VlmSpec file"),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", file_okay=False, help="instead of --model: a "
+                                                  "`motionforge train` run's final/ or checkpoint-N/ folder"),
+        merge: bool = typer.Option(False, "--merge", help="with --checkpoint: merge the LoRA adapter first"),
         meta: Path = typer.Option(..., "--meta", exists=True, dir_okay=False),
         videos: Optional[Path] = typer.Option(None, "--videos", help="folder holding the benchmark videos"),
         num_frames: Optional[int] = typer.Option(None, "--num-frames", help="N uniform frames per video (default 16)"),
@@ -250,12 +253,22 @@ def register(app: typer.Typer) -> None:
             _fail("--text-only and --first-frame exclude each other")
         if num_frames is not None and fps is not None:
             _fail("give --num-frames or --fps, not both")
+        if (model is None) == (checkpoint is None):
+            _fail("give --model or --checkpoint (exactly one)")
         if videos is None and (meta.parent / "videos").is_dir():
             videos = meta.parent / "videos"  # the release folder written by `export motionbench`
         questions = meta_questions(read_meta(meta))[:limit]
         inputs = build_inputs(questions, videos, text_only)
-        spec = parse_model_spec(model, base_url, api_key_env)
-        vlm = load_vlm(spec)
+        if checkpoint is not None:
+            from experts.vlm import VlmSpec, vlm_from_loaded
+            from stages.training.evaluate import load_checkpoint
+
+            ck_model, ck_processor, ck_cfg = load_checkpoint(checkpoint, merge=merge)
+            vlm = vlm_from_loaded(ck_model, ck_processor, VlmSpec(model_id=ck_cfg.model.model_id, max_new_tokens=16),
+                                  name=str(checkpoint))
+            model = f"{Path(checkpoint).parent.name}_{Path(checkpoint).name}"
+        else:
+            vlm = load_vlm(parse_model_spec(model, base_url, api_key_env))
         n = 1 if first_frame_only else (None if fps else (num_frames or 16))
 
         def load_frames(inp):

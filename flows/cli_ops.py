@@ -59,7 +59,7 @@ def deploy_cmd(
     timezone: str = typer.Option("UTC", "--timezone"),
     source: Optional[str] = typer.Option(None, "--source", help="project directory (same path on every worker) or git URL; default: this checkout"),
 ):
-    """Register the `pipeline` and `rerun-stage` deployments with the Prefect server."""
+    """Register the `pipeline`, `rerun-stage`, `train` and `eval` deployments with the Prefect server."""
     from flows.deploy import PrefectSetupError, deploy
 
     try:
@@ -74,6 +74,8 @@ def deploy_cmd(
     o.print("run it:   prefect deployment run 'motionforge-pipeline/pipeline' -p input=VIDEOS -p out=ROOT")
     o.print("re-run:   prefect deployment run 'motionforge-rerun-stage/rerun-stage' -p out=ROOT -p stage=STAGE "
             "-p 'shards=[K]'")
+    o.print("train:    prefect deployment run 'motionforge-train/train' -p 'config={\"output_dir\": \"ROOT/training/RUN\", "
+            "\"data\": {\"sources\": [{\"path\": \"ROOT\"}]}}'   (or `motionforge train`)")
 
 
 def runs_cmd(

@@ -8,7 +8,12 @@ deployments registered from this project's source:
                                              model; carries a cron schedule that is off until you turn it on;
 * ``motionforge-rerun-stage/rerun-stage``     one stage for a list of shards (stage, shards, force), on the
                                              CPU pool;
-* ``motionforge-rerun-stage/rerun-stage-gpu`` the same on the GPU pool (only with a GPU pool).
+* ``motionforge-rerun-stage/rerun-stage-gpu`` the same on the GPU pool (only with a GPU pool);
+* ``motionforge-train/train``                 fine-tune a VLM on an output root's iMOVE-IT samples (flows/train.py);
+                                             its form is the training config; holds GPU slots while training;
+* ``motionforge-eval/eval``                   score a trained checkpoint (iMOVE-IT held-out split, Charades-STA).
+
+Training and evaluation go to the GPU pool when there is one, else to the CPU pool.
 """
 from __future__ import annotations
 
@@ -21,6 +26,10 @@ RERUN_FLOW = "motionforge-rerun-stage"
 PIPELINE_DEPLOYMENT = "pipeline"
 RERUN_DEPLOYMENT = "rerun-stage"
 RERUN_GPU_DEPLOYMENT = "rerun-stage-gpu"
+TRAIN_FLOW = "motionforge-train"
+EVAL_FLOW = "motionforge-eval"
+TRAIN_DEPLOYMENT = "train"
+EVAL_DEPLOYMENT = "eval"
 DEFAULT_CPU_POOL = "motionforge-cpu"
 DEFAULT_GPU_POOL = "motionforge-gpu"
 DEFAULT_GPU_LIMIT = "motionforge-gpu"
@@ -207,6 +216,27 @@ def deploy(pool: str = DEFAULT_CPU_POOL, gpu_pool: str | None = None, *, profile
             tags=tags, print_next_steps=False, ignore_warnings=True,
         )
         out_list.append(DeployedDeployment(f"{RERUN_FLOW}/{name}", str(dep_id), target))
+
+    limit_param = {"gpu_limit": gpu_limit} if gpu_limit else {}
+    train_flow = prefect_flow.from_source(source=source, entrypoint="flows/train.py:train")
+    dep_id = train_flow.deploy(
+        name=TRAIN_DEPLOYMENT, work_pool_name=pipeline_pool, build=False, push=False,
+        parameters={"resume": True, **limit_param},
+        description="motionforge: fine-tune a VLM on iMOVE-IT (LoRA on the language model, vision tower frozen, "
+                    "projector trained; or full). config.output_dir is the run folder; a run on an existing "
+                    "folder resumes from its last checkpoint.",
+        tags=tags, print_next_steps=False, ignore_warnings=True,
+    )
+    out_list.append(DeployedDeployment(f"{TRAIN_FLOW}/{TRAIN_DEPLOYMENT}", str(dep_id), pipeline_pool))
+    eval_flow = prefect_flow.from_source(source=source, entrypoint="flows/train.py:evaluate")
+    dep_id = eval_flow.deploy(
+        name=EVAL_DEPLOYMENT, work_pool_name=pipeline_pool, build=False, push=False,
+        parameters={"benchmark": "imove_it", **limit_param},
+        description="motionforge: score a trained checkpoint (imove_it: held-out grounding + captioning metrics; "
+                    "charades: Charades-STA-style annotations; motionbench: a video_info.meta.jsonl).",
+        tags=tags, print_next_steps=False, ignore_warnings=True,
+    )
+    out_list.append(DeployedDeployment(f"{EVAL_FLOW}/{EVAL_DEPLOYMENT}", str(dep_id), pipeline_pool))
     return out_list
 
 

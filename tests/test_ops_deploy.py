@@ -167,6 +167,12 @@ def test_setup_deploy_fault_rerun_artifacts_status(server, videos, tmp_path):
         assert client.read_deployment_by_name("motionforge-pipeline/pipeline").work_pool_name == GPU_POOL
         assert client.read_deployment_by_name("motionforge-rerun-stage/rerun-stage-gpu").work_pool_name == GPU_POOL
         assert client.read_deployment_by_name("motionforge-rerun-stage/rerun-stage").work_pool_name == POOL
+        # training and evaluation run on the GPU pool too, and hold the same GPU limit's slots
+        for name in ("motionforge-train/train", "motionforge-eval/eval"):
+            td = client.read_deployment_by_name(name)
+            assert td.work_pool_name == GPU_POOL and td.parameters["gpu_limit"] == "mf-test-gpu"
+        train_schema = client.read_deployment_by_name("motionforge-train/train").parameter_openapi_schema
+        assert "config" in train_schema["properties"]  # the training config renders as a form
         dep = client.read_deployment_by_name("motionforge-pipeline/pipeline")
         assert dep.parameters["config"]["runtime"]["gpu_concurrency_limit"] == "mf-test-gpu"
 

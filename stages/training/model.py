@@ -1,0 +1,118 @@
+"""The model to train: loaded through the experts' loader, parts plugged in, frozen / LoRA-wrapped per config.
+
+iMOVE B.1: the vision tower stays frozen, the projector trains in full, the language model gets LoRA (peft).
+``method="full"`` trains the language model and projector in full instead. Which module is the vision tower
+and which the projector depends on the family; :data:`FAMILY_PARTS` names them by ``config.model_type``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from typing import Any
+
+from stages.training.config import ModelPart, TrainConfig
+
+log = logging.getLogger(__name__)
+
+# model_type -> (vision tower prefix, projector prefix, language model prefix) in named_modules() of the
+# transformers 5 ForConditionalGeneration classes
+FAMILY_PARTS = {
+    "qwen2_vl": ("model.visual", "model.visual.merger", "model.language_model"),
+    "qwen2_5_vl": ("model.visual", "model.visual.merger", "model.language_model"),
+    "internvl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+}
+
+
+def family_parts(model: Any) -> tuple[str, str, str]:
+    mt = getattr(model.config, "model_type", None)
+    if mt not in FAMILY_PARTS:
+        raise ValueError(f"model_type {mt!r} is not a supported VLM family for training; known: {sorted(FAMILY_PARTS)}")
+    return FAMILY_PARTS[mt]
+
+
+def resolve_callable(target: str):
+    mod, sep, name = target.partition(":")
+    if not sep or not mod or not name:
+        raise ValueError(f"model part target {target!r} must be 'package.module:function'")
+    fn = getattr(importlib.import_module(mod), name, None)
+    if not callable(fn):
+        raise ValueError(f"model part target {target!r} is not a callable")
+    return fn
+
+
+def apply_model_parts(model: Any, processor: Any, parts: tuple[ModelPart, ...]) -> tuple[Any, Any]:
+    """Call each configured part as ``fn(model, processor, **kwargs)``; it returns (model, processor)."""
+    for part in parts:
+        out = resolve_callable(part.target)(model, processor, **part.kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(f"model part {part.target} must return (model, processor), got {type(out).__name__}")
+        model, processor = out
+        log.info("model part %s applied", part.target)
+    return model, processor
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def load_model_for_training(cfg: TrainConfig, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, processor) ready for the Trainer: on ``device`` (the Trainer moves it for accelerators)."""
+    from transformers import set_seed
+
+    from experts.vlm import VlmSpec, load_transformers_weights
+
+    spec = VlmSpec(model_id=cfg.model.model_id, revision=cfg.model.revision, device=device, dtype=cfg.model.dtype)
+    extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    model, processor = load_transformers_weights(spec, **extra)
+    model.train()
+    processor.tokenizer.padding_side = "right"
+    # seeded after loading (building a tiny:// checkpoint draws from the global RNG too): LoRA's A matrices and
+    # any part's new weights are then the same in every run and every process
+    set_seed(cfg.optim.seed)
+    before = {n for n, _ in model.named_parameters()}
+    model, processor = apply_model_parts(model, processor, cfg.model_parts)
+    new_params = {n for n, _ in model.named_parameters()} - before
+    vision, projector, language = family_parts(model)
+    for name, p in model.named_parameters():
+        if name in new_params:
+            p.requires_grad_(True)
+        elif _under(name, projector):
+            p.requires_grad_(cfg.train_projector)
+        elif _under(name, vision):
+            p.requires_grad_(not cfg.freeze_vision_tower)
+        else:
+            p.requires_grad_(cfg.method == "full")
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.method == "lora":
+        model = wrap_lora(model, cfg, vision, projector, language, new_params)
+    return model, processor
+
+
+def wrap_lora(model: Any, cfg: TrainConfig, vision: str, projector: str, language: str, new_params: set[str]) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    names = "|".join(cfg.lora.target_modules)
+    # LoRA on the language model's linear layers only (never the vision tower's blocks)
+    target = "^" + re.escape(language) + r"\..*\.(" + names + ")$"
+    save = []
+    if cfg.train_projector:
+        save.append(projector.rsplit(".", 1)[-1])
+    if not cfg.freeze_vision_tower:
+        save.append(vision.rsplit(".", 1)[-1])
+    save += list(cfg.lora.extra_trainable)
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=target, modules_to_save=save or None, bias="none")
+    model = get_peft_model(model, lcfg)
+    if new_params and not cfg.lora.extra_trainable:
+        log.warning("model parts added parameters %s but lora.extra_trainable is empty: they will not train "
+                    "under LoRA", sorted(new_params)[:5])
+    return model
+
+
+def trainable_summary(model: Any) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"parameters": int(total), "trainable": int(trainable)}
