@@ -445,7 +445,7 @@ def detect_many(
     """
     config = config or ScenesConfig()
     paths = [os.fspath(p) for p in paths]
-    if workers <= 1:
+    if workers <= 1 or not paths:  # (no videos: a shard whose inputs were all errors or duplicates)
         return [_detect_or_error(p, config) for p in paths]
     if len(paths) == 1:  # one video: split it at keyframes so every worker has a part (same cuts)
         return [_detect_split_or_error(paths[0], config, workers)]

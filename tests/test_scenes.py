@@ -371,3 +371,10 @@ def test_split_detection_matches_the_cli_on_real_footage(tmp_path):
     bikes = _bikes()
     split = _split_detect(str(bikes), ScenesConfig(), 2, None)
     assert split is not None and split.cut_frames == cli_cuts(bikes, ScenesConfig(), tmp_path)
+
+
+def test_detect_many_with_no_videos_returns_nothing():
+    """A shard whose ingest rows were all errors or duplicates has no video to cut: no pool is started."""
+    from stages.scenes import detect_many
+
+    assert detect_many([], workers=2) == [] and detect_many([], workers=1) == []

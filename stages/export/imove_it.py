@@ -62,7 +62,13 @@ def _turns(row: dict) -> list[tuple[str, str]]:
 def internvl_record(row: dict) -> dict:
     turns = _turns(row)
     conv = [{"from": f, "value": (VIDEO_TAG + "\n" + v) if i == 0 else v} for i, (f, v) in enumerate(turns)]
-    return {"id": row["sample_id"], "video": clip_file(row["clip_id"]), "conversations": conv, "task": row["task"]}
+    # ``meta`` (ignored by InternVL's loader, which reads id / video / conversations) keeps the targets as the
+    # model sees them, so `motionforge train` / `eval imove-it` can score a held-out split read from this file.
+    meta = {"clip_id": row["clip_id"], "duration_s": row["duration_s"], "t1_token": row["t1_token"],
+            "t2_token": row["t2_token"], "box1_tokens": list(row["box1_tokens"]),
+            "box2_tokens": list(row["box2_tokens"])}
+    return {"id": row["sample_id"], "video": clip_file(row["clip_id"]), "conversations": conv, "task": row["task"],
+            "meta": meta}
 
 
 def llava_record(row: dict) -> dict:

@@ -90,6 +90,11 @@ def _read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def _folder_of(path: str) -> str | None:
+    """Relative media paths in a JSONL resolve against its folder (the `export imove-it` layout: DIR/videos/)."""
+    return None if "://" in path else os.path.dirname(os.path.abspath(path))
+
+
 def _from_jsonl_row(row: dict, src: DataSource, n: int) -> TrainSample:
     where = f"{src.path}: line {n}"
     conv = row.get("conversations") or row.get("messages")
@@ -97,8 +102,12 @@ def _from_jsonl_row(row: dict, src: DataSource, n: int) -> TrainSample:
         raise ValueError(f"{where}: no 'conversations'")
     meta = row.get("meta") or {}
     video = row.get("video")
+    if video is None and row.get("videos"):
+        video = row["videos"][0]  # ShareGPT layout: one clip per sample
     start = float(row.get("clip_start_s") or 0.0)
     end = None if row.get("clip_end_s") is None else float(row["clip_end_s"])
+    if end is None and meta.get("duration_s") is not None:
+        end = start + float(meta["duration_s"])  # `export imove-it` cuts each clip: t=0 is the clip start
     truth: dict = {}
     if end is not None and all(k in meta for k in ("t1_token", "t2_token", "box1_tokens", "box2_tokens")):
         # an `export imove-it` line keeps the targets as tokens only: times come back to within half a token
@@ -115,7 +124,8 @@ def _from_jsonl_row(row: dict, src: DataSource, n: int) -> TrainSample:
             truth["dynamic_caption"] = str(gpt[0].get("value", gpt[0].get("content", "")))
     return TrainSample(
         sample_id=str(row.get("id") or f"{hashlib.sha256(src.path.encode()).hexdigest()[:8]}-{n}"),
-        conversations=_conv(conv, where), video_path=_resolve(video, src.video_root), clip_start_s=start,
+        conversations=_conv(conv, where), video_path=_resolve(video, src.video_root or _folder_of(src.path)),
+        clip_start_s=start,
         clip_end_s=end, task=row.get("task"), clip_id=meta.get("clip_id"), source=src.path, **truth)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -170,8 +171,9 @@ def test_an_export_jsonl_trains_and_evaluates_like_its_root(root, tmp_path):
     from flows.cli_imove import export_imove_it
     from stages.shared.relative_tokens import N_TIME, quantize_box
 
-    path = tmp_path / "imove_it.jsonl"
-    assert export_imove_it(root.url, path) == 24
+    res = export_imove_it(root.url, tmp_path / "export", formats=["internvl"])
+    assert res.samples == 24 and not res.dropped
+    path = res.files["internvl"]
     for split in ("train", "eval"):
         kw = dict(eval_fraction=0.5, split_seed=3)
         from_root = load_samples(DataConfig(sources=(DataSource(path=root.url),), **kw), split)
@@ -179,6 +181,9 @@ def test_an_export_jsonl_trains_and_evaluates_like_its_root(root, tmp_path):
         assert [s.sample_id for s in from_export] == [s.sample_id for s in from_root]
         for a, b in zip(from_root, from_export):
             assert a.conversations == b.conversations and a.clip_id == b.clip_id and a.task == b.task
+            # the export's media is the cut clip: t=0 at the clip start, same length as the span
+            assert b.clip_start_s == 0.0 and b.clip_end_s == pytest.approx(a.clip_end_s - a.clip_start_s)
+            assert os.path.isfile(b.video_path) and b.video_path.startswith(str(tmp_path / "export" / "videos"))
             half_token = a.duration_s / N_TIME / 2 + 1e-9
             assert abs(a.t1_s - b.t1_s) <= half_token and abs(a.t2_s - b.t2_s) <= half_token
             assert b.box1_xyxy_px == tuple(quantize_box(a.box1_xyxy_px, a.width, a.height))
