@@ -76,6 +76,28 @@ def gpu_limit_name(configured: str | None) -> str | None:
 
 
 @contextlib.contextmanager
+def gpu_slots(n: int, limit: str | None, what: str, hint: str = ""):
+    """Hold ``n`` slots of the Prefect GPU concurrency limit (if one is configured) while the block runs;
+    ``what`` names the holder in the error when the limit is missing or too small."""
+    limit = gpu_limit_name(limit)
+    if not limit or n <= 0:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(limit, occupy=n, strict=True))
+        except Exception as exc:  # noqa: BLE001 -- Prefect raises several types for a missing/too-small limit
+            raise GpuLimitMissingError(
+                f"{what} needs {n} slot(s) of the GPU concurrency limit {limit!r}, which the Prefect server at "
+                f"{_api_url() or 'the temporary local server'} could not grant ({type(exc).__name__}: {exc}); "
+                f"create it with `motionforge setup-prefect --gpus N --gpu-limit {limit}`{hint}"
+            ) from exc
+        yield
+
+
+@contextlib.contextmanager
 def gpu_slot(stage_name: str, limit: str | None, stage_config: Any = None):
     """Hold one slot per GPU the stage needs of a Prefect global concurrency limit, if one is configured.
 
@@ -84,23 +106,8 @@ def gpu_slot(stage_name: str, limit: str | None, stage_config: Any = None):
     """
     st = get_stage(stage_name)
     gpus = (st.resources_for(stage_config) if stage_config is not None else st.resources).gpus
-    limit = gpu_limit_name(limit)
-    if not limit or gpus <= 0:
-        yield
-        return
-    from prefect.concurrency.sync import concurrency
-
-    slots = max(1, int(round(gpus)))
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(concurrency(limit, occupy=slots, strict=True))
-        except Exception as exc:  # noqa: BLE001 -- Prefect raises several types for a missing/too-small limit
-            raise GpuLimitMissingError(
-                f"stage {stage_name!r} needs {slots} slot(s) of the GPU concurrency limit {limit!r}, which the Prefect "
-                f"server at {_api_url() or 'the temporary local server'} could not grant ({type(exc).__name__}: {exc}); "
-                f"create it with `motionforge setup-prefect --gpus N --gpu-limit {limit}`, or unset "
-                f"runtime.gpu_concurrency_limit / {GPU_LIMIT_ENV}"
-            ) from exc
+    with gpu_slots(max(1, int(round(gpus))) if gpus > 0 else 0, limit, f"stage {stage_name!r}",
+                   hint=f", or unset runtime.gpu_concurrency_limit / {GPU_LIMIT_ENV}"):
         yield
 
 

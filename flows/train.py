@@ -22,7 +22,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow  # noqa: E402
 
-from flows.pipeline import GpuLimitMissingError, _api_url, _logger, gpu_limit_name  # noqa: E402
+from flows.pipeline import _logger, gpu_slots  # noqa: E402
 from stages.training.config import TrainConfig  # noqa: E402
 
 TRAIN_FLOW = "motionforge-train"
@@ -32,27 +32,6 @@ EVAL_FLOW = "motionforge-eval"
 def gpus_needed(cfg: TrainConfig) -> int:
     d = cfg.distributed
     return d.ray_workers if d.ray_workers > 0 else d.nproc_per_node
-
-
-@contextlib.contextmanager
-def gpu_slots(n: int, limit: str | None, what: str):
-    """Hold ``n`` slots of the GPU concurrency limit (if one is configured) while the block runs."""
-    limit = gpu_limit_name(limit)
-    if not limit or n <= 0:
-        yield
-        return
-    from prefect.concurrency.sync import concurrency
-
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(concurrency(limit, occupy=n, strict=True))
-        except Exception as exc:  # noqa: BLE001 -- Prefect raises several types for a missing/too-small limit
-            raise GpuLimitMissingError(
-                f"{what} needs {n} slot(s) of the GPU concurrency limit {limit!r}, which the Prefect server at "
-                f"{_api_url() or 'the temporary local server'} could not grant ({type(exc).__name__}: {exc}); "
-                f"create it with `motionforge setup-prefect --gpus N --gpu-limit {limit}`"
-            ) from exc
-        yield
 
 
 def _run_launcher(cfg: TrainConfig, resume: bool) -> dict:

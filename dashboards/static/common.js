@@ -109,3 +109,10 @@ function playerControls(container, player) {
     slower() { const i = SPEEDS.indexOf(Number(sel.value)); if (i > 0) { sel.value = SPEEDS[i - 1]; sel.onchange(); } },
   };
 }
+
+// A filter <select>: 'all' plus one option per value with its count, keeping the current choice.
+function fill(select, counts) {
+  const keep = select.value;
+  select.innerHTML = '<option value="">all</option>' + Object.entries(counts).map(([k, n]) => `<option value="${esc(k)}">${esc(k)} (${n})</option>`).join("");
+  select.value = keep;
+}

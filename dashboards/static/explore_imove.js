@@ -32,12 +32,6 @@ function draw(t) {
 const player = new SpanPlayer(video, { onFrame: draw });
 playerControls($("controls"), player);
 
-function fill(select, counts) {
-  const keep = select.value;
-  select.innerHTML = '<option value="">all</option>' + Object.entries(counts).map(([k, n]) => `<option value="${esc(k)}">${esc(k)} (${n})</option>`).join("");
-  select.value = keep;
-}
-
 async function list() {
   const params = new URLSearchParams();
   if ($("f-status").value) params.set("status", $("f-status").value);
