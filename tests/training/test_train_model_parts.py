@@ -153,6 +153,29 @@ def test_the_checkpoint_reapplies_the_parts_and_evaluates(trained, tmp_path):
     assert metrics["errors"] == {}
     answers = (tmp_path / "ev" / "predictions.jsonl").read_text()
     assert not re.search(r"<c\d+>", answers)
+    # the expert's side of it, seen through a stand-in for `generate` that answers with coordinate tokens: the
+    # prompt's box went in as coordinate tokens, the video as the fused layout, the answer comes back as a box
+    import numpy as np
+
+    from experts.vlm import VlmRequest
+
+    seen = {}
+    answer_ids = tok("[<c12>, <c34>, <c560>, <c78>]<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    def fake_generate(**kw):
+        seen.update(kw)
+        return torch.cat([kw["input_ids"], answer_ids.expand(kw["input_ids"].shape[0], -1)], dim=1)
+
+    model.generate = fake_generate
+    frames = tuple(np.full((32, 32, 3), 40 * i, dtype=np.uint8) for i in range(4))
+    resp = vlm.generate([VlmRequest(text="Where is [10, 20, 300, 400]?", images=frames, as_video=True,
+                                    max_new_tokens=8, temperature=0.0)])[0]
+    assert resp.error is None and resp.text == "[12, 34, 560, 78]"
+    prompt = tok.decode(seen["input_ids"][0])
+    assert "Where is [<c10>, <c20>, <c300>, <c400>]?" in prompt
+    vid = model.config.video_token_id
+    assert seen["video_grid_thw"][0, 0] == 1  # 4 frames = 2 slots, fused by 2
+    assert int((seen["input_ids"] == vid).sum()) == int(seen["video_grid_thw"].prod()) // 4
 
 
 def test_saved_part_weights_must_fit_the_reapplied_parts(trained, tmp_path):
