@@ -24,6 +24,7 @@ from stages.evaluation.imove_it import (
 )
 from stages.training.config import TrainConfig
 from stages.training.data import TrainSample, clip_end, load_samples
+from stages.training.model import load_full_weights
 from stages.training.parts import load_parts_weights
 
 FINGERPRINT_FILE = "motionforge_fingerprint.json"
@@ -61,40 +62,10 @@ def load_checkpoint(ckpt: str | Path, merge: bool = False, device: str = "auto")
         if merge:
             model = model.merge_and_unload()
     else:
-        from safetensors.torch import load_file
-
-        files = sorted(ckpt.glob("model*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{ckpt}: neither an adapter (adapter_config.json) nor model*.safetensors")
-        state: dict = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(_loading_keys(model, state), strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
-        if missing or unexpected:
-            raise ValueError(f"{ckpt}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        load_full_weights(model, ckpt)
     load_parts_weights(model, ckpt)  # the papers' parts' own weights, saved beside an adapter
     model.to(resolve_device(device))
     return model, processor, cfg
-
-
-def _loading_keys(model: Any, state: dict) -> dict:
-    """``save_pretrained`` writes some families' weights under their released names (Qwen2-VL: ``visual.*``
-    for ``model.visual.*``); rename the keys the model does not know with transformers' own load-time renamings."""
-    known = set(model.state_dict())
-    if all(k in known for k in state):
-        return state
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    out = {}
-    for key, value in state.items():
-        if key not in known:
-            for t in renamings:
-                key = t.rename_source_key(key)[0]
-        out[key] = value
-    return out
 
 
 def export_merged(ckpt: str | Path, to: str | Path) -> Path:

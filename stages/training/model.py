@@ -134,6 +134,44 @@ def wrap_lora(model: Any, cfg: TrainConfig, vision: str, projector: str, languag
     return model
 
 
+def _loading_keys(model: Any, state: dict) -> dict:
+    """``save_pretrained`` writes some families' weights under their released names (Qwen2-VL: ``visual.*``
+    for ``model.visual.*``); rename the keys the model does not know with transformers' own load-time renamings."""
+    known = set(model.state_dict())
+    if all(k in known for k in state):
+        return state
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    out = {}
+    for key, value in state.items():
+        if key not in known:
+            for t in renamings:
+                key = t.rename_source_key(key)[0]
+        out[key] = value
+    return out
+
+
+def load_full_weights(model: Any, ckpt: Any) -> None:
+    """Load a full fine-tuning checkpoint's ``model*.safetensors`` into ``model`` (built as at training:
+    base model + parts); every saved weight must fit and only the tied output head may be absent."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(ckpt).glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt}: neither an adapter (adapter_config.json) nor model*.safetensors")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(_loading_keys(model, state), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise ValueError(f"{ckpt}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
 def trainable_summary(model: Any) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

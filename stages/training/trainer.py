@@ -33,7 +33,7 @@ from typing import Any
 from stages.training.collator import VlmCollator
 from stages.training.config import TrainConfig, config_fingerprint
 from stages.training.data import VideoConversationDataset, data_fingerprint, load_samples
-from stages.training.model import trainable_summary
+from stages.training.model import load_full_weights, trainable_summary
 from stages.training.parts import load_parts_weights, parts_of, save_parts_weights
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,11 @@ def run_training(cfg: TrainConfig, resume: bool = True, extra_callbacks: tuple =
     if ckpt is not None:
         check_resumable(ckpt, record)
         log.info("resuming from %s", ckpt)
+        if not (ckpt / "adapter_config.json").exists():
+            # the Trainer's own resume loads the weights non-strictly under the model's names, which misses
+            # every weight of a family saved under its released names (Qwen2-VL: visual.*, model.layers.*);
+            # loaded here with transformers' renamings, the Trainer's load then finds nothing to change
+            load_full_weights(trainer.model, ckpt)
         load_parts_weights(trainer.model, ckpt)  # an adapter checkpoint holds the LoRA weights only
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
