@@ -96,7 +96,7 @@ def test_training_moves_the_fusion_weights_and_the_new_token_rows(trained):
 
     cfg, summary = trained
     losses = [loss for _, loss in summary["loss_curve"]]
-    assert len(losses) == STEPS and all(map(lambda x: x == x and abs(x) < 1e4, losses))
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
     # eight steps at lr 5e-3: the mean of the last three batches' losses is below the first three's (seen:
     # 7.8 -> 7.3 with LoRA; a batch's loss swings by ~0.3 with its samples, hence means, not single steps)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
@@ -117,8 +117,7 @@ def test_the_checkpoint_reapplies_the_parts_and_evaluates(trained, tmp_path):
     from safetensors.torch import load_file
 
     from experts.model_parts import TemporalFusionTower, attached_parts
-    from experts.vlm import VlmSpec, vlm_from_loaded
-    from experts.vlm import load_transformers_weights
+    from experts.vlm import VlmSpec, load_transformers_weights, vlm_from_loaded
     from stages.training import evaluate as ev
 
     cfg, summary = trained
@@ -160,7 +159,8 @@ def test_the_checkpoint_reapplies_the_parts_and_evaluates(trained, tmp_path):
     from experts.vlm import VlmRequest
 
     seen = {}
-    answer_ids = tok("[<c12>, <c34>, <c560>, <c78>]<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    answer_ids = tok("[<c12>, <c34>, <c560>, <c78>]<|im_end|>", add_special_tokens=False,
+                     return_tensors="pt")["input_ids"]
 
     def fake_generate(**kw):
         seen.update(kw)
