@@ -316,9 +316,15 @@ class _TransformersVlm:
                 {"fps": self.spec.video_fps, "total_num_frames": len(v), "duration": len(v) / self.spec.video_fps}
                 for v in videos
             ]
-        enc = proc(
-            text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt", **kwargs
-        ).to(self.model.device)
+        from experts.model_parts import attached_parts
+
+        parts = attached_parts(self.model)  # papers' model parts: same text forms and batch layout as in training
+        if parts is not None:
+            texts = [parts.to_model_text(t) for t in texts]
+        enc = proc(text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt", **kwargs)
+        if parts is not None:
+            enc = type(enc)(parts.prepare_batch(dict(enc), self.model.config.video_token_id))
+        enc = enc.to(self.model.device)
         float_dtype = next(self.model.parameters()).dtype
         for k in ("pixel_values", "pixel_values_videos"):
             if k in enc:
@@ -330,7 +336,8 @@ class _TransformersVlm:
                 **json_constraint_kwargs(self.model, proc.tokenizer, [it.json_schema for it in items]),
             )
         new = out[:, enc["input_ids"].shape[1]:]
-        return [t.strip() for t in proc.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        decoded = [t.strip() for t in proc.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return [parts.from_model_text(t) for t in decoded] if parts is not None else decoded
 
 
 # ----------------------------------------------------------------------------------------------------------

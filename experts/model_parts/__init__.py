@@ -25,8 +25,13 @@ from experts.model_parts.temporal_fusion import TemporalFusionTower, compress_vi
 __all__ = [
     "AppliedModelParts", "EventAwareCompression", "EventCompressionConfig", "ModelPartsConfig",
     "PositionTokensConfig", "TemporalFusionConfig", "TemporalFusionTower", "apply_model_parts",
-    "compress_events", "compress_video_placeholders", "event_token_count", "segment_events",
+    "compress_events", "compress_video_placeholders", "event_token_count", "segment_events", "MODEL_ATTR",
+    "attach_parts", "attached_parts",
 ]
+
+# the attribute of a model that carries its AppliedModelParts, so whoever batches for it (the training
+# collator, the VLM expert's generation) rewrites its inputs and texts the same way
+MODEL_ATTR = "motionforge_parts"
 
 
 @dataclass
@@ -109,3 +114,14 @@ def apply_model_parts(model: Any, processor_or_tokenizer: Any, cfg: ModelPartsCo
         applied.event_compression = EventAwareCompression(cfg.event_compression.num_events,
                                                           cfg.event_compression.stride)
     return applied
+
+
+def attach_parts(model: Any, applied: AppliedModelParts) -> None:
+    """Record ``applied`` on ``model`` (a plain attribute: not a submodule, not in the state dict)."""
+    object.__setattr__(model, MODEL_ATTR, applied)
+
+
+def attached_parts(model: Any) -> AppliedModelParts | None:
+    """The parts recorded on ``model`` (peft wrappers forward the attribute to the base model), or None."""
+    found = getattr(model, MODEL_ATTR, None)
+    return found if isinstance(found, AppliedModelParts) else None

@@ -9,6 +9,7 @@ video sits before every assistant turn. Sequences are right-padded, so a row's e
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
@@ -64,10 +65,17 @@ def assistant_spans_from_end(tokenizer: Any, render, messages: list[dict]) -> li
 class VlmCollator:
     """Callable for the Trainer's dataloader: list of dataset items -> model kwargs with ``labels``."""
 
-    def __init__(self, processor: Any, num_frames: int) -> None:
+    def __init__(self, processor: Any, num_frames: int, parts: Any = None, video_token_id: int | None = None) -> None:
+        """``parts``: the model's :class:`experts.model_parts.AppliedModelParts` (None: no papers' parts):
+        conversations are written in its text form and batches rewritten by its ``prepare_batch`` with
+        ``video_token_id``."""
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.num_frames = num_frames
+        if parts is not None and video_token_id is None:
+            raise ValueError("a collator with model parts needs the model's video_token_id")
+        self.parts = parts
+        self.video_token_id = video_token_id
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages:
@@ -82,6 +90,9 @@ class VlmCollator:
         for it in items:
             s: TrainSample = it["sample"]
             frames = it["frames"]
+            if self.parts is not None:
+                s = dataclasses.replace(s, conversations=tuple((role, self.parts.to_model_text(text))
+                                                               for role, text in s.conversations))
             messages = build_messages(s, frames is not None)
             texts.append(self._render(messages, False))
             spans.append(assistant_spans_from_end(self.tokenizer, self._render, messages))
@@ -103,4 +114,7 @@ class VlmCollator:
                 a, b = length - from_end_start, length - from_end_stop
                 labels[r, a:b] = ids[r, a:b]
         enc["labels"] = labels
+        if self.parts is not None:
+            # after the labels: the rewrite shrinks every sequence tensor (labels included) the same way
+            return self.parts.prepare_batch(dict(enc), self.video_token_id)
         return dict(enc)

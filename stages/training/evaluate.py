@@ -24,6 +24,8 @@ from stages.evaluation.imove_it import (
 )
 from stages.training.config import TrainConfig
 from stages.training.data import TrainSample, clip_end, load_samples
+from stages.training.model import load_full_weights
+from stages.training.parts import load_parts_weights
 
 FINGERPRINT_FILE = "motionforge_fingerprint.json"
 # Charades-STA queries carry no boxes; the question keeps the wording of iMOVE-IT's temporal grounding
@@ -60,18 +62,8 @@ def load_checkpoint(ckpt: str | Path, merge: bool = False, device: str = "auto")
         if merge:
             model = model.merge_and_unload()
     else:
-        from safetensors.torch import load_file
-
-        files = sorted(ckpt.glob("model*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{ckpt}: neither an adapter (adapter_config.json) nor model*.safetensors")
-        state: dict = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
-        if missing or unexpected:
-            raise ValueError(f"{ckpt}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        load_full_weights(model, ckpt)
+    load_parts_weights(model, ckpt)  # the papers' parts' own weights, saved beside an adapter
     model.to(resolve_device(device))
     return model, processor, cfg
 

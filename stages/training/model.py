@@ -70,19 +70,25 @@ def load_model_for_training(cfg: TrainConfig, device: str = "cpu") -> tuple[Any,
     # seeded after loading (building a tiny:// checkpoint draws from the global RNG too): LoRA's A matrices and
     # any part's new weights are then the same in every run and every process
     set_seed(cfg.optim.seed)
-    before = {n for n, _ in model.named_parameters()}
-    model, processor = apply_model_parts(model, processor, cfg.model_parts)
-    new_params = {n for n, _ in model.named_parameters()} - before
     vision, projector, language = family_parts(model)
+
+    def trains(name: str) -> bool:
+        if _under(name, projector):
+            return cfg.train_projector
+        if _under(name, vision):
+            return not cfg.freeze_vision_tower
+        return cfg.method == "full"
+
+    # roles are decided on the names as loaded: a part may wrap a module (the fused vision tower moves the
+    # tower's weights under `visual.tower.`), and its weights keep the role they had; a parameter the parts
+    # created (or replaced: resized embeddings) is new and trains
+    role = {id(p): trains(n) for n, p in model.named_parameters()}
+    model, processor = apply_model_parts(model, processor, cfg.model_parts)
+    new_params = set()
     for name, p in model.named_parameters():
-        if name in new_params:
-            p.requires_grad_(True)
-        elif _under(name, projector):
-            p.requires_grad_(cfg.train_projector)
-        elif _under(name, vision):
-            p.requires_grad_(not cfg.freeze_vision_tower)
-        else:
-            p.requires_grad_(cfg.method == "full")
+        if id(p) not in role:
+            new_params.add(name)
+        p.requires_grad_(role.get(id(p), True))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -103,13 +109,67 @@ def wrap_lora(model: Any, cfg: TrainConfig, vision: str, projector: str, languag
     if not cfg.freeze_vision_tower:
         save.append(vision.rsplit(".", 1)[-1])
     save += list(cfg.lora.extra_trainable)
+    from stages.training.parts import parts_of, trainable_parameter_names
+
+    parts = parts_of(model)
+    extra: dict[str, Any] = {}
+    if parts is not None and parts.new_token_ids:
+        # the added position tokens' embedding rows (and the tied output rows) train; the rest stays frozen
+        extra["trainable_token_indices"] = sorted(set(parts.new_token_ids))
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=target, modules_to_save=save or None, bias="none")
+                      target_modules=target, modules_to_save=save or None, bias="none", **extra)
     model = get_peft_model(model, lcfg)
-    if new_params and not cfg.lora.extra_trainable:
+    # the papers' parts' own parameters train in full (saved beside the adapter: stages.training.parts)
+    handled = set(trainable_parameter_names(model))
+    for name, p in model.named_parameters():
+        if name in handled:
+            p.requires_grad_(True)
+    handled = {n.removeprefix("base_model.model.") for n in handled}
+    if parts is not None:
+        handled |= {n for n in new_params if "embed_tokens" in n or n.startswith("lm_head")}
+    left = sorted(new_params - handled)
+    if left and not cfg.lora.extra_trainable:
         log.warning("model parts added parameters %s but lora.extra_trainable is empty: they will not train "
-                    "under LoRA", sorted(new_params)[:5])
+                    "under LoRA", left[:5])
     return model
+
+
+def _loading_keys(model: Any, state: dict) -> dict:
+    """``save_pretrained`` writes some families' weights under their released names (Qwen2-VL: ``visual.*``
+    for ``model.visual.*``); rename the keys the model does not know with transformers' own load-time renamings."""
+    known = set(model.state_dict())
+    if all(k in known for k in state):
+        return state
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    out = {}
+    for key, value in state.items():
+        if key not in known:
+            for t in renamings:
+                key = t.rename_source_key(key)[0]
+        out[key] = value
+    return out
+
+
+def load_full_weights(model: Any, ckpt: Any) -> None:
+    """Load a full fine-tuning checkpoint's ``model*.safetensors`` into ``model`` (built as at training:
+    base model + parts); every saved weight must fit and only the tied output head may be absent."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(ckpt).glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt}: neither an adapter (adapter_config.json) nor model*.safetensors")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(_loading_keys(model, state), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise ValueError(f"{ckpt}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def trainable_summary(model: Any) -> dict:

@@ -33,7 +33,8 @@ from typing import Any
 from stages.training.collator import VlmCollator
 from stages.training.config import TrainConfig, config_fingerprint
 from stages.training.data import VideoConversationDataset, data_fingerprint, load_samples
-from stages.training.model import trainable_summary
+from stages.training.model import load_full_weights, trainable_summary
+from stages.training.parts import load_parts_weights, parts_of, save_parts_weights
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ def _callbacks(dataset: VideoConversationDataset, record: dict, tb_dir: Path | N
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
+                    if kw.get("model") is not None:  # the papers' parts' weights (before the fingerprint)
+                        save_parts_weights(kw["model"], ckpt)
                     _write_json(ckpt / FINGERPRINT_FILE, {**record, "global_step": state.global_step})
 
     cbs: list[Any] = [EpochFrames(), Fingerprint()]
@@ -172,8 +175,10 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = ()):
                                        seed=cfg.optim.seed)
     args = training_arguments(cfg)
     tb_dir = Path(cfg.output_dir) / "tensorboard" if "tensorboard" in cfg.report_to and args.process_index == 0 else None
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=VlmCollator(processor, cfg.data.num_frames),
+    parts = parts_of(model)
+    collator = (VlmCollator(processor, cfg.data.num_frames) if parts is None else
+                VlmCollator(processor, cfg.data.num_frames, parts=parts, video_token_id=model.config.video_token_id))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=_callbacks(dataset, record, tb_dir) + list(extra_callbacks))
     trainer.motionforge_processor = processor
     return trainer, record, len(samples)
@@ -197,6 +202,12 @@ def run_training(cfg: TrainConfig, resume: bool = True, extra_callbacks: tuple =
     if ckpt is not None:
         check_resumable(ckpt, record)
         log.info("resuming from %s", ckpt)
+        if not (ckpt / "adapter_config.json").exists():
+            # the Trainer's own resume loads the weights non-strictly under the model's names, which misses
+            # every weight of a family saved under its released names (Qwen2-VL: visual.*, model.layers.*);
+            # loaded here with transformers' renamings, the Trainer's load then finds nothing to change
+            load_full_weights(trainer.model, ckpt)
+        load_parts_weights(trainer.model, ckpt)  # an adapter checkpoint holds the LoRA weights only
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     wall = time.time() - t0
@@ -205,6 +216,7 @@ def run_training(cfg: TrainConfig, resume: bool = True, extra_callbacks: tuple =
     trainer.save_model(str(final))
     if main:
         trainer.motionforge_processor.save_pretrained(str(final))
+        save_parts_weights(trainer.model, final)
         _write_json(final / FINGERPRINT_FILE, {**record, "global_step": state.global_step})
     steps_run = state.global_step - (int(ckpt.name.split("-")[1]) if ckpt else 0)
     global_batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * trainer.args.world_size
