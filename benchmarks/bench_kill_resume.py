@@ -114,7 +114,7 @@ def main() -> int:
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops the server and the run
 
-    from stages.synth import SynthConfig, render_dataset
+    from stages.synth.videos import SynthConfig, render_dataset
     from tests._prefect_server import prefect_env, start_server, stop
 
     work = a.keep or Path(tempfile.mkdtemp(prefix="mf-kill-resume-"))
