@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from stages.export.media import ClipSource, safe_name, write_clips
+from stages.export.media import ClipSource, safe_name, write_clips, write_errors, write_text_atomic
 
 FORMATS = ("internvl", "llava", "sharegpt")
 VIDEOS_DIR = "videos"
@@ -95,12 +94,6 @@ class ImoveExport:
     dropped: dict[str, str]  # sample_id -> reason
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def export_samples(rows: Sequence[dict], to: str | Path, formats: Iterable[str] = FORMATS) -> ImoveExport:
     """Write the export folder for ``rows`` (``tasks`` rows as dicts, status ``ok`` only)."""
     formats = list(dict.fromkeys(formats))
@@ -130,26 +123,21 @@ def export_samples(rows: Sequence[dict], to: str | Path, formats: Iterable[str] 
         recs = [RECORD[fmt](r) for r in kept]
         path = to / FILES[fmt]
         if fmt == "llava":
-            _write_atomic(path, json.dumps(recs, ensure_ascii=False, indent=1) + "\n")
+            write_text_atomic(path, json.dumps(recs, ensure_ascii=False, indent=1) + "\n")
         else:
-            _write_atomic(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
+            write_text_atomic(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
         files[fmt] = path
     if "internvl" in formats:
-        _write_atomic(to / INTERNVL_META, json.dumps({DATASET_NAME: {
+        write_text_atomic(to / INTERNVL_META, json.dumps({DATASET_NAME: {
             "root": str(to.resolve()), "annotation": str((to / FILES["internvl"]).resolve()),
             "data_augment": False, "repeat_time": 1, "length": len(kept)}}, indent=1) + "\n")
     if "sharegpt" in formats:
-        _write_atomic(to / LLAMAFACTORY_INFO, json.dumps({DATASET_NAME: {
+        write_text_atomic(to / LLAMAFACTORY_INFO, json.dumps({DATASET_NAME: {
             "file_name": FILES["sharegpt"], "formatting": "sharegpt",
             "columns": {"messages": "messages", "videos": "videos"},
             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                      "assistant_tag": "assistant"}}}, indent=1) + "\n")
-    err_path = to / ERRORS_FILE
-    if dropped:
-        _write_atomic(err_path, json.dumps({"clips": errors, "samples_left_out": dropped}, indent=1,
-                                           sort_keys=True) + "\n")
-    elif err_path.exists():
-        err_path.unlink()
+    write_errors(to / ERRORS_FILE, {"clips": errors, "samples_left_out": dropped} if dropped else None)
     return ImoveExport(folder=to, files=files, samples=len(kept), clips=len(sources) - len(errors), dropped=dropped)
 
 

@@ -9,6 +9,7 @@ clip (a file the scenes stage cut, or a whole synthetic video) is copied.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -81,3 +82,18 @@ def write_clips(clips: Iterable[ClipSource], media_dir: str | Path) -> tuple[dic
         except (ClipCutError, ValueError, OSError) as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
     return done, errors
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path`` and rename it over ``path`` (readers never see half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_errors(path: Path, report: dict | None) -> None:
+    """``export_errors.json``: the report when something was left out, else no file (an old one is removed)."""
+    if report:
+        write_text_atomic(path, json.dumps(report, indent=1, sort_keys=True) + "\n")
+    elif path.exists():
+        path.unlink()

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from schemas.motionbench import BenchmarkQuestion
-from stages.export.media import ClipSource, safe_name, write_clips
+from stages.export.media import ClipSource, safe_name, write_clips, write_errors, write_text_atomic
 from stages.shared.motionbench_format import NA, format_question
 
 META_FILE = "video_info.meta.jsonl"
@@ -81,12 +80,6 @@ class ReleaseExport:
     dropped: dict[str, str]  # question uid -> why it was left out (its clip could not be written)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def export_release(rows: Sequence[BenchmarkQuestion], out_dir: str | Path) -> ReleaseExport:
     """Write the release folder (see the module docstring). Questions whose clip cannot be written are left
     out and listed, with the reason, in ``export_errors.json``."""
@@ -104,15 +97,10 @@ def export_release(rows: Sequence[BenchmarkQuestion], out_dir: str | Path) -> Re
     kept = [r for r in ok_rows if r.question_id not in dropped]
     lines, key = meta_lines(kept)
     meta = out / META_FILE
-    _write_text_atomic(meta, "".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in lines))
+    write_text_atomic(meta, "".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in lines))
     answers = out / ANSWER_KEY_FILE
-    _write_text_atomic(answers, json.dumps(key, indent=1, sort_keys=True) + "\n")
-    err_path = out / ERRORS_FILE
-    if errors:
-        _write_text_atomic(err_path, json.dumps({"clips": errors, "questions_left_out": dropped}, indent=1,
-                                                sort_keys=True) + "\n")
-    elif err_path.exists():
-        err_path.unlink()
+    write_text_atomic(answers, json.dumps(key, indent=1, sort_keys=True) + "\n")
+    write_errors(out / ERRORS_FILE, {"clips": errors, "questions_left_out": dropped} if errors else None)
     return ReleaseExport(meta=meta, answer_key=answers, videos=out / VIDEOS_DIR, questions=len(lines),
                          clips=len(sources) - len(errors), dev=sum(1 for r in kept if r.split == "dev"),
                          test=sum(1 for r in kept if r.split == "test"), dropped=dropped)
