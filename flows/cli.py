@@ -132,7 +132,9 @@ def run(
 ):
     """Run the pipeline (or some stages) over the input videos."""
     from flows.config import load_pipeline_config
-    from flows.pipeline import PipelineFailed, _task_runner, pipeline
+    from prefect import tags
+
+    from flows.pipeline import PipelineFailed, _task_runner, pipeline, root_tag
     from stages.registry import available_stages, order
 
     overrides = {"ingest": {"shard_size": shard_size}} if shard_size else {}
@@ -142,7 +144,7 @@ def run(
     flow = pipeline.with_options(task_runner=_task_runner(pc.runtime))
     _prefect_api()
     try:
-        with _Progress(out, names):
+        with _Progress(out, names), tags(root_tag(out)):  # created with its root's tag: findable if killed early
             flow(input=input, out=out, config=pc.model_dump(mode="json"), stages=names, force=force)
     except PipelineFailed as exc:
         console.print(f"[red]{exc}[/]\nre-run a failed stage with: motionforge run-stage STAGE --out {out} --shard K")
@@ -162,13 +164,16 @@ def run_stage(
 ):
     """Re-run one stage for one shard or all shards (what you do after a failure)."""
     from flows.config import read_config_file
-    from flows.pipeline import PipelineFailed, rerun_stage
+    from prefect import tags
+
+    from flows.pipeline import PipelineFailed, rerun_stage, root_tag
 
     _parse_stages(stage)
     _prefect_api()
     try:
-        rerun_stage(out=out, stage=stage, shards=list(shard) if shard else None, force=force,
-                    config=read_config_file(config) if config else None, save_config=save_config)
+        with tags(root_tag(out)):
+            rerun_stage(out=out, stage=stage, shards=list(shard) if shard else None, force=force,
+                        config=read_config_file(config) if config else None, save_config=save_config)
     except PipelineFailed as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1)

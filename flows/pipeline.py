@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import os
 import re
+import socket
 import threading
 import time
 from typing import Any, Literal, Optional
@@ -36,13 +38,16 @@ from stages.runner import InputsNotReadyError, plan_shards, run_shard  # noqa: E
 from stages.shared.reasons import normalise_reason  # noqa: E402
 from storage.lock import RunLock  # noqa: E402
 from storage.manifest import read_plan, record_plan, record_stage_config  # noqa: E402
-from storage.root import OutputRoot  # noqa: E402
+from storage.root import OutputRoot, normalise_root_url  # noqa: E402
 
 PIPELINE_CONFIG_FILE = "_pipeline.json"
 NOT_RETRIED = (InputsNotReadyError, WeightsNotFoundError, ValueError, TypeError, KeyError)
 # Set on a GPU node's worker (``MOTIONFORGE_GPU_LIMIT=motionforge-gpu-node1 prefect worker start ...``) so the flow
 # runs it starts take that node's GPU slots when the config names no limit (docs/cluster.md).
 GPU_LIMIT_ENV = "MOTIONFORGE_GPU_LIMIT"
+# Every flow run working on an output root carries this tag plus a digest of the root's resolved URL (see
+# :func:`root_tag`), so the run holding the root's lock can find the runs that died on it (:func:`mark_root_runs_crashed`).
+ROOT_TAG_PREFIX = "motionforge-root:"
 
 # The deployment's parameter schema is built from these annotations: the pipeline config model renders as a
 # form in the Prefect UI, and the stage name of ``rerun_stage`` as a drop-down.
@@ -442,8 +447,11 @@ def run_stages(out: str, stage_names: list[str], shards: list[int], config: dict
 
 
 def _run_graph(out: str, stage_names: list[str], shards: list[int], cfg: dict, force: bool, runtime) -> tuple[list, list]:
+    from prefect import tags
+
     sub = run_stages.with_options(task_runner=_task_runner(runtime))
-    res = sub(out=out, stage_names=stage_names, shards=shards, config=cfg, force=force)
+    with tags(root_tag(out)):  # the stage graph's run and its task runs are findable by root too
+        res = sub(out=out, stage_names=stage_names, shards=shards, config=cfg, force=force)
     return res["results"], res["failures"]
 
 
@@ -475,10 +483,7 @@ def mark_dead_run_crashed(holder: dict | None) -> str | None:
     import uuid as _uuid
 
     from prefect import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId)
     from prefect.exceptions import ObjectNotFound
-    from prefect.states import Crashed
 
     msg = (f"process {holder.get('pid')} on {holder.get('host')} died while holding the run lock; marked crashed "
            f"by the run that took the lock over")
@@ -487,33 +492,177 @@ def mark_dead_run_crashed(holder: dict | None) -> str | None:
             fr = client.read_flow_run(_uuid.UUID(run_id))
             if fr.state is not None and fr.state.is_final():
                 return f"flow run {run_id} of the dead run is already {fr.state.name}"
-            runs = [fr] + list(client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[fr.id]))))
-            marked = 0
-            for r in runs:
-                if r.state is None or not r.state.is_final():
-                    client.set_flow_run_state(r.id, Crashed(message=msg), force=True)
-                    marked += 1
-            tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
-                flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in runs])))
-            open_tasks = [t for t in tasks if t.state is None or not t.state.is_final()]
-            for t in open_tasks:
-                client.set_task_run_state(t.id, Crashed(message=msg), force=True)
+            marked, open_tasks = _crash_with_children(client, [fr], msg)
             return (f"marked flow run {run_id} ({fr.name}) of the dead run as Crashed, with {marked - 1} subflow "
-                    f"run(s) and {len(open_tasks)} unfinished task run(s)")
+                    f"run(s) and {open_tasks} unfinished task run(s)")
     except ObjectNotFound:
         return f"flow run {run_id} of the dead run is not on this Prefect server ({_api_url() or 'temporary server'})"
     except Exception as exc:  # noqa: BLE001 -- bookkeeping on the server must not stop the data run
         return f"could not mark flow run {run_id} of the dead run as Crashed: {type(exc).__name__}: {exc}"
 
 
+def root_tag(out: str) -> str:
+    """The tag of every flow run (and its stage-graph subflow and task runs) working on the output root ``out``:
+    a digest of the root's URL as :class:`OutputRoot` normalises it, with symlinks resolved for a local path, so
+    every spelling of one root gives one tag and two roots never share one."""
+    url = normalise_root_url(out)
+    if "://" not in url:
+        url = os.path.realpath(url)
+    return ROOT_TAG_PREFIX + hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _process_id() -> str:
+    """``host:pid``, the form Prefect's process worker writes into a flow run's ``infrastructure_pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _claim_root(out: str) -> None:
+    """Label this flow run on the server as working on ``out`` (its :func:`root_tag`) from this process (its
+    ``infrastructure_pid``, unless a worker already set it), before it waits for the root's lock.
+
+    A CLI run already has the tag from its creation (``motionforge run``/``run-stage`` create it inside
+    ``prefect.tags``), so a kill at any point leaves it findable; a deployment run or a direct Python call gets
+    it here, first thing in the flow. One server call, only when something is missing; never fails the run."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    fr = ctx.flow_run if ctx is not None else None
+    if fr is None:
+        return
+    tag = root_tag(out)
+    tags = list(fr.tags or [])
+    if tag in tags and fr.infrastructure_pid:
+        return
+    try:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(fr.id, tags=tags + [tag] if tag not in tags else None,
+                                   infrastructure_pid=None if fr.infrastructure_pid else _process_id())
+        fr.tags = tags if tag in tags else tags + [tag]
+    except Exception as exc:  # noqa: BLE001 -- a label on the server must not stop the data run
+        _logger().warning("could not tag flow run %s with its output root (%s: %s); if this run is killed, a later "
+                          "run on %s cannot mark it crashed", fr.id, type(exc).__name__, exc, out)
+
+
+def _alive_elsewhere(infrastructure_pid: str | None) -> bool:
+    """Whether a flow run's recorded process (``host:pid``) is a live process on this host (then it is a run that
+    has not reached the lock yet, and will stop at it): such a run is not marked crashed."""
+    from storage.lock import _alive
+
+    host, _, pid = (infrastructure_pid or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return _alive(int(pid))
+
+
+def _crash_with_children(client, runs: list, msg: str) -> tuple[int, int]:
+    """Set ``runs``, their unfinished subflow runs (any depth) and their unfinished task runs to Crashed."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId)
+    from prefect.states import Crashed
+
+    todo, seen = list(runs), {r.id for r in runs}
+    frontier = [r.id for r in runs]
+    while frontier:  # the stage graph is one level down; deeper nesting is followed too
+        kids = [k for k in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))) if k.id not in seen]
+        seen.update(k.id for k in kids)
+        todo += kids
+        frontier = [k.id for k in kids]
+    marked = 0
+    for r in todo:
+        if r.state is None or not r.state.is_final():
+            client.set_flow_run_state(r.id, Crashed(message=msg), force=True)
+            marked += 1
+    tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+        flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in todo])))
+    open_tasks = [t for t in tasks if t.state is None or not t.state.is_final()]
+    for t in open_tasks:
+        client.set_task_run_state(t.id, Crashed(message=msg), force=True)
+    return marked, len(open_tasks)
+
+
+def _own_lineage(client, fr) -> set:
+    """This flow run's id and its ancestors' (a pipeline started as a subflow of another flow)."""
+    ids = {fr.id}
+    parent_task = fr.parent_task_run_id
+    while parent_task is not None and len(ids) < 32:
+        parent = client.read_task_run(parent_task).flow_run_id
+        if parent is None or parent in ids:
+            break
+        ids.add(parent)
+        parent_task = client.read_flow_run(parent).parent_task_run_id
+    return ids
+
+
+def mark_root_runs_crashed(out: str, why: str = "") -> str | None:
+    """Called while holding the root's lock: set every flow run on the server tagged with this root that is still
+    Running, Pending or Cancelling (Scheduled runs have not started and are left alone), other than this run, its
+    ancestors and its own subflows, to Crashed, with their unfinished subflows and task runs. No other process can
+    be working on the root, so such runs were killed (before they recorded themselves in the lock, during a
+    takeover, or earlier in a chain of kills). A run whose recorded process is still alive on this host has not
+    reached the lock yet (it will stop there) and is left alone.
+
+    Costs one filtered query when nothing is left over. Returns what was done, for the log; never fails the run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags)
+    from prefect.client.schemas.objects import StateType
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    me = ctx.flow_run if ctx is not None else None
+    tag = root_tag(out)
+    try:
+        with get_client(sync_client=True) as client:
+            found = client.read_flow_runs(limit=200, flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[tag]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(
+                    any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]))))
+            if me is not None:
+                found = [r for r in found if r.id != me.id]
+            if not found:
+                return None
+            mine = _own_lineage(client, me) if me is not None else set()
+            orphans = []
+            for r in found:
+                if r.id in mine or _alive_elsewhere(r.infrastructure_pid):
+                    continue
+                if r.parent_task_run_id is not None and client.read_task_run(r.parent_task_run_id).flow_run_id in mine:
+                    continue  # a subflow of this run
+                orphans.append(r)
+            if not orphans:
+                return None
+            ids = {r.id for r in orphans}
+            tops = [r for r in orphans if r.parent_task_run_id is None
+                    or client.read_task_run(r.parent_task_run_id).flow_run_id not in ids]
+            who = f"flow run {me.name!r} ({me.id})" if me is not None else f"process {_process_id()}"
+            marked = tasks = 0
+            for r in tops:
+                msg = (f"marked Crashed by {who}, which holds the run lock on {normalise_root_url(out)}: this run "
+                       f"was still {r.state.name if r.state else 'without a state'} on the server, but no process is "
+                       f"working on that root any more (killed or lost)" + (f"; {why}" if why else ""))
+                m, t = _crash_with_children(client, [r], msg)
+                marked, tasks = marked + m, tasks + t
+            names = ", ".join(f"{r.name} ({r.id})" for r in tops[:5]) + (" ..." if len(tops) > 5 else "")
+            return (f"marked {len(tops)} flow run(s) left unfinished on this root as Crashed: {names}; with their "
+                    f"subflow runs {marked} flow run(s) and {tasks} unfinished task run(s) in all")
+    except Exception as exc:  # noqa: BLE001 -- bookkeeping on the server must not stop the data run
+        return f"could not check for flow runs left unfinished on {out}: {type(exc).__name__}: {exc}"
+
+
 def _take_root(root: OutputRoot, lock: RunLock, shards: list[int] | None) -> None:
-    """Housekeeping once the lock is ours: the dead run's flow run, its temp files, shards outside the plan."""
+    """Housekeeping once the lock is ours: the dead runs' flow runs, their temp files, shards outside the plan."""
     log = _logger()
     if lock.taken_over is not None:
         note = mark_dead_run_crashed(lock.taken_over)
         if note:
             log.warning(note)
+    note = mark_root_runs_crashed(root.url, "the run lock was taken over from a dead holder"
+                                  if lock.taken_over is not None else "")
+    if note:
+        log.warning(note)
     removed = root.remove_temp_files(lock)
     if removed:
         log.info("removed %d temp file(s) left by an interrupted run", len(removed))
@@ -555,6 +704,7 @@ def pipeline(input: str, out: str, config: Optional[PipelineConfig] = None, stag
     pc = _as_pipeline_config(config)
     names = order(stages or available_stages())
     root = OutputRoot(out)
+    _claim_root(root.url)
     with RunLock(root, "pipeline run", info=_flow_run_info()) as lock:
         pc = _keep_shard_plan(root, pc)
         cfg = pc.model_dump(mode="json")
@@ -587,6 +737,7 @@ def rerun_stage(out: str, stage: StageName, shards: Optional[list[int]] = None, 
     """
     t0 = time.perf_counter()
     root = OutputRoot(out)
+    _claim_root(root.url)
     stored = root.read_json(root.path(PIPELINE_CONFIG_FILE), default=None)
     if stored is None and config is None:
         raise FileNotFoundError(f"{out} has no {PIPELINE_CONFIG_FILE}; run the pipeline on it first")

@@ -62,16 +62,21 @@ def _filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/") or "/"
 
 
+def normalise_root_url(url: str | os.PathLike[str]) -> str:
+    """The root's URL as :class:`OutputRoot` keeps it: local paths absolute (``file://`` dropped), no trailing slash."""
+    url = os.fspath(url)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))
+    return url.rstrip("/") or "/"
+
+
 class OutputRoot:
     """Atomic reads and writes under one output root (local or remote)."""
 
     def __init__(self, url: str | os.PathLike[str]):
-        url = os.fspath(url)
-        if url.startswith("file://"):
-            url = url[len("file://"):]
-        if "://" not in url:
-            url = os.path.abspath(os.path.expanduser(url))
-        self.url = url.rstrip("/") or "/"
+        self.url = normalise_root_url(url)
         self.fs, self.base = _filesystem(self.url) if "://" in self.url else (pafs.LocalFileSystem(), self.url)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 

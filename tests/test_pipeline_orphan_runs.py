@@ -1,0 +1,152 @@
+"""Flow runs killed on an output root end Crashed on the Prefect server once the next run on that root holds its lock,
+however early they died (before recording themselves in the lock, during a takeover, earlier in a chain of kills);
+runs of other roots, and a live run still on its way to the lock, are left alone.
+
+The killed runs are real pipeline runs in child processes (``tests/_killable_run.py``) that stop at a chosen point
+and are SIGKILLed there; the next run is a real pipeline flow in this process."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests._video_fixtures import make_testsrc, require_ffmpeg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Child:
+    """One ``tests._killable_run`` process, imported and waiting for ``go`` (started early: imports take seconds)."""
+
+    def __init__(self, tmp: Path, name: str, mode: str, stop: str, out: Path):
+        from prefect.settings import PREFECT_API_URL
+
+        self.sig = tmp / f"sig-{name}"
+        self.sig.mkdir()
+        env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_API_URL=PREFECT_API_URL.value(),
+                   PREFECT_HOME=str(tmp / f"prefect-{name}"))
+        self.log = tmp / f"{name}.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests._killable_run", mode, stop, str(out), str(self.sig)],
+                                     cwd=REPO, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def _wait_for(self, name: str, timeout_s: float = 120) -> Path:
+        deadline = time.monotonic() + timeout_s
+        while not (self.sig / name).exists():
+            if self.proc.poll() is not None:
+                pytest.fail(f"child exited with {self.proc.returncode} before {name!r}:\n{self.log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"child not at {name!r} after {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        return self.sig / name
+
+    def run_to_stop(self) -> str:
+        """Let it run to its stop point; returns its flow run id."""
+        self._wait_for("ready")
+        (self.sig / "go").write_text("")
+        return self._wait_for("stopped").read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def children(tmp_path):
+    made: list[Child] = []
+
+    def make(*args) -> Child:
+        made.append(Child(tmp_path, *args))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.kill()
+
+
+@pytest.fixture
+def one_video(tmp_path) -> Path:
+    require_ffmpeg()
+    d = tmp_path / "videos"
+    d.mkdir()
+    make_testsrc(d / "clip.mp4", duration_s=0.5)
+    return d
+
+
+def _states(*ids: str) -> list[str]:
+    import uuid
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return [client.read_flow_run(uuid.UUID(i)).state.type.value for i in ids]
+
+
+def _state(flow_run_id: str):
+    import uuid
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(uuid.UUID(flow_run_id)).state
+
+
+def _next_run(videos: Path, out: Path) -> None:
+    from flows.pipeline import pipeline
+
+    pipeline(input=str(videos), out=str(out), stages=["ingest"])
+
+
+def test_run_killed_before_it_took_the_lock_is_marked_crashed_other_roots_untouched(
+        prefect_harness, children, one_video, tmp_path):
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    on_a = children("a", "cli", "before-lock", root_a)  # `motionforge run`: created with its root's tag
+    on_b = children("b", "flow", "before-lock", root_b)  # a direct flow call: tags itself when it starts
+    dead_a, dead_b = on_a.run_to_stop(), on_b.run_to_stop()
+    on_a.kill()
+    on_b.kill()
+    assert _states(dead_a, dead_b) == ["RUNNING", "RUNNING"]
+    assert not (root_a / "_lock").exists()  # it never recorded itself in the lock: nothing names it there
+
+    _next_run(one_video, root_a)
+
+    crashed = _state(dead_a)
+    assert crashed.type.value == "CRASHED"
+    assert "holds the run lock on" in crashed.message and str(root_a) in crashed.message
+    assert _state(dead_b).type.value == "RUNNING"  # root B's dead run is for B's next run to mark
+
+    _next_run(one_video, root_b)  # and it does, though B's run was never created with the tag
+
+    assert _state(dead_b).type.value == "CRASHED"
+
+
+def test_live_run_on_its_way_to_the_lock_is_left_alone(prefect_harness, children, one_video, tmp_path):
+    root = tmp_path / "a"
+    waiting = children("live", "flow", "before-lock", root)
+    live = waiting.run_to_stop()  # alive, tagged with the root, not (yet) at the lock
+
+    _next_run(one_video, root)
+
+    assert _state(live).type.value == "RUNNING"
+
+
+def test_kill_chain_leaves_every_killed_run_crashed(prefect_harness, children, one_video, tmp_path):
+    root = tmp_path / "a"
+    first = children("first", "cli", "holding-lock", root)
+    second = children("second", "flow", "holding-lock", root)  # killed right after taking the lock over
+    id1 = first.run_to_stop()
+    first.kill()
+    id2 = second.run_to_stop()  # took the dead first run's lock over, overwriting its flow run id there
+    second.kill()
+    assert _states(id1, id2) == ["RUNNING", "RUNNING"]
+
+    _next_run(one_video, root)
+
+    assert _states(id1, id2) == ["CRASHED", "CRASHED"]
+    assert not (root / "_lock").exists()
