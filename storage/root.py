@@ -48,6 +48,26 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
+class _MemoryHandler(pafs.FSSpecHandler):
+    """pyarrow's fsspec bridge for ``memory://``, with a private reader per open.
+
+    fsspec's memory filesystem hands every ``open(path, "rb")`` the *same* file object, only rewound: two threads
+    reading one file (two shard tasks reading ``_plan.json``, or one shard's Parquet file) share its position, and
+    one of them reads nothing or the wrong bytes, depending on how the threads interleave. Here each open gets its
+    own reader over the stored bytes (already in memory, so nothing is fetched twice)."""
+
+    def _reader(self, path):
+        if not self.fs.isfile(path):
+            raise FileNotFoundError(path)
+        return pa.BufferReader(self.fs.cat_file(path))
+
+    def open_input_stream(self, path):
+        return self._reader(path)
+
+    def open_input_file(self, path):
+        return self._reader(path)
+
+
 def _filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, base path) for a URL: fsspec's implementation, else pyarrow's native one."""
     import fsspec
@@ -59,7 +79,10 @@ def _filesystem(url: str) -> tuple[pafs.FileSystem, str]:
             return pafs.FileSystem.from_uri(url)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise ValueError(f"output root {url!r}: no filesystem for this URL ({type(exc).__name__}: {exc})") from exc
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/") or "/"
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    handler = _MemoryHandler(fs) if isinstance(fs, MemoryFileSystem) else pafs.FSSpecHandler(fs)
+    return pafs.PyFileSystem(handler), path.rstrip("/") or "/"
 
 
 def normalise_root_url(url: str | os.PathLike[str]) -> str:

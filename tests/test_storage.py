@@ -442,6 +442,31 @@ def test_memory_root_through_fsspec(tmp_path):
     assert not root.exists(root.path("_lock"))
 
 
+
+def test_memory_root_readers_of_one_file_do_not_share_a_position():
+    """fsspec's memory filesystem gives every reader of a file one shared, rewound file object, so two shard tasks
+    reading ``_plan.json`` at once (ingest shards do, at their start) could read nothing, depending on how their
+    threads interleave (``test_memory_root_end_to_end`` failed once under load). The worst interleaving is played
+    out here in one thread: open, open, read, read. Each reader must get the whole file."""
+    import json
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = OutputRoot(f"memory://mf-test-{uuid.uuid4().hex[:8]}/root")
+    plan = {"version": 1, "shard_size": 2, "shards": [["a", "b"], ["c"]]}
+    root.write_json(root.path("ingest", "_plan.json"), plan)
+    first = root.fs.open_input_stream(root.path("ingest", "_plan.json"))
+    second = root.fs.open_input_stream(root.path("ingest", "_plan.json"))
+    assert json.loads(first.read()) == plan
+    assert json.loads(second.read()) == plan
+    table = pa.table({"item": ["x", "y"], "value": [1, 2]})
+    assert pq.read_table(root.write_table_atomic("slow", 0, table), filesystem=root.fs).equals(table)
+    with pytest.raises(FileNotFoundError):
+        root.fs.open_input_stream(root.path("ingest", "missing.json"))
+
+
 REPORT_ON_FULL_DISK = """
 import resource, signal, sys
 from dashboards.report import write_report
