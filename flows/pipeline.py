@@ -511,18 +511,21 @@ def root_tag(out: str) -> str:
     return ROOT_TAG_PREFIX + hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
+PROCESS_LABEL = "motionforge.process"
+
+
 def _process_id() -> str:
-    """``host:pid``, the form Prefect's process worker writes into a flow run's ``infrastructure_pid``."""
+    """``host:pid`` of this process, kept in the flow run's :data:`PROCESS_LABEL` label."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _claim_root(out: str) -> None:
-    """Label this flow run on the server as working on ``out`` (its :func:`root_tag`) from this process (its
-    ``infrastructure_pid``, unless a worker already set it), before it waits for the root's lock.
+    """Label this flow run on the server as working on ``out`` (its :func:`root_tag`) from this process (the
+    :data:`PROCESS_LABEL` label), first thing in the flow, before it waits for the root's lock.
 
     A CLI run already has the tag from its creation (``motionforge run``/``run-stage`` create it inside
     ``prefect.tags``), so a kill at any point leaves it findable; a deployment run or a direct Python call gets
-    it here, first thing in the flow. One server call, only when something is missing; never fails the run."""
+    it here. One or two small server calls; never fails the run."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
@@ -531,26 +534,25 @@ def _claim_root(out: str) -> None:
         return
     tag = root_tag(out)
     tags = list(fr.tags or [])
-    if tag in tags and fr.infrastructure_pid:
-        return
     try:
         from prefect import get_client
 
         with get_client(sync_client=True) as client:
-            client.update_flow_run(fr.id, tags=tags + [tag] if tag not in tags else None,
-                                   infrastructure_pid=None if fr.infrastructure_pid else _process_id())
-        fr.tags = tags if tag in tags else tags + [tag]
+            if tag not in tags:
+                client.update_flow_run(fr.id, tags=tags + [tag])
+                fr.tags = tags + [tag]
+            client.update_flow_run_labels(fr.id, {PROCESS_LABEL: _process_id()})
     except Exception as exc:  # noqa: BLE001 -- a label on the server must not stop the data run
         _logger().warning("could not tag flow run %s with its output root (%s: %s); if this run is killed, a later "
-                          "run on %s cannot mark it crashed", fr.id, type(exc).__name__, exc, out)
+                          "run on %s may not mark it crashed", fr.id, type(exc).__name__, exc, out)
 
 
-def _alive_elsewhere(infrastructure_pid: str | None) -> bool:
-    """Whether a flow run's recorded process (``host:pid``) is a live process on this host (then it is a run that
-    has not reached the lock yet, and will stop at it): such a run is not marked crashed."""
+def _alive_here(run) -> bool:
+    """Whether a flow run's process (its :data:`PROCESS_LABEL`, ``host:pid``) is alive on this host: then it is a
+    run that has not reached the lock yet (and will stop there), not a dead one."""
     from storage.lock import _alive
 
-    host, _, pid = (infrastructure_pid or "").rpartition(":")
+    host, _, pid = str((getattr(run, "labels", None) or {}).get(PROCESS_LABEL, "")).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     return _alive(int(pid))
@@ -625,18 +627,14 @@ def mark_root_runs_crashed(out: str, why: str = "") -> str | None:
             if not found:
                 return None
             mine = _own_lineage(client, me) if me is not None else set()
-            orphans = []
-            for r in found:
-                if r.id in mine or _alive_elsewhere(r.infrastructure_pid):
-                    continue
-                if r.parent_task_run_id is not None and client.read_task_run(r.parent_task_run_id).flow_run_id in mine:
-                    continue  # a subflow of this run
-                orphans.append(r)
+            parent_of = {r.id: client.read_task_run(r.parent_task_run_id).flow_run_id
+                         for r in found if r.parent_task_run_id is not None}
+            orphans = [r for r in found if r.id not in mine and parent_of.get(r.id) not in mine  # not a subflow of ours
+                       and not _alive_here(r)]
             if not orphans:
                 return None
             ids = {r.id for r in orphans}
-            tops = [r for r in orphans if r.parent_task_run_id is None
-                    or client.read_task_run(r.parent_task_run_id).flow_run_id not in ids]
+            tops = [r for r in orphans if parent_of.get(r.id) not in ids]  # the others go with their parent
             who = f"flow run {me.name!r} ({me.id})" if me is not None else f"process {_process_id()}"
             marked = tasks = 0
             for r in tops:
