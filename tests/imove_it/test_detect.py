@@ -215,11 +215,19 @@ def _match_rows(a: list[Instance], b: list[Instance]) -> list[tuple[Instance, In
     return pairs
 
 
+def _crop_edges(box):
+    """The pixel rows / columns crop_box cuts for ``box`` (no padding): floor of the start, ceil of the end."""
+    import math
+
+    return math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3])
+
+
 def test_batched_detect_matches_per_clip_and_isolates_an_unreadable_clip(tmp_path):
     """Tiny Grounding DINO + tiny CLIP, through the production loaders: 3 clips and an unreadable one in the
     middle of the first batch, detected one clip per call with inline decoding, then 3 clips per Grounding DINO call, all their
     crops in one CLIP call, frames prefetched 2 clips ahead. The rows must agree: same clips, labels and
-    statuses; boxes within 1e-3 px and scores within 1e-4. Why a tolerance at all: a batched forward pass may
+    statuses; boxes within 1e-3 px, detection scores within 1e-4, CLIP scores within 1e-5 where the same pixels
+    were cropped. Why a tolerance at all: a batched forward pass may
     use other matmul kernels / summation orders than a single-image one (float32, ~1e-6 relative); the prompts
     of different clips are padded to the longest, and padded text positions are masked, so they add nothing."""
     o = oracle()
@@ -253,8 +261,11 @@ def test_batched_detect_matches_per_clip_and_isolates_an_unreadable_clip(tmp_pat
         np.testing.assert_allclose(b.box_xyxy_px, a.box_xyxy_px, atol=1e-3)
         assert b.detection_score == pytest.approx(a.detection_score, abs=1e-4)
         assert (a.clip_score is None) == (b.clip_score is None)
-        if a.clip_score is not None:
-            assert b.clip_score == pytest.approx(a.clip_score, abs=1e-4)
+        if a.clip_score is not None and _crop_edges(a.box_xyxy_px) == _crop_edges(b.box_xyxy_px):
+            # same pixels cropped: only CLIP's own batching noise (measured ~2e-7 on unit vectors) is left. A box
+            # edge within float noise of a whole pixel may crop one more row in one run; then the scores differ
+            # legitimately and are not compared.
+            assert b.clip_score == pytest.approx(a.clip_score, abs=1e-5)
         if rounded_box(a.box_xyxy_px) == rounded_box(b.box_xyxy_px):
             assert a.instance_id == b.instance_id
 
