@@ -169,15 +169,11 @@ def candidates_from_detections(clip_id: str, detections: Sequence[Any], tag_scor
     return out
 
 
-def score_with_clip(cands: list[Candidate], image: np.ndarray, clip: Any, cfg: DetectConfig) -> None:
-    """CLIP cosine of each surviving crop with its category prompt; low ones are dropped."""
-    score_clips_with_clip([(cands, image)], clip, cfg)
-
-
 def score_clips_with_clip(per_clip: Sequence[tuple[list[Candidate], np.ndarray]], clip: Any,
                           cfg: DetectConfig) -> None:
-    """:func:`score_with_clip` for several clips at once: the crops of all of them in one ``score_pairs`` call
-    (``clip_batch_size`` crops per forward pass), so the CLIP model sees full batches."""
+    """CLIP cosine of each surviving crop (of each ``(candidates, frame)`` clip) with its category prompt; low ones
+    are dropped. The crops of all the clips go in one ``score_pairs`` call (``clip_batch_size`` crops per
+    forward pass), so the CLIP model sees full batches."""
     todo: list[tuple[Candidate, np.ndarray]] = []
     for cands, image in per_clip:
         for c in cands:

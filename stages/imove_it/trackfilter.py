@@ -252,12 +252,6 @@ def filter_clips(groups: Sequence[Sequence[Track]], clip: Any, cfg: TrackFilterC
     return rows
 
 
-def filter_clip(tracks: Sequence[Track], clip: Any, cfg: TrackFilterConfig,
-                frames: Callable[..., Iterable[Any]] = stream_frames) -> list[TrackVerdict]:
-    """Verdicts for the tracks of one clip (:func:`filter_clips` for a single clip)."""
-    return filter_clips([tracks], clip, cfg.model_copy(update={"prefetch_depth": 0}), frames)
-
-
 # -- the stage -----------------------------------------------------------------------------------------------
 def load_clip_scorer(cfg: TrackFilterConfig):
     from experts.base import get_expert
