@@ -23,6 +23,16 @@ scenes). Results go to stdout and --json.
 
     python benchmarks/bench_e2e_gpu.py --videos 16 [--backend transformers|vllm] [--shard-size 4] [--json out.json]
 
+The image stages run their batched, prefetched paths: ``--batch-size`` clips per RAM++ / Grounding DINO call
+and per CLIP call of trackfilter (their crops in one forward pass), first frames and track frames decoded on a
+prefetch thread while the models work (``stages.shared.prefetch``); the chat stages get the same batch size.
+
+Smoke mode, to check the script runs end to end without a GPU: ``--device cpu --tiny`` takes the ``tiny``
+profile's random miniatures of the same architectures (``tiny://``), 2 small videos of 3-6 s, and hides any
+GPU (CUDA_VISIBLE_DEVICES=""); its "videos per hour" are CPU figures of the miniatures, not a throughput claim.
+
+    python benchmarks/bench_e2e_gpu.py --device cpu --tiny --videos 2 --shard-size 1
+
 Status: written for the device runner; not run in the session that wrote it (no GPU was lent).
 """
 from __future__ import annotations
@@ -56,31 +66,33 @@ SHAPES = {
 VOCAB = 152064
 
 
-def make_videos(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    """720p H.264 videos of 10-60 s, shots of 2-12 s from different test sources (hard cuts between)."""
+def make_videos(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (1280, 720),
+                duration_s: tuple[float, float] = (10, 60), shot_s: tuple[float, float] = (2, 12)) -> list[Path]:
+    """H.264 videos (720p, 10-60 s by default), shots of 2-12 s from different test sources (hard cuts between)."""
     import random
 
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    sources = ["testsrc2", "smptehdbars", "mandelbrot", "life=s=1280x720:mold=10:ratio=0.1", "cellauto=s=1280x720",
+    w, h = size
+    sources = ["testsrc2", "smptehdbars", "mandelbrot", f"life=s={w}x{h}:mold=10:ratio=0.1", f"cellauto=s={w}x{h}",
                "rgbtestsrc"]
     out = []
     for i in range(n):
-        p = folder / f"e2e_{i:04d}.mp4"
+        p = folder / f"e2e_{w}x{h}_{i:04d}.mp4" if size != (1280, 720) else folder / f"e2e_{i:04d}.mp4"
         out.append(p)
         if p.exists():
             continue
-        total = rng.uniform(10, 60)
+        total = rng.uniform(*duration_s)
         shots, t = [], 0.0
         while t < total:
-            d = min(rng.uniform(2, 12), total - t)
+            d = min(rng.uniform(*shot_s), total - t)
             shots.append((rng.choice(sources), max(d, 0.5)))
             t += d
         inputs, filt = [], []
         for k, (src, d) in enumerate(shots):
-            spec = src if "=" in src else f"{src}=s=1280x720"
+            spec = src if "=" in src else f"{src}=s={w}x{h}"
             inputs += ["-f", "lavfi", "-t", f"{d:.2f}", "-i", f"{spec}:r=25" if "=s=" in spec else spec]
-            filt.append(f"[{k}:v]scale=1280:720,fps=25,format=yuv420p,setsar=1[v{k}]")
+            filt.append(f"[{k}:v]scale={w}:{h},fps=25,format=yuv420p,setsar=1[v{k}]")
         graph = ";".join(filt) + ";" + "".join(f"[v{k}]" for k in range(len(shots))) + f"concat=n={len(shots)}:v=1:a=0[out]"
         subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, "-filter_complex", graph, "-map", "[out]", "-c:v", "libx264",
                         "-preset", "veryfast", "-crf", "23", str(p)], check=True)
@@ -178,9 +190,17 @@ class GpuSampler:
         return {"gpu_util_mean": round(sum(u) / len(u), 1), "gpu_util_p90": u[int(0.9 * (len(u) - 1))], "samples": len(u)}
 
 
-def pipeline_config(args, vlm_dir: Path, llm_dir: Path):
+def pipeline_config(args, vlm_dir: Path | None, llm_dir: Path | None):
     from flows.config import load_pipeline_config
 
+    # the image stages' batched paths: clips per RAM++ / Grounding DINO call, clips per CLIP call in trackfilter
+    vision = {n: {"batch_size": args.batch_size} for n in ("tag", "detect", "trackfilter")}
+    if args.tiny:  # the tiny profile's own miniatures (tiny://), with this run's batch size
+        chat_bs = {"batch_size": args.batch_size}
+        return load_pipeline_config("tiny", overrides={
+            "ingest": {"shard_size": args.shard_size}, **vision,
+            "caption": {"vlm": chat_bs}, "check": {"vlm": chat_bs}, "describe": {"vlm": chat_bs},
+            "qgen": {"llm": chat_bs}})
     chat = {"backend": args.backend, "device": "cuda", "dtype": "bf16", "batch_size": args.batch_size}
     vlm = {"model_id": str(vlm_dir), **chat}
     judges = [{"name": f"judge-{i}", "vlm": {**vlm, "max_new_tokens": 16}} for i in range(args.judges)]
@@ -188,7 +208,7 @@ def pipeline_config(args, vlm_dir: Path, llm_dir: Path):
         "ingest": {"shard_size": args.shard_size},
         "caption": {"vlm": vlm}, "check": {"vlm": vlm}, "describe": {"vlm": vlm},
         "qgen": {"llm": {"model_id": str(llm_dir), **chat, "max_new_tokens": 2048}},
-        "ffilter": {"judges": judges},
+        "ffilter": {"judges": judges}, **vision,
     }
     return load_pipeline_config("paper", overrides=overrides)
 
@@ -203,12 +223,19 @@ def main() -> None:
     ap.add_argument("--vlm-shape", choices=["7b", "72b"], default="7b")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "motionforge-e2e-gpu")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="the tiny profile's miniatures and small videos (smoke mode)")
     args = ap.parse_args()
+    if args.device == "cpu":
+        if not args.tiny:
+            raise SystemExit("--device cpu runs only with --tiny: the full-size random checkpoints need a GPU")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA: every expert resolves to the CPU
 
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_e2e_gpu needs a CUDA GPU")
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench_e2e_gpu needs a CUDA GPU (or run the smoke mode: --device cpu --tiny)")
     from experts.base import clear_expert_cache
     from flows.pipeline import plan_inputs
     from stages.registry import available_stages, get_stage, order
@@ -217,29 +244,37 @@ def main() -> None:
     from storage.root import OutputRoot
 
     t0 = time.perf_counter()
-    videos = make_videos(args.dir / "videos", args.videos)
-    vlm_dir, llm_dir = args.dir / f"qwen2_vl_{args.vlm_shape}", args.dir / "qwen2_5_7b"
-    build_vlm(vlm_dir, f"qwen2_vl_{args.vlm_shape}")
-    build_llm(llm_dir)
+    if args.tiny:
+        video_dir = args.dir / "videos-tiny"
+        videos = make_videos(video_dir, args.videos, size=(320, 240), duration_s=(3, 6), shot_s=(1, 3))
+        vlm_dir = llm_dir = None
+    else:
+        video_dir = args.dir / "videos"
+        videos = make_videos(video_dir, args.videos)
+        vlm_dir, llm_dir = args.dir / f"qwen2_vl_{args.vlm_shape}", args.dir / "qwen2_5_7b"
+        build_vlm(vlm_dir, f"qwen2_vl_{args.vlm_shape}")
+        build_llm(llm_dir)
     print(f"inputs and random checkpoints ready in {time.perf_counter() - t0:.0f}s ({args.dir})")
 
     pc = pipeline_config(args, vlm_dir, llm_dir)
     cfg = pc.model_dump(mode="json")
-    out = args.dir / f"root-{args.backend}"
+    out = args.dir / (f"root-tiny-{args.device}" if args.tiny else f"root-{args.backend}")
     root = OutputRoot(str(out))
-    plan_inputs.fn(str(args.dir / "videos"), str(out), args.shard_size, list(pc.ingest.extensions))
+    plan_inputs.fn(str(video_dir), str(out), args.shard_size, list(pc.ingest.extensions))
     names = order(available_stages())
     for n in names:
         record_stage_config(root, n, pc.stage_config(n).config_hash(), cfg[n], list(get_stage(n).inputs))
-    res: dict = {"device": torch.cuda.get_device_name(0), "backend": args.backend, "videos": len(videos),
-                 "video_minutes": None, "stages": {}}
+    res: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "backend": args.backend,
+                 "profile": "tiny" if args.tiny else "paper", "videos": len(videos), "video_minutes": None,
+                 "batch_size": args.batch_size, "stages": {}}
     with GpuSampler() as gpu:
         for n in names:
             st = get_stage(n)
             shards = [0] if st.scope == "global" else plan_shards(root)
             clear_expert_cache()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             s0 = time.perf_counter()
             ok = err = 0
             note = None
@@ -251,10 +286,12 @@ def main() -> None:
                 note = f"not measured: {exc}"
             except Exception as exc:  # noqa: BLE001 -- e.g. vision weights not local: report and go on
                 note = f"not measured: {type(exc).__name__}: {str(exc)[:300]}"
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             s1 = time.perf_counter()
             row = {"seconds": round(s1 - s0, 2), "rows_ok": ok, "rows_error": err,
-                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **gpu.window(s0, s1)}
+                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0.0,
+                   **gpu.window(s0, s1)}
             row["videos_per_gpu_hour"] = round(len(videos) / ((s1 - s0) / 3600), 1) if note is None and s1 > s0 else None
             if note:
                 row["note"] = note

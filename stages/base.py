@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import threading
-from typing import Any, Callable, Iterable, Literal, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Literal, TypeVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
@@ -33,9 +33,13 @@ class StageConfig(BaseModel):
     """Base of every stage config: frozen, no unknown keys, hashed for provenance and staleness."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    # Fields that change how fast a stage runs, never what it writes (prefetch depth, how many items share a
+    # model call): left out of the hash, so tuning them does not make finished shards stale.
+    RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self.model_dump(mode="json", exclude=set(self.RUN_ONLY_FIELDS)), sort_keys=True,
+                          separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

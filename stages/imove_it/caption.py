@@ -32,6 +32,11 @@ class CaptionConfig(StageConfig):
     crop_margin: float = 0.15
     min_segment_s: float = 0.5  # instances visible for a shorter span have no motion worth captioning
     max_trajectory_lines: int = 16
+    # Throughput only (left out of the config hash): instances whose frames are decoded ahead of the VLM on a
+    # prefetch thread (None: one model batch, see stages.shared.prefetch.model_batch_size; 0: decode inline).
+    prefetch_depth: int | None = Field(None, ge=0)
+
+    RUN_ONLY_FIELDS = frozenset({"prefetch_depth"})
 
 
 PROFILES = {
@@ -96,57 +101,88 @@ def process(ctx: ShardContext) -> list[Caption]:
     if not tracks:
         return []
     vlm = ctx.chat_expert("caption.vlm", cfg.vlm, load_vlm)
+    return caption_tracks(tracks, vlm, cfg, progress=ctx.progress)
+
+
+def caption_tracks(tracks: Sequence[Track], vlm, cfg: CaptionConfig, progress=lambda done, total: None) -> list[Caption]:
+    """One caption row per track, in the order of ``tracks``.
+
+    Instances go to the VLM a model batch at a time (static captions of the batch in one ``generate`` call,
+    then their dynamic captions in another); the frames of the next batch are decoded on a prefetch thread
+    while the VLM works on this one. A motion segment whose frames cannot be read is that instance's error row.
+    """
+    from stages.shared.prefetch import batches, model_batch_size, prefetched
+
     p_static = load_prompt("imove_it", cfg.static_prompt)
     p_dynamic = load_prompt("imove_it", cfg.dynamic_prompt)
     version = f"{p_static.version}+{p_dynamic.version}"
 
-    rows: dict[str, Caption] = {}
-    todo = []  # (track, t1, t2, box1, box2, frames)
-    for tr in tracks:
+    def plan(tr: Track) -> tuple[dict, tuple | None, str | None]:
+        """(row fields, (t1, t2, box1, box2) of the segment to caption or None, why it is skipped)."""
         base = dict(instance_id=tr.instance_id, clip_id=tr.clip_id, video_id=tr.video_id, video_path=tr.video_path,
                     label=tr.label, clip_start_s=tr.start_s, clip_end_s=tr.end_s, width=tr.width or 0,
                     height=tr.height or 0, prompt_version=version)
         seg = motion_segment(tr)
         if seg is None or not tr.width or not tr.height:
-            rows[tr.instance_id] = Caption(**base, t1_s=tr.start_s, t2_s=tr.start_s, box1_xyxy_px=list(tr.first_box_xyxy_px),
-                                           box2_xyxy_px=list(tr.first_box_xyxy_px), frame_times_s=[],
-                                           status=STATUS_SKIPPED, error="instance is never visible in its track")
-            continue
+            base.update(t1_s=tr.start_s, t2_s=tr.start_s, box1_xyxy_px=list(tr.first_box_xyxy_px),
+                        box2_xyxy_px=list(tr.first_box_xyxy_px))
+            return base, None, "instance is never visible in its track"
         t1, t2, b1, b2 = seg
         base.update(t1_s=t1, t2_s=t2, box1_xyxy_px=b1, box2_xyxy_px=b2)
         if t2 - t1 < cfg.min_segment_s:
-            rows[tr.instance_id] = Caption(**base, frame_times_s=[], status=STATUS_SKIPPED,
-                                           error=f"visible for {t2 - t1:.2f} s < min_segment_s={cfg.min_segment_s}")
-            continue
-        try:
-            frames = _frames(tr, t1, t2, cfg)
-            if not frames:
-                raise ValueError("no frames decoded in the motion segment")
-        except Exception as exc:  # noqa: BLE001 -- a video that fails to decode is this instance's error row
-            rows[tr.instance_id] = Caption(**base, frame_times_s=[], status=STATUS_ERROR,
-                                           error=f"could not read frames {t1:.2f}-{t2:.2f}s of {tr.video_path}: {exc}")
-            continue
-        rows[tr.instance_id] = Caption(**base, frame_times_s=[f.t_s for f in frames])
-        todo.append((tr, t1, t2, b1, frames))
+            return base, None, f"visible for {t2 - t1:.2f} s < min_segment_s={cfg.min_segment_s}"
+        return base, seg, None
 
-    # Pass 1: static captions for every instance of the shard in one batch (the backend bounds concurrency).
-    static = vlm.generate([static_request(tr, frames[0].image, b1, cfg, p_static.text) for tr, _, _, b1, frames in todo])
-    dyn_todo = []
-    for (tr, t1, t2, b1, frames), resp in zip(todo, static):
-        if resp.error or not (resp.text or "").strip():
-            rows[tr.instance_id] = _replace(rows[tr.instance_id], status=STATUS_ERROR,
-                                            error=f"static caption failed: {resp.error or 'empty reply'}")
-            continue
-        rows[tr.instance_id] = _replace(rows[tr.instance_id], static_caption=resp.text.strip())
-        dyn_todo.append((tr, t1, t2, frames, resp.text))
-    # Pass 2: dynamic captions conditioned on the static ones.
-    dynamic = vlm.generate([dynamic_request(tr, frames, sc, t1, t2, cfg, p_dynamic.text) for tr, t1, t2, frames, sc in dyn_todo])
-    for (tr, *_), resp in zip(dyn_todo, dynamic):
-        if resp.error or not (resp.text or "").strip():
-            rows[tr.instance_id] = _replace(rows[tr.instance_id], status=STATUS_ERROR,
-                                            error=f"dynamic caption failed: {resp.error or 'empty reply'}")
-        else:
-            rows[tr.instance_id] = _replace(rows[tr.instance_id], dynamic_caption=resp.text.strip())
+    plans = {tr.instance_id: plan(tr) for tr in tracks}
+
+    def load(tr: Track):
+        seg = plans[tr.instance_id][1]
+        if seg is None:
+            return None  # skipped: nothing to decode
+        frames = _frames(tr, seg[0], seg[1], cfg)
+        if not frames:
+            raise ValueError("no frames decoded in the motion segment")
+        return frames
+
+    rows: dict[str, Caption] = {}
+    size = model_batch_size(cfg.vlm)
+    depth = size if cfg.prefetch_depth is None else cfg.prefetch_depth
+    done = 0
+    for batch in batches(prefetched(tracks, load, depth=depth), size):
+        todo = []  # (track, t1, t2, box1, frames)
+        for tr, frames in batch:
+            base, seg, skipped = plans[tr.instance_id]
+            if skipped is not None:
+                rows[tr.instance_id] = Caption(**base, frame_times_s=[], status=STATUS_SKIPPED, error=skipped)
+            elif isinstance(frames, Exception):  # a video that fails to decode is this instance's error row
+                rows[tr.instance_id] = Caption(**base, frame_times_s=[], status=STATUS_ERROR,
+                                               error=f"could not read frames {seg[0]:.2f}-{seg[1]:.2f}s of "
+                                                     f"{tr.video_path}: {frames}")
+            else:
+                rows[tr.instance_id] = Caption(**base, frame_times_s=[f.t_s for f in frames])
+                todo.append((tr, seg[0], seg[1], seg[2], frames))
+        # Pass 1: static captions of the batch in one call (the backend bounds concurrency).
+        static = vlm.generate([static_request(tr, frames[0].image, b1, cfg, p_static.text)
+                               for tr, _, _, b1, frames in todo]) if todo else []
+        dyn_todo = []
+        for (tr, t1, t2, b1, frames), resp in zip(todo, static):
+            if resp.error or not (resp.text or "").strip():
+                rows[tr.instance_id] = _replace(rows[tr.instance_id], status=STATUS_ERROR,
+                                                error=f"static caption failed: {resp.error or 'empty reply'}")
+                continue
+            rows[tr.instance_id] = _replace(rows[tr.instance_id], static_caption=resp.text.strip())
+            dyn_todo.append((tr, t1, t2, frames, resp.text))
+        # Pass 2: dynamic captions conditioned on the static ones.
+        dynamic = vlm.generate([dynamic_request(tr, frames, sc, t1, t2, cfg, p_dynamic.text)
+                                for tr, t1, t2, frames, sc in dyn_todo]) if dyn_todo else []
+        for (tr, *_), resp in zip(dyn_todo, dynamic):
+            if resp.error or not (resp.text or "").strip():
+                rows[tr.instance_id] = _replace(rows[tr.instance_id], status=STATUS_ERROR,
+                                                error=f"dynamic caption failed: {resp.error or 'empty reply'}")
+            else:
+                rows[tr.instance_id] = _replace(rows[tr.instance_id], dynamic_caption=resp.text.strip())
+        done += len(batch)
+        progress(done, len(tracks))
     return [rows[t.instance_id] for t in tracks]
 
 

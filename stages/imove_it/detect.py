@@ -52,13 +52,27 @@ class DetectConfig(StageConfig):
     nms_iou_threshold: float = 0.7
     # Tracking cost grows with instances per clip; keep at most the best N after NMS (None: all).
     max_instances_per_clip: int | None = None
+    # Clips per Grounding DINO call (prompts of different clips are padded to the longest, see detect_clips).
     batch_size: int = 8
+    # Throughput only (left out of the config hash): first frames decoded ahead of the detector (None: one
+    # batch; 0: decode inline), and crops per CLIP forward pass (the surviving boxes of a whole batch of clips).
+    prefetch_depth: int | None = None
+    clip_batch_size: int = 256
 
-    @field_validator("batch_size", "max_boxes_per_tag", "max_instances_per_clip")
+    RUN_ONLY_FIELDS = frozenset({"prefetch_depth", "clip_batch_size"})
+
+    @field_validator("batch_size", "max_boxes_per_tag", "max_instances_per_clip", "clip_batch_size")
     @classmethod
     def _positive(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError(f"must be >= 1 (or None where allowed), got {v}")
+        return v
+
+    @field_validator("prefetch_depth")
+    @classmethod
+    def _depth(cls, v: int | None) -> int | None:
+        if v is not None and v < 0:
+            raise ValueError(f"prefetch_depth must be >= 0 (0: decode inline) or None (one batch), got {v}")
         return v
 
 
@@ -155,17 +169,27 @@ def candidates_from_detections(clip_id: str, detections: Sequence[Any], tag_scor
     return out
 
 
-def score_with_clip(cands: list[Candidate], image: np.ndarray, clip: Any, cfg: DetectConfig) -> None:
-    """CLIP cosine of each surviving crop with its category prompt; low ones are dropped."""
-    alive = [c for c in cands if c.reason is None]
-    crops = [crop_box(image, c.box, cfg.crop_padding) for c in alive]
-    todo = [(c, crop) for c, crop in zip(alive, crops) if crop is not None]
-    for c, crop in zip(alive, crops):
-        if crop is None:
-            c.reason = "empty crop: the box holds no pixels of the frame"
+def score_clips_with_clip(per_clip: Sequence[tuple[list[Candidate], np.ndarray]], clip: Any,
+                          cfg: DetectConfig) -> None:
+    """CLIP cosine of each surviving crop (of each ``(candidates, frame)`` clip) with its category prompt; low ones
+    are dropped. The crops of all the clips go in one ``score_pairs`` call (``clip_batch_size`` crops per
+    forward pass), so the CLIP model sees full batches."""
+    todo: list[tuple[Candidate, np.ndarray]] = []
+    for cands, image in per_clip:
+        for c in cands:
+            if c.reason is not None:
+                continue
+            crop = crop_box(image, c.box, cfg.crop_padding)
+            if crop is None:
+                c.reason = "empty crop: the box holds no pixels of the frame"
+            else:
+                todo.append((c, crop))
     if not todo:
         return
-    scores = clip.score_pairs([crop for _, crop in todo], [cfg.clip_template.format(label=c.label) for c, _ in todo])
+    scores = clip.score_pairs([crop for _, crop in todo], [cfg.clip_template.format(label=c.label) for c, _ in todo],
+                              batch_size=cfg.clip_batch_size)
+    if len(scores) != len(todo):
+        raise RuntimeError(f"CLIP returned {len(scores)} scores for {len(todo)} crops")
     for (c, _), s in zip(todo, scores):
         c.clip_score = float(s)
         if c.clip_score < cfg.min_clip_score:
@@ -200,40 +224,53 @@ def clip_error_row(tags: ClipTags, frame: FirstFrame | None, message: str) -> In
 def detect_clips(tag_rows: Sequence[ClipTags], detector: Any, clip: Any, cfg: DetectConfig,
                  read_frame: Callable[[str, float, float], FirstFrame] = clip_first_frame,
                  progress=lambda done, total: None) -> list[Instance]:
-    """All instance rows for ``tag_rows``: clips are detected ``batch_size`` at a time (one frame each)."""
+    """All instance rows for ``tag_rows``, in the order of the clips.
+
+    First frames are decoded on a prefetch thread (``prefetch_depth`` clips ahead) while the models work on the
+    current batch. ``batch_size`` clips share one Grounding DINO call: the expert puts same-size frames in one
+    forward pass with each clip's own prompt, padded to the longest (masked text positions take no part), and
+    the surviving boxes of all of them are CLIP-scored in one call. A clip whose first frame cannot be read is
+    one error row; the rest of its batch goes on.
+    """
+    from stages.shared.prefetch import batches, prefetched
+
     todo = [t for t in tag_rows if t.tags]
-    rows: list[Instance] = []
-    for start in range(0, len(todo), cfg.batch_size):
-        chunk = todo[start:start + cfg.batch_size]
+    per_clip: dict[int, list[Instance]] = {}  # id(tag row) -> its rows
+    depth = cfg.batch_size if cfg.prefetch_depth is None else cfg.prefetch_depth
+    done = 0
+    loaded = prefetched(todo, lambda t: read_frame(t.video_path, t.start_s, t.end_s), depth=depth)
+    for chunk in batches(loaded, cfg.batch_size):
         ready: list[tuple[ClipTags, FirstFrame]] = []
-        for t in chunk:
-            try:
-                frame = read_frame(t.video_path, t.start_s, t.end_s)
-            except FrameReadError as exc:
-                rows.append(clip_error_row(t, None, f"clip {t.clip_id}: {exc}"))
-                continue
-            if t.width is not None and (frame.image.shape[1], frame.image.shape[0]) != (t.width, t.height):
-                rows.append(clip_error_row(t, frame, (
+        for t, frame in chunk:
+            if isinstance(frame, FrameReadError):
+                per_clip[id(t)] = [clip_error_row(t, None, f"clip {t.clip_id}: {frame}")]
+            elif isinstance(frame, Exception):
+                raise frame  # not a per-clip read problem: the shard fails and is retried, as before
+            elif t.width is not None and (frame.image.shape[1], frame.image.shape[0]) != (t.width, t.height):
+                per_clip[id(t)] = [clip_error_row(t, frame, (
                     f"clip {t.clip_id}: first frame is {frame.image.shape[1]}x{frame.image.shape[0]} but the tag "
-                    f"row says {t.width}x{t.height}; the video changed since tagging, re-run tag for this shard")))
-                continue
-            ready.append((t, frame))
+                    f"row says {t.width}x{t.height}; the video changed since tagging, re-run tag for this shard"))]
+            else:
+                ready.append((t, frame))
         if ready:
             dets = detector.detect([f.image for _, f in ready], [[x["tag"] for x in t.tags] for t, _ in ready],
                                    box_threshold=cfg.box_threshold, text_threshold=cfg.text_threshold,
                                    batch_size=cfg.batch_size)
             if len(dets) != len(ready):
                 raise RuntimeError(f"detector returned {len(dets)} results for {len(ready)} images")
+            cands_of = []
             for (t, frame), clip_dets in zip(ready, dets):
                 h, w = frame.image.shape[:2]
-                cands = candidates_from_detections(t.clip_id, clip_dets, {x["tag"]: x["score"] for x in t.tags},
-                                                   w, h, cfg)
-                score_with_clip(cands, frame.image, clip, cfg)
+                cands_of.append(candidates_from_detections(t.clip_id, clip_dets,
+                                                           {x["tag"]: x["score"] for x in t.tags}, w, h, cfg))
+            score_clips_with_clip([(cands, frame.image) for cands, (_, frame) in zip(cands_of, ready)], clip, cfg)
+            for cands, (t, frame) in zip(cands_of, ready):
                 nms_across_tags(cands, cfg.nms_iou_threshold)
                 cap_instances(cands, cfg.max_instances_per_clip)
-                rows.extend(rows_for_clip(t, frame, cands))
-        progress(min(start + cfg.batch_size, len(todo)), len(todo))
-    return rows
+                per_clip[id(t)] = rows_for_clip(t, frame, cands)
+        done += len(chunk)
+        progress(done, len(todo))
+    return [row for t in todo for row in per_clip[id(t)]]
 
 
 # -- the stage -----------------------------------------------------------------------------------------------

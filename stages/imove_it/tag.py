@@ -51,6 +51,11 @@ class TagConfig(StageConfig):
     min_score: float = 0.0  # tags scored below this are not kept (on top of the tagger's own thresholds)
     max_tags: int | None = None  # keep at most this many (highest scores) per clip
     batch_size: int = 8
+    # Throughput only (left out of the config hash): first frames decoded ahead of the tagger on a prefetch
+    # thread (None: one batch; 0: decode inline).
+    prefetch_depth: int | None = Field(None, ge=0)
+
+    RUN_ONLY_FIELDS = frozenset({"prefetch_depth"})
 
     @field_validator("batch_size")
     @classmethod
@@ -151,13 +156,14 @@ def tag_row(clip: Clip, tagger: str, **kw: Any) -> ClipTags:
 
 def tag_clips(clips: Sequence[Clip], tagger: Any, cfg: TagConfig, blocklist: frozenset[str],
               read_frame=clip_first_frame, progress=lambda done, total: None) -> list[ClipTags]:
-    """One row per clip. Frames are read ``batch_size`` at a time on a prefetch thread, one batch ahead of the
-    tagger (decode overlaps the model; memory stays bounded), and tagged a batch of clips at a time."""
+    """One row per clip. Frames are read on a prefetch thread, ``prefetch_depth`` clips (default: one batch)
+    ahead of the tagger (decode overlaps the model; memory stays bounded), and tagged a batch of clips at a time."""
     from stages.shared.prefetch import batches, prefetched
 
     rows: list[ClipTags] = []
     done = 0
-    loaded = prefetched(clips, lambda c: read_frame(c.video_path, c.start_s, c.end_s), depth=cfg.batch_size)
+    depth = cfg.batch_size if cfg.prefetch_depth is None else cfg.prefetch_depth
+    loaded = prefetched(clips, lambda c: read_frame(c.video_path, c.start_s, c.end_s), depth=depth)
     for chunk in batches(loaded, cfg.batch_size):
         frames: list[tuple[Clip, FirstFrame]] = []
         for clip, frame in chunk:

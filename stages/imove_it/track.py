@@ -31,6 +31,19 @@ class TrackConfig(StageConfig):
     fps: float | None = 10.0  # frames per second fed to the tracker; None: every decoded frame
     short_side: int | None = None  # decode at this short side (boxes are mapped back to full-size pixels)
     max_frames: int | None = None  # stop after this many tracked frames per clip (None: the whole span)
+    # Throughput only (left out of the config hash): frames decoded ahead of the tracker on a prefetch thread,
+    # running on into the next clip while the tracker finishes this one (0: decode inline). Memory: this many
+    # decoded frames beyond the tracker's own.
+    prefetch_frames: int = 32
+
+    RUN_ONLY_FIELDS = frozenset({"prefetch_frames"})
+
+    @field_validator("prefetch_frames")
+    @classmethod
+    def _depth(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"prefetch_frames must be >= 0 (0: decode inline), got {v}")
+        return v
 
     @field_validator("fps")
     @classmethod
@@ -176,10 +189,27 @@ def process(ctx: ShardContext) -> list[Track]:
     if not groups:
         return []
     tracker = ctx.expert(TRACKER_EXPERT, lambda: load_samurai(cfg))
+    return track_clips(groups, tracker, cfg, progress=ctx.progress)
+
+
+def track_clips(groups: Sequence[Sequence[Instance]], tracker: Any, cfg: TrackConfig,
+                frames: Callable[[str, float, float, TrackConfig], Iterable[Any]] = stream_clip,
+                progress=lambda done, total: None) -> list[Track]:
+    """:func:`track_clip` for each clip's instances in turn, with the frames decoded on a prefetch thread up to
+    ``prefetch_frames`` ahead of the tracker, across clip boundaries (SAMURAI's memory bank makes tracking
+    sequential within a clip, so the overlap is decode with the model, not clips with each other). A decode
+    failure surfaces inside that clip's stream, where :func:`track_clip` turns it into the clip's error rows."""
+    from stages.shared.prefetch import prefetched_streams
+
+    def open_stream(group: Sequence[Instance]) -> Iterable[Any]:
+        first = group[0]
+        return frames(first.video_path, first.start_s, first.end_s, cfg)
+
     rows: list[Track] = []
-    for n, group in enumerate(groups):
-        rows.extend(track_clip(group, tracker, cfg))
-        ctx.progress(n + 1, len(groups))
+    streams = prefetched_streams(groups, open_stream, depth=cfg.prefetch_frames, limit=cfg.max_frames)
+    for n, (group, stream) in enumerate(streams):
+        rows.extend(track_clip(group, tracker, cfg, frames=lambda *_, s=stream: s))
+        progress(n + 1, len(groups))
     return rows
 
 

@@ -42,6 +42,28 @@ class TrackFilterConfig(StageConfig):
     min_clip_score: float | None = 0.2  # on the mean over the sampled crops
     clip_samples: int = 8
     crop_padding: float = 0.0
+    # Throughput only (left out of the config hash; verdicts agree up to float rounding of batched passes):
+    # clips whose crops share one CLIP call, clips decoded ahead of the model (None: one batch; 0: inline),
+    # and crops per CLIP forward pass.
+    batch_size: int = 8
+    prefetch_depth: int | None = None
+    clip_batch_size: int = 256
+
+    RUN_ONLY_FIELDS = frozenset({"batch_size", "prefetch_depth", "clip_batch_size"})
+
+    @field_validator("batch_size", "clip_batch_size")
+    @classmethod
+    def _batch(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("prefetch_depth")
+    @classmethod
+    def _depth(cls, v: int | None) -> int | None:
+        if v is not None and v < 0:
+            raise ValueError(f"prefetch_depth must be >= 0 (0: decode inline) or None (one batch), got {v}")
+        return v
 
     @field_validator("max_area_ratio")
     @classmethod
@@ -149,26 +171,24 @@ def crops_along_tracks(frames: Iterable[Any], wanted: dict[int, list[tuple[str, 
     return out
 
 
-def filter_clip(tracks: Sequence[Track], clip: Any, cfg: TrackFilterConfig,
-                frames: Callable[..., Iterable[Any]] = stream_frames) -> list[TrackVerdict]:
-    """Verdicts for the tracks of one clip; the clip is decoded once for all of their CLIP crops."""
-    from experts.video import VideoProbeError
-
+def clip_crops(tracks: Sequence[Track], cfg: TrackFilterConfig, frames: Callable[..., Iterable[Any]] = stream_frames
+               ) -> tuple[dict[str, list[dict]], list[tuple[str, dict, np.ndarray]]]:
+    """The sampled points of each track of one clip, and their crops: the clip is decoded once for all of them.
+    This is the CPU part; it runs on the prefetch thread."""
     samples = {t.instance_id: sample_points(t.points, cfg.clip_samples) for t in tracks}
     wanted: dict[int, list[tuple[str, dict]]] = collections.defaultdict(list)
     for iid, pts in samples.items():
         for p in pts:
             wanted[int(p["frame_index"])].append((iid, p))
     first = tracks[0]
-    try:
-        crops = crops_along_tracks(frames(first.video_path, first.start_s, first.end_s, first.track_fps) if wanted
-                                   else (), wanted, cfg.crop_padding)
-    except (VideoProbeError, OSError, ValueError) as exc:
-        return [error_verdict(t, f"clip {t.clip_id}: cannot decode frames for CLIP crops from {t.video_path}: "
-                                 f"{type(exc).__name__}: {exc}") for t in tracks]
-    label = {t.instance_id: t.label for t in tracks}
-    scores = clip.score_pairs([c for _, _, c in crops],
-                              [cfg.clip_template.format(label=label[iid]) for iid, _, _ in crops]) if crops else []
+    crops = crops_along_tracks(frames(first.video_path, first.start_s, first.end_s, first.track_fps) if wanted
+                               else (), wanted, cfg.crop_padding)
+    return samples, crops
+
+
+def verdicts_for_clip(tracks: Sequence[Track], samples: dict[str, list[dict]],
+                      crops: Sequence[tuple[str, dict, np.ndarray]], scores: Sequence[float],
+                      cfg: TrackFilterConfig) -> list[TrackVerdict]:
     by_track: dict[str, list[tuple[dict, float]]] = collections.defaultdict(list)
     for (iid, p, _), s in zip(crops, scores):
         by_track[iid].append((p, float(s)))
@@ -182,6 +202,54 @@ def filter_clip(tracks: Sequence[Track], clip: Any, cfg: TrackFilterConfig,
             continue
         out.append(judge(t, [p for p, _ in got], [s for _, s in got], cfg))
     return out
+
+
+def decode_error_verdicts(tracks: Sequence[Track], exc: BaseException) -> list[TrackVerdict]:
+    return [error_verdict(t, f"clip {t.clip_id}: cannot decode frames for CLIP crops from {t.video_path}: "
+                             f"{type(exc).__name__}: {exc}") for t in tracks]
+
+
+def filter_clips(groups: Sequence[Sequence[Track]], clip: Any, cfg: TrackFilterConfig,
+                 frames: Callable[..., Iterable[Any]] = stream_frames,
+                 progress=lambda done, total: None) -> list[TrackVerdict]:
+    """Verdicts for the tracks of several clips (one group of tracks per clip), in the order of ``groups``.
+
+    Each clip's crops are cut on a prefetch thread (``prefetch_depth`` clips ahead) while CLIP scores the
+    current batch; the crops of ``batch_size`` clips go to CLIP in one ``score_pairs`` call. A clip that cannot
+    be decoded gives error verdicts for its own tracks; the rest of its batch goes on.
+    """
+    from experts.video import VideoProbeError
+    from stages.shared.prefetch import batches, prefetched
+
+    decode_errors = (VideoProbeError, OSError, ValueError)
+    depth = cfg.batch_size if cfg.prefetch_depth is None else cfg.prefetch_depth
+    rows: list[TrackVerdict] = []
+    done = 0
+    for chunk in batches(prefetched(groups, lambda tracks: clip_crops(tracks, cfg, frames), depth), cfg.batch_size):
+        ready = []
+        images: list[np.ndarray] = []
+        texts: list[str] = []
+        per_clip: dict[int, list[TrackVerdict]] = {}
+        for n, (tracks, got) in enumerate(chunk):
+            if isinstance(got, decode_errors):
+                per_clip[n] = decode_error_verdicts(tracks, got)
+                continue
+            if isinstance(got, Exception):
+                raise got  # not a decode problem of this clip: the shard fails and is retried, as before
+            samples, crops = got
+            label = {t.instance_id: t.label for t in tracks}
+            ready.append((n, tracks, samples, crops, len(images)))
+            images += [c for _, _, c in crops]
+            texts += [cfg.clip_template.format(label=label[iid]) for iid, _, _ in crops]
+        scores = clip.score_pairs(images, texts, batch_size=cfg.clip_batch_size) if images else []
+        if len(scores) != len(images):
+            raise RuntimeError(f"CLIP returned {len(scores)} scores for {len(images)} crops")
+        for n, tracks, samples, crops, offset in ready:
+            per_clip[n] = verdicts_for_clip(tracks, samples, crops, scores[offset:offset + len(crops)], cfg)
+        rows += [v for n in range(len(chunk)) for v in per_clip[n]]
+        done += len(chunk)
+        progress(done, len(groups))
+    return rows
 
 
 # -- the stage -----------------------------------------------------------------------------------------------
@@ -200,11 +268,8 @@ def process(ctx: ShardContext) -> list[TrackVerdict]:
     if not groups:
         return []
     clip = ctx.expert(CLIP_EXPERT, lambda: load_clip_scorer(cfg))
-    rows: list[TrackVerdict] = []
-    for n, (_, tracks) in enumerate(sorted(groups.items())):
-        rows.extend(filter_clip(sorted(tracks, key=lambda t: t.instance_id), clip, cfg))
-        ctx.progress(n + 1, len(groups))
-    return rows
+    ordered = [sorted(tracks, key=lambda t: t.instance_id) for _, tracks in sorted(groups.items())]
+    return filter_clips(ordered, clip, cfg, progress=ctx.progress)
 
 
 def _expert(cfg: TrackFilterConfig) -> tuple[str, str | None]:

@@ -46,6 +46,11 @@ class FfilterConfig(StageConfig):
     judges: tuple[Judge, ...] = PAPER_JUDGES
     frame_short_side_px: int | None = Field(448, ge=32)
     on_judge_error: Literal["error", "keep"] = "error"
+    # Throughput only (left out of the config hash): clips whose first frames are decoded ahead of the judges
+    # on a prefetch thread (None: one model batch; 0: decode inline).
+    prefetch_depth: int | None = Field(None, ge=0)
+
+    RUN_ONLY_FIELDS = frozenset({"prefetch_depth"})
 
     @model_validator(mode="after")
     def _check(self) -> "FfilterConfig":
@@ -141,39 +146,60 @@ def load_first_frame(q: Question, short_side: int | None) -> np.ndarray:
 
 
 def filter_questions(questions: list[Question], judges: dict[str, Any], cfg: FfilterConfig, frame_of) -> list[FilterVerdict]:
-    """All verdict and decision rows. ``judges`` maps judge name -> loaded Vlm; ``frame_of(question)`` gives the
-    clip's first frame (called once per clip)."""
+    """All verdict and decision rows, in the order of ``questions``. ``judges`` maps judge name -> loaded Vlm;
+    ``frame_of(question)`` gives the clip's first frame (called once per clip, on a prefetch thread).
+
+    Clips go to the judges a model batch at a time (the largest judge batch, in questions): every judge answers
+    the batch's questions in one ``generate`` call while the next clips' first frames are decoded, so memory
+    holds one batch of frames, not the shard's. An unreadable clip fails its own questions only."""
+    from stages.shared.prefetch import model_batch_size, prefetched
+
+    by_clip: dict[str, list[Question]] = {}
+    for q in questions:
+        by_clip.setdefault(q.clip_id, []).append(q)
+    size = max(model_batch_size(j.vlm) for j in cfg.judges)
+    depth = size if cfg.prefetch_depth is None else cfg.prefetch_depth
+    rows_of: dict[str, list[FilterVerdict]] = {}
+    pending: list[tuple[list[Question], np.ndarray]] = []
+
+    def flush() -> None:
+        _judge_batch(pending, judges, cfg, rows_of)
+        pending.clear()
+
+    for qs, frame in prefetched(list(by_clip.values()), lambda qs: frame_of(qs[0]), depth=depth):
+        if isinstance(frame, Exception):
+            for q in qs:
+                rows_of[q.question_id] = [FilterVerdict(
+                    question_id=q.question_id, clip_id=q.clip_id, row_kind=ROW_DECISION, judge=ALL_JUDGES,
+                    n_judges=len(cfg.judges), status=STATUS_ERROR,
+                    error=f"cannot read the first frame of clip {q.clip_id} ({q.clip_path or q.video_path} at "
+                          f"{q.start_s:.2f} s): {type(frame).__name__}: {frame}")]
+            continue
+        pending.append((qs, frame))
+        if sum(len(x) for x, _ in pending) >= size:
+            flush()
+    if pending:
+        flush()
+    return [row for q in questions for row in rows_of.pop(q.question_id, [])]
+
+
+def _judge_batch(pending: list[tuple[list[Question], np.ndarray]], judges: dict[str, Any], cfg: FfilterConfig,
+                 rows_of: dict[str, list[FilterVerdict]]) -> None:
+    """Every judge on the questions of ``pending`` (clips with their first frames): verdicts, then decisions."""
     from experts.vlm import VlmRequest
 
-    frames: dict[str, np.ndarray | Exception] = {}
-    for q in questions:
-        if q.clip_id not in frames:
-            try:
-                frames[q.clip_id] = frame_of(q)
-            except Exception as exc:  # noqa: BLE001 -- an unreadable clip fails its own questions only
-                frames[q.clip_id] = exc
-    answerable = [q for q in questions if not isinstance(frames[q.clip_id], Exception)]
-    verdicts: dict[str, list[FilterVerdict]] = {q.question_id: [] for q in questions}
+    answerable = [(q, frame) for qs, frame in pending for q in qs]
+    verdicts: dict[str, list[FilterVerdict]] = {q.question_id: [] for q, _ in answerable}
     for judge in cfg.judges:
         schema = ANSWER_SCHEMA if judge.vlm.enforces_json_schema else None
-        reqs = [VlmRequest(text=judge_prompt(q), images=(frames[q.clip_id],), max_new_tokens=judge.vlm.max_new_tokens,
-                           temperature=0.0, json_schema=schema) for q in answerable]
+        reqs = [VlmRequest(text=judge_prompt(q), images=(frame,), max_new_tokens=judge.vlm.max_new_tokens,
+                           temperature=0.0, json_schema=schema) for q, frame in answerable]
         responses = judges[judge.name].generate(reqs) if reqs else []
-        for q, r in zip(answerable, responses):
+        for (q, _), r in zip(answerable, responses):
             verdicts[q.question_id].append(verdict_row(q, judge, r.text, r.error))
-    rows: list[FilterVerdict] = []
-    for q in questions:
-        frame = frames[q.clip_id]
-        if isinstance(frame, Exception):
-            rows.append(FilterVerdict(question_id=q.question_id, clip_id=q.clip_id, row_kind=ROW_DECISION,
-                                      judge=ALL_JUDGES, n_judges=len(cfg.judges), status=STATUS_ERROR,
-                                      error=f"cannot read the first frame of clip {q.clip_id} "
-                                            f"({q.clip_path or q.video_path} at {q.start_s:.2f} s): "
-                                            f"{type(frame).__name__}: {frame}"))
-            continue
-        rows += verdicts[q.question_id]
-        rows.append(decide(q, verdicts[q.question_id], len(cfg.judges), cfg.on_judge_error))
-    return rows
+    for q, _ in answerable:
+        rows_of[q.question_id] = verdicts[q.question_id] + [
+            decide(q, verdicts[q.question_id], len(cfg.judges), cfg.on_judge_error)]
 
 
 def process(ctx: ShardContext) -> list[FilterVerdict]:

@@ -11,6 +11,7 @@ from schemas.instances import SCHEMA, Instance
 from schemas.tags import ClipTags
 from stages.base import install_expert_override
 from stages.imove_it.detect import (CLIP_EXPERT, DETECTOR_EXPERT, PROFILES, STAGE, Candidate, DetectConfig, box_iou,
+                                    rounded_box,
                                     candidates_from_detections, crop_box,
                            instance_id, nms_across_tags)
 from stages.runner import run_shard
@@ -195,3 +196,83 @@ def test_box_filters_at_their_edges():
     # and a 1-pixel-wide box still crops to exactly one column of pixels where it is allowed
     img = np.zeros((100, 100, 3), np.uint8)
     assert crop_box(img, got["c"].box).shape == (40, 1, 3)
+
+
+def _match_rows(a: list[Instance], b: list[Instance]) -> list[tuple[Instance, Instance]]:
+    """Pair each row of ``a`` with the row of ``b`` of the same clip and label whose box is nearest (ids hash
+    boxes rounded to whole pixels, so they are compared separately, where rounding cannot differ)."""
+    pairs, left = [], list(b)
+    for r in a:
+        same = [x for x in left if x.clip_id == r.clip_id and x.label == r.label and x.status == r.status]
+        assert same, f"no counterpart for {r.clip_id} {r.label} {r.status}"
+        if r.box_xyxy_px is None:
+            best = same[0]
+        else:
+            best = min(same, key=lambda x: float(np.abs(np.subtract(x.box_xyxy_px, r.box_xyxy_px)).max()))
+        left.remove(best)
+        pairs.append((r, best))
+    assert not left
+    return pairs
+
+
+def _crop_edges(box):
+    """The pixel rows / columns crop_box cuts for ``box`` (no padding): floor of the start, ceil of the end."""
+    import math
+
+    return math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3])
+
+
+def test_batched_detect_matches_per_clip_and_isolates_an_unreadable_clip(tmp_path):
+    """Tiny Grounding DINO + tiny CLIP, through the production loaders: 3 clips and an unreadable one in the
+    middle of the first batch, detected one clip per call with inline decoding, then 3 clips per Grounding DINO call, all their
+    crops in one CLIP call, frames prefetched 2 clips ahead. The rows must agree: same clips, labels and
+    statuses; boxes within 1e-3 px, detection scores within 1e-4, CLIP scores within 1e-5 where the same pixels
+    were cropped. Why a tolerance at all: a batched forward pass may
+    use other matmul kernels / summation orders than a single-image one (float32, ~1e-6 relative); the prompts
+    of different clips are padded to the longest, and padded text positions are masked, so they add nothing."""
+    o = oracle()
+    clips = all_clips(o)[:3]
+    root = _tagged_root(tmp_path, o, clips)
+    tags = from_table(root.read_shard("tag", 0), ClipTags)
+    assert len(tags) == 3 and all(t.tags for t in tags)
+    bad = dataclasses.replace(tags[1], clip_id="unreadable", video_path=str(tmp_path / "gone.mp4"))
+    shard = tags[:1] + [bad] + tags[1:]  # batches of 3: [clip, unreadable, clip], [clip]
+
+    def run(where, **kw):
+        r = OutputRoot(str(tmp_path / where))
+        write_stage(r, "tag", 0, shard)
+        out = run_shard(STAGE, r, DetectConfig.model_validate({**PROFILES["tiny"], **kw}), 0)
+        return out, from_table(r.read_shard("detect", 0), Instance)
+
+    out1, single = run("single", batch_size=1, prefetch_depth=0)
+    out3, batched = run("batched", batch_size=3, prefetch_depth=2, clip_batch_size=64)
+    for out in (out1, out3):
+        assert out.error == 1 and out.ok > 0  # the unreadable clip is one error row; the others succeed
+    errors = [r for r in batched if r.status == "error"]
+    assert [r.clip_id for r in errors] == ["unreadable"] and "gone.mp4" in errors[0].error
+    assert [r.clip_id for r in single if r.status == "error"] == ["unreadable"]
+    # rows come in the order of the clips, whatever the batching
+    order = [t.clip_id for t in shard]
+    assert sorted(order.index(r.clip_id) for r in batched) == [order.index(r.clip_id) for r in batched]
+    for a, b in _match_rows(single, batched):
+        if a.box_xyxy_px is None:
+            assert a.instance_id == b.instance_id
+            continue
+        np.testing.assert_allclose(b.box_xyxy_px, a.box_xyxy_px, atol=1e-3)
+        assert b.detection_score == pytest.approx(a.detection_score, abs=1e-4)
+        assert (a.clip_score is None) == (b.clip_score is None)
+        if a.clip_score is not None and _crop_edges(a.box_xyxy_px) == _crop_edges(b.box_xyxy_px):
+            # same pixels cropped: only CLIP's own batching noise (measured ~2e-7 on unit vectors) is left. A box
+            # edge within float noise of a whole pixel may crop one more row in one run; then the scores differ
+            # legitimately and are not compared.
+            assert b.clip_score == pytest.approx(a.clip_score, abs=1e-5)
+        if rounded_box(a.box_xyxy_px) == rounded_box(b.box_xyxy_px):
+            assert a.instance_id == b.instance_id
+
+
+def test_prefetch_and_clip_batch_are_not_in_the_config_hash():
+    base = DetectConfig()
+    assert DetectConfig(prefetch_depth=0, clip_batch_size=7).config_hash() == base.config_hash()
+    assert DetectConfig(batch_size=3).config_hash() != base.config_hash()  # as before: batch_size is hashed
+    with pytest.raises(ValueError):
+        DetectConfig(prefetch_depth=-1)

@@ -184,3 +184,54 @@ def test_export_jsonl_and_datasets_loading(tmp_path, synthetic):
     ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "r" / "tasks" / "*.parquet"), split="train",
                                cache_dir=str(tmp_path / "hf"))
     assert len(ds) == n and set(ds.features) >= {"conversations", "task", "box1_tokens"}
+
+
+class _BatchRecorder(CaptionDouble):
+    """CaptionDouble that also records how many requests each ``generate`` call carried."""
+
+    def __init__(self, truth: dict):
+        super().__init__(truth)
+        self.sizes = []
+
+    def generate(self, requests):
+        self.sizes.append(len(requests))
+        return super().generate(requests)
+
+
+def test_caption_batches_and_prefetch_keep_the_rows_and_isolate_an_unreadable_video(tmp_path, synthetic):
+    """Caption one instance per VLM call with inline decoding, then 3 per call with frames decoded ahead on the
+    prefetch thread; one instance's video is gone (in the middle of the first batch). The double answers from
+    each request alone, so the rows must be equal exactly; the error stays that instance's row."""
+    import dataclasses
+
+    video, truth = synthetic
+    tracks = _tracks_from_truth(video, truth)
+    assert len(tracks) >= 3
+    gone = dataclasses.replace(tracks[0], instance_id="inst-gone", video_path=str(tmp_path / "gone.mp4"))
+    shard = tracks[:1] + [gone] + tracks[1:]
+    verdicts = [TrackVerdict(instance_id=t.instance_id, clip_id=t.clip_id, video_id=t.video_id, label=t.label,
+                             kept=True, clip_scores=[], clip_sample_t_s=[]) for t in shard]
+
+    def run(where, batch_size, depth):
+        root = OutputRoot(tmp_path / where)
+        write_stage(root, "track", 0, shard)
+        write_stage(root, "trackfilter", 0, verdicts)
+        double = _BatchRecorder(truth)
+        install_expert_override("caption.vlm", double)
+        cfg = caption.CaptionConfig(num_frames=4, prefetch_depth=depth,
+                                    vlm={"model_id": "double", "backend": "transformers", "batch_size": batch_size})
+        out = run_shard(caption.STAGE, root, cfg, 0)
+        return out, root.read_shard("caption", 0).to_pylist(), double
+
+    out1, one, d1 = run("one", 1, 0)
+    out3, three, d3 = run("three", 3, 2)
+    assert max(d1.sizes) == 1 and 1 < max(d3.sizes) <= 3 and len(d3.sizes) < len(d1.sizes)
+    for out in (out1, out3):
+        assert out.error == 1 and out.ok >= 2
+    drop = ("created_at", "config_hash")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in three] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in one]
+    err = [r for r in three if r["status"] == "error"]
+    assert [r["instance_id"] for r in err] == ["inst-gone"] and "gone.mp4" in err[0]["error"]
+    assert [r["instance_id"] for r in three] == [t.instance_id for t in shard]
+    assert caption.CaptionConfig(prefetch_depth=0).config_hash() == caption.CaptionConfig().config_hash()

@@ -143,3 +143,33 @@ def test_tag_stage_runs_on_a_reference_layout_checkpoint(tmp_path):
         # every tag passes a 0.0 threshold, so the 3 best unblocked ones are kept
         assert len(r.tags) == 3 and {t["tag"] for t in r.tags} <= set(TINY_TAGS)
         assert r.expert == f"ram_plus:{ckpt}"
+
+
+def test_batched_tiny_ram_plus_matches_per_clip_and_isolates_an_unreadable_clip(tmp_path):
+    """Tiny RAM++ through the production loader: 3 clips and an unreadable one in the middle of the first batch,
+    tagged one clip per call with inline decoding, then 3 per call decoded 2 clips ahead. Same tags (order
+    included) and scores within 1e-4: a batched forward pass may use other matmul kernels / summation orders
+    than a single-image one (float32); RAM++ has no cross-image interaction, so nothing else can differ."""
+    o = oracle()
+    clips = all_clips(o)[:3]
+    bad = dataclasses.replace(clips[0], clip_id="unreadable", video_path=str(tmp_path / "gone.mp4"))
+    shard = clips[:1] + [bad] + clips[1:]
+
+    def run(where, **kw):
+        root = _root(tmp_path / where, shard)
+        out = run_shard(STAGE, root, TagConfig.model_validate({**PROFILES["tiny"], **kw}), 0)
+        return out, from_table(root.read_shard("tag", 0), ClipTags)
+
+    out1, single = run("single", batch_size=1, prefetch_depth=0)
+    out3, batched = run("batched", batch_size=3, prefetch_depth=2)
+    for out in (out1, out3):
+        assert (out.ok, out.error) == (3, 1)
+    assert [r.clip_id for r in batched] == [c.clip_id for c in shard] == [r.clip_id for r in single]
+    for a, b in zip(single, batched):
+        assert (a.status, a.width, a.height, a.frame_t_s) == (b.status, b.width, b.height, b.frame_t_s)
+        for key in ("tags", "dropped_tags"):
+            assert [t["tag"] for t in getattr(a, key)] == [t["tag"] for t in getattr(b, key)]
+            assert [t["score"] for t in getattr(b, key)] == pytest.approx([t["score"] for t in getattr(a, key)],
+                                                                            abs=1e-4)
+    assert "gone.mp4" in batched[1].error
+    assert TagConfig(prefetch_depth=0).config_hash() == TagConfig().config_hash()

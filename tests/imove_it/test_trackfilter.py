@@ -179,3 +179,71 @@ def test_unreadable_video_and_never_visible_tracks(tmp_path):
     assert rows["gone"].status == "error" and "gone.mp4" in rows["gone"].error and not rows["gone"].kept
     assert rows["never"].status == "skipped"
     assert rows["never"].reason == "the object is never visible in the tracked frames"
+
+
+class _CountingClip:
+    """The real tiny CLIP, counting how many crops each ``score_pairs`` call gets (a test-side wrapper)."""
+
+    def __init__(self, clip):
+        self.clip, self.calls = clip, []
+
+    def score_pairs(self, images, texts, batch_size=64):
+        self.calls.append((len(images), batch_size))
+        return self.clip.score_pairs(images, texts, batch_size=batch_size)
+
+
+def test_batched_clip_filter_matches_per_clip_and_isolates_an_unreadable_clip(tmp_path):
+    """Tiny CLIP through the production loader. The tracks of 3 clips plus one clip whose video is gone (in the
+    middle of the first batch) are filtered one clip per CLIP call with inline decoding, then 3 clips' crops per
+    call (one forward pass: clip_batch_size 256 > crops), decoded 2 clips ahead. Verdicts must agree, CLIP scores
+    within 1e-5: a batched forward pass may take other matmul kernels / summation orders than a smaller one
+    (float32 embeddings, unit norm, so the cosine moves by ~1e-7 per op); nothing else differs."""
+    import dataclasses
+
+    from stages.imove_it.trackfilter import load_clip_scorer
+    from storage.root import OutputRoot
+    from tests._stage_tables import write_stage
+
+    o = oracle()
+    root = detected_root(tmp_path, o, all_clips(o)[:3])
+    install_expert_override(TRACKER_EXPERT, o.tracker())
+    run_shard(TRACK_STAGE, root, TrackConfig(fps=5.0), 0)
+    tracks = from_table(root.read_shard("track", 0), Track)
+    clip_ids = sorted({t.clip_id for t in tracks})
+    assert len(clip_ids) == 3
+    first = [t for t in tracks if t.clip_id == clip_ids[0]]
+    gone = [dataclasses.replace(t, clip_id=clip_ids[0] + "~gone", instance_id=t.instance_id + "-gone",
+                                video_path=str(tmp_path / "gone.mp4")) for t in first]  # sorts second
+    cfg = TrackFilterConfig.model_validate(PROFILES["tiny"])
+    scorer = load_clip_scorer(cfg)
+
+    def run(where, **kw):
+        r = OutputRoot(str(tmp_path / where))
+        write_stage(r, "track", 0, tracks + gone)
+        counting = _CountingClip(scorer)
+        install_expert_override(CLIP_EXPERT, counting)
+        out = run_shard(STAGE, r, cfg.model_copy(update=kw), 0)
+        return out, {v.instance_id: v for v in from_table(r.read_shard("trackfilter", 0), TrackVerdict)}, counting
+
+    out1, single, c1 = run("single", batch_size=1, prefetch_depth=0)
+    out3, batched, c3 = run("batched", batch_size=3, prefetch_depth=2)
+    n_crops = sum(len(v.clip_scores) for v in batched.values())
+    assert len(c1.calls) == 3 and len(c3.calls) == 2  # clips 1, 3, 4 alone; then (1, gone, 3) and (4)
+    assert sum(n for n, _ in c3.calls) == n_crops and c3.calls[0][0] > max(n for n, _ in c1.calls)
+    for out in (out1, out3):
+        assert out.error == len(gone) and out.ok == len(tracks)
+    assert set(single) == set(batched) == {t.instance_id for t in tracks + gone}
+    for iid, a in single.items():
+        b = batched[iid]
+        assert (a.status, a.kept, a.clip_sample_t_s) == (b.status, b.kept, b.clip_sample_t_s)
+        if iid.endswith("-gone"):
+            assert b.status == "error" and "gone.mp4" in b.error
+            continue
+        np.testing.assert_allclose(b.clip_scores, a.clip_scores, atol=1e-5)
+        assert b.mean_clip_score == pytest.approx(a.mean_clip_score, abs=1e-5)
+
+
+def test_throughput_fields_are_not_in_the_config_hash():
+    base = TrackFilterConfig()
+    assert TrackFilterConfig(batch_size=1, prefetch_depth=0, clip_batch_size=3).config_hash() == base.config_hash()
+    assert TrackFilterConfig(clip_samples=2).config_hash() != base.config_hash()

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from stages.shared.prefetch import batches, model_batch_size, prefetched
+from stages.shared.prefetch import batches, model_batch_size, prefetched, prefetched_streams
 
 
 def test_order_and_failures_as_values():
@@ -75,3 +75,89 @@ def test_batches_and_sizes():
 
     assert model_batch_size(VlmSpec(model_id="x", batch_size=5)) == 5
     assert model_batch_size(VlmSpec(model_id="x", backend="openai", max_concurrency=3)) == 12
+
+
+def test_depth_zero_loads_inline_with_the_same_contract():
+    on_thread = []
+
+    def load(i):
+        on_thread.append(threading.current_thread() is threading.main_thread())
+        if i == 1:
+            raise OSError("unreadable")
+        return i
+
+    out = list(prefetched(range(3), load, depth=0))
+    assert [i for i, _ in out] == [0, 1, 2] and isinstance(out[1][1], OSError) and out[2][1] == 2
+    assert all(on_thread)  # inline: nothing runs on another thread
+    with pytest.raises(ValueError):
+        list(prefetched(range(3), load, depth=-1))
+
+
+def _frames(i):
+    """Clip ``i``'s frames; clip 2 cannot be opened, clip 3 breaks after two frames."""
+    if i == 2:
+        raise ValueError("cannot open clip 2")
+    for k in range(5):
+        if i == 3 and k == 2:
+            raise OSError("truncated clip 3")
+        yield (i, k)
+
+
+def _consume(stream_of_streams, stop_early_at=4):
+    out = []
+    for item, frames in stream_of_streams:
+        got = []
+        try:
+            for x in frames:
+                got.append(x)
+                if item == stop_early_at and len(got) == 1:
+                    break  # the consumer gives up on this clip (e.g. the tracker failed)
+            out.append((item, got))
+        except Exception as exc:  # noqa: BLE001
+            out.append((item, f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetched_streams_order_errors_limit_and_early_stop(depth):
+    out = _consume(prefetched_streams(range(6), _frames, depth=depth, limit=4))
+    full = [(i, k) for i in range(6) for k in range(4)]
+    assert out == [
+        (0, [x for x in full if x[0] == 0]), (1, [x for x in full if x[0] == 1]),
+        (2, "ValueError: cannot open clip 2"), (3, "OSError: truncated clip 3"),
+        (4, [(4, 0)]), (5, [x for x in full if x[0] == 5]),
+    ]
+
+
+def test_prefetched_streams_decode_into_the_next_clip_while_the_consumer_works():
+    decoded = []
+    next_clip_started = threading.Event()
+
+    def frames(i):
+        for k in range(3):
+            decoded.append((i, k))
+            if i == 1:
+                next_clip_started.set()
+            yield (i, k)
+
+    seen = []
+    for item, stream in prefetched_streams(range(3), frames, depth=8):
+        for x in stream:
+            if x == (0, 2):
+                # the model still holds clip 0's last frame; clip 1 is being decoded meanwhile
+                assert next_clip_started.wait(timeout=30)
+            seen.append(x)
+    assert seen == [(i, k) for i in range(3) for k in range(3)]
+
+
+def test_prefetched_streams_cancel_the_rest_of_an_abandoned_clip():
+    decoded = []
+
+    def frames(i):
+        for k in range(10_000 if i == 0 else 2):
+            decoded.append((i, k))
+            yield (i, k)
+
+    out = [(item, next(stream)) for item, stream in prefetched_streams(range(2), frames, depth=2)]
+    assert out == [(0, (0, 0)), (1, (1, 0))]
+    assert sum(1 for i, _ in decoded if i == 0) < 100  # not decoded to the end after the consumer moved on
