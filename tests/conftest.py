@@ -16,6 +16,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("MOTIONFORGE_TINY_CACHE", str(_SESSION_TMP / "tiny"))
 os.environ.setdefault("MOTIONFORGE_INPUT_CACHE", str(_SESSION_TMP / "inputs"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One test process per CPU (pyproject's addopts): a second intra-op thread in each would only make them
+    # fight over the same cores. Set before anything imports torch; subprocesses of tests inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
