@@ -8,7 +8,7 @@ import torch
 from experts.model_parts import (ModelPartsConfig, TemporalFusionConfig, TemporalFusionTower, apply_model_parts,
                                  compress_video_placeholders)
 
-METHODS = ["none", "pre_encoder", "post_pool", "post_mlp", "te_fusion"]
+METHODS = ["none", "pre_encoder", "qformer", "post_pool", "kangaroo", "post_mlp", "te_fusion"]
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,13 @@ def test_full_vlm_forward_and_gradients_reach_every_trainable_part(tiny_path, me
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     expected_new = {"none": set(), "post_pool": set(), "pre_encoder": {"fused_patch_embed.weight"},
                     "post_mlp": {"temporal_proj.weight", "temporal_proj.bias"},
-                    "te_fusion": {"temporal_proj.weight", "temporal_proj.bias", "slot_embed"}}[method]
-    assert set(parts.new_parameters) == expected_new
+                    "kangaroo": {"temporal_proj.weight", "temporal_proj.bias"},
+                    "te_fusion": {"temporal_proj.weight", "temporal_proj.bias", "slot_embed"}}.get(method)
+    if method == "qformer":
+        assert {"qformer.query", "qformer.key_pos", "qformer.slot_pos", "qformer.norm.weight"} <= set(parts.new_parameters)
+        assert all(n.startswith("qformer.") for n in parts.new_parameters)
+    else:
+        assert set(parts.new_parameters) == expected_new
     # generation reads the compressed grid for its M-RoPE positions, so it runs on the rewritten batch as is
     model.eval()
     with torch.no_grad():
@@ -176,3 +181,41 @@ def test_other_towers_and_bad_rates_are_refused(tmp_path):
     model, proc = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
     with pytest.raises(TypeError, match="Qwen2-VL vision tower"):
         apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="te_fusion", rate=2)))
+
+
+def test_untrained_kangaroo_is_the_merger_of_the_mean_encoder_state(tiny_path):
+    """Kangaroo (appendix 8 item 3, pseudo-code's temporal MLP before the spatial downsample): the k slots'
+    per-patch encoder states are fused before the merger. At its documented start (the mean of the k slots) it
+    equals the plain tower's merger applied to the mean of its per-slot encoder states, computed here from the
+    plain tower alone; and that is not PLLaVA's mean after the merger (the merger is not linear)."""
+    model, proc = _load(tiny_path)
+    pixels, grid = _video_pixels(proc, 16)  # 8 slots of 4x4 patches
+    plain = model.model.visual
+    with torch.no_grad():
+        out = plain(pixels, grid_thw=grid)
+        states = out.last_hidden_state.reshape(2, 4, 16, -1).mean(1).reshape(32, -1)  # rate 4: slots 0-3, 4-7
+        expect = plain.merger(states)
+        pooled_after = out.pooler_output.reshape(2, 4, 4, -1).mean(1).reshape(8, -1)
+    apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="kangaroo", rate=4)))
+    with torch.no_grad():
+        got = model.model.visual(pixels, grid_thw=torch.tensor([[2, 4, 4]]))
+    # a matmul by I/k against a mean: float32 reordering, a few ulps before the merger's LayerNorm
+    torch.testing.assert_close(got.pooler_output, expect, rtol=1e-4, atol=1e-5)
+    assert got.last_hidden_state.shape == (32, states.shape[-1])
+    assert (got.pooler_output - pooled_after).abs().max() > 1e-3
+
+
+def test_qformer_reads_its_own_group_only(tiny_path):
+    """Each group of k slots is one Q-Former sequence: changing slot 1 (group 0 at k = 2) moves group 0's
+    tokens and leaves group 1's exactly as they were."""
+    model, proc = _load(tiny_path)
+    apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="qformer", rate=2)))
+    pixels, _ = _video_pixels(proc, 8)  # 4 slots = 2 groups
+    changed = pixels.clone()
+    changed[16:32] += 1.0
+    with torch.no_grad():
+        a = model.model.visual(pixels, grid_thw=torch.tensor([[2, 4, 4]])).pooler_output
+        b = model.model.visual(changed, grid_thw=torch.tensor([[2, 4, 4]])).pooler_output
+    assert a.shape[0] == 8  # 2 groups x one slot's 2 x 2 merged tokens
+    assert (a[:4] - b[:4]).abs().max() > 1e-4
+    torch.testing.assert_close(a[4:], b[4:])
