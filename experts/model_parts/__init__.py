@@ -20,7 +20,7 @@ from experts.model_parts.event_compression import (EventAwareCompression, compre
                                                    segment_events)
 from experts.model_parts.position_tokens import (RelativeTokenCodec, add_position_tokens, from_model_text,
                                                  to_model_text, tokenizer_of)
-from experts.model_parts.temporal_fusion import TemporalFusionTower, compress_video_placeholders
+from experts.model_parts.temporal_fusion import TemporalFusionTower, compress_video_placeholders, shrink_video_runs
 
 __all__ = [
     "AppliedModelParts", "EventAwareCompression", "EventCompressionConfig", "ModelPartsConfig",
@@ -47,10 +47,44 @@ class AppliedModelParts:
     # parameters the parts added (fusion projections, inflated patch embedding, slot embeddings): train them
     # in full (peft: modules_to_save / an extra param group), whatever is done to the checkpoint's weights
     new_parameters: dict[str, nn.Parameter] = field(default_factory=dict)
+    # the vision tower's spatial merge and frames per time slot (Qwen2-VL: 2 and 2)
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+
+    def prepare_video(self, frames: Any) -> Any:
+        """Sampled frames (T, H, W, 3) -> the frames the processor gets: with event compression and
+        ``frame_per_slot``, each frame repeated to fill one tower time slot (so each frame is one event unit)."""
+        ev = self.config.event_compression
+        if self.event_compression is None or not ev.frame_per_slot or self.temporal_patch_size == 1:
+            return frames
+        import numpy as np
+
+        return np.repeat(np.asarray(frames), self.temporal_patch_size, axis=0)
+
+    def event_token_counts(self, video_grid_thw: Any) -> list[int]:
+        """Decoder tokens of each video (processor grid, one row per video) after event-aware compression."""
+        m = self.spatial_merge_size
+        return [self.event_compression.token_count(int(t), (int(h) // m, int(w) // m))
+                for t, h, w in video_grid_thw.tolist()]
 
     def prepare_batch(self, batch: dict, video_token_id: int) -> dict:
-        """Processor batch -> what the changed model expects (video placeholders shrunk by the fusion rate)."""
+        """Processor batch -> what the changed model expects: video placeholders shrunk by the fusion rate, or
+        to the event-compressed count (grid and pixels stay the processor's: the model compresses them)."""
         tf = self.config.temporal_fusion
+        if self.event_compression is not None and "video_grid_thw" in batch:
+            counts = self.event_token_counts(batch["video_grid_thw"])
+            m2 = self.spatial_merge_size ** 2
+            full = [int(t * h * w) // m2 for t, h, w in batch["video_grid_thw"].tolist()]
+
+            def shrink(video: int, run: int) -> int:
+                if run != full[video]:
+                    raise ValueError(f"video {video}: {run} placeholders for a grid of {full[video]} tokens "
+                                     "(was the batch already rewritten?)")
+                return counts[video]
+
+            tok = self.tokenizer
+            return shrink_video_runs(batch, shrink, video_token_id, tok.pad_token_id,
+                                     getattr(tok, "padding_side", "left"))
         if tf.rate == 1:
             return dict(batch)
         tok = self.tokenizer
@@ -111,8 +145,15 @@ def apply_model_parts(model: Any, processor_or_tokenizer: Any, cfg: ModelPartsCo
         applied.fusion_tower = wrapper
         applied.new_parameters = {n: p for n, p in wrapper.named_parameters() if not n.startswith("tower.")}
     if cfg.event_compression.enabled:
+        from experts.model_parts.event_vlm import enable_event_compression
+
         applied.event_compression = EventAwareCompression(cfg.event_compression.num_events,
                                                           cfg.event_compression.stride)
+        enable_event_compression(model, applied.event_compression)
+    vision_cfg = getattr(getattr(model, "config", None), "vision_config", None)
+    if vision_cfg is not None:
+        applied.spatial_merge_size = int(getattr(vision_cfg, "spatial_merge_size", 2))
+        applied.temporal_patch_size = int(getattr(vision_cfg, "temporal_patch_size", 2))
     return applied
 
 

@@ -17,6 +17,10 @@ class EventCompressionConfig(_Frozen):
     enabled: bool = False
     num_events: int = Field(24, ge=0)
     stride: int = Field(2, ge=1)
+    # iMOVE's unit is a frame; Qwen2-VL's tower packs temporal_patch_size (2) frames into one time slot. True:
+    # every sampled frame is repeated to fill its own slot (as Qwen2-VL does with an image), so N sampled frames
+    # are N slots and 96 frames at 224 px cost 2,688 tokens. False: the tower's slots (frame pairs) are the units.
+    frame_per_slot: bool = True
 
 
 class PositionTokensConfig(_Frozen):
