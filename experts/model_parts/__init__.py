@@ -131,15 +131,24 @@ def apply_model_parts(model: Any, processor_or_tokenizer: Any, cfg: ModelPartsCo
         applied.new_token_ids = add_position_tokens(model, processor_or_tokenizer, codec, cfg.position_tokens)
     tf = cfg.temporal_fusion
     if tf.rate > 1:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        from experts.model_parts.temporal_fusion import INSIDE_ENCODER
 
         owner = _vision_owner(model)
         tower = owner.visual
-        if not isinstance(tower, Qwen2VisionTransformerPretrainedModel):
+        qwen25 = isinstance(tower, Qwen2_5_VisionTransformerPretrainedModel)
+        if not (isinstance(tower, Qwen2VisionTransformerPretrainedModel) or qwen25):
+            raise TypeError(f"temporal fusion is implemented for the Qwen2-VL / Qwen2.5-VL vision towers; "
+                            f"{type(tower).__name__} differs")
+        if qwen25 and tf.method in INSIDE_ENCODER:
             raise TypeError(
-                f"temporal fusion is implemented for the Qwen2-VL vision tower; {type(tower).__name__} differs "
-                "(Qwen2.5-VL's windowed attention needs its own group layout)"
-            )
+                f"temporal fusion {tf.method!r} runs inside the encoder and is written for the Qwen2-VL vision tower; "
+                "Qwen2.5-VL's tower reorders patches into 112 px windows and attends within them in most blocks "
+                "(full attention in a few), so grouped slots, the inflated patch kernel and the pre-merger fusion "
+                "would need that window layout rebuilt per group. Its post-encoder methods (none, qformer, "
+                "post_pool, post_mlp) work")
         wrapper = TemporalFusionTower(tower, tf)
         owner.visual = wrapper
         applied.fusion_tower = wrapper

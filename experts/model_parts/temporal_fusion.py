@@ -19,6 +19,11 @@ from torch import nn
 
 from experts.model_parts.config import TemporalFusionConfig
 
+# methods that only touch the tower's merged output (the plain tower encodes every slot alone): they work on any
+# tower with Qwen2-VL's calling convention, Qwen2.5-VL's windowed one included
+AFTER_MERGER = ("qformer", "post_pool", "post_mlp")
+# methods that change the encoder's own layers or attention segments: written for the Qwen2-VL tower's blocks
+INSIDE_ENCODER = ("pre_encoder", "kangaroo", "te_fusion")
 _SEQ_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "labels": -100}
 
 
@@ -153,12 +158,21 @@ class TemporalFusionTower(nn.Module):
             embedded = torch.cat([self._fused_embed(c, int(g[0])) for c, g in zip(chunks, grid_thw)])
             hidden, merged = self._encode(embedded, grid_thw, self._slot_seqlens(grid_thw, 1))
             return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=merged)
+        m = self.spatial_merge_size
+        if self.method in AFTER_MERGER:
+            # every slot encoded alone by the plain tower (its own attention segments are one slot), then fused
+            out = self.tower(hidden_states, grid_thw=full, **kwargs)
+            out_tokens = torch.split(out.pooler_output, (full.prod(-1) // m**2).tolist())
+            fused = torch.cat([self._fuse(tok, int(g[0]), (int(g[1]) // m, int(g[2]) // m))
+                               for tok, g in zip(out_tokens, grid_thw)])
+            # last_hidden_state: the encoder's per-patch states before the merger, as the plain tower returns them
+            return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, pooler_output=fused)
         embedded = self.tower.patch_embed(hidden_states)
         if self.method == "te_fusion":
             embedded = embedded + self._slot_embedding(full)
             group = k
         else:
-            group = 1  # post-encoder fusion: every slot is encoded alone
+            group = 1
         if self.method == "kangaroo":
             hidden = self._encode(embedded, full, self._slot_seqlens(full, 1), merge=False)
             fused = torch.cat([self._fuse_states(c, int(g[0])) for c, g in
@@ -166,8 +180,7 @@ class TemporalFusionTower(nn.Module):
             # last_hidden_state: the temporally fused per-patch states, as many as the compressed grid names
             return BaseModelOutputWithPooling(last_hidden_state=fused, pooler_output=self.tower.merger(fused))
         hidden, merged = self._encode(embedded, full, self._slot_seqlens(full, group))
-        out_tokens = torch.split(merged, (full.prod(-1) // self.spatial_merge_size**2).tolist())
-        m = self.spatial_merge_size
+        out_tokens = torch.split(merged, (full.prod(-1) // m**2).tolist())
         fused = torch.cat([self._fuse(tok, int(g[0]), (int(g[1]) // m, int(g[2]) // m))
                            for tok, g in zip(out_tokens, grid_thw)])
         # last_hidden_state: the encoder's per-patch states before the merger, as the plain tower returns them
@@ -296,4 +309,6 @@ def compress_video_placeholders(batch: dict, rate: int, video_token_id: int, pad
     new_grid = grid.clone()
     new_grid[:, 0] //= rate
     out["video_grid_thw"] = new_grid
+    if "second_per_grid_ts" in batch:  # Qwen2.5-VL times slots in seconds: a fused slot spans k of them
+        out["second_per_grid_ts"] = batch["second_per_grid_ts"] * rate
     return out

@@ -179,8 +179,43 @@ def test_other_towers_and_bad_rates_are_refused(tmp_path):
         TemporalFusionConfig(method="te_fusion", rate=1)
     path = resolve_tiny("tiny://qwen2_5_vl")
     model, proc = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
-    with pytest.raises(TypeError, match="Qwen2-VL vision tower"):
-        apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="te_fusion", rate=2)))
+    for method in ("te_fusion", "pre_encoder", "kangaroo"):
+        with pytest.raises(TypeError, match="runs inside the encoder.*Qwen2.5-VL's tower reorders patches"):
+            apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method=method, rate=2)))
+
+
+@pytest.mark.parametrize("method", ["none", "qformer", "post_pool", "post_mlp"])
+def test_post_encoder_methods_run_on_qwen2_5_vl(method):
+    """The methods that only fuse the tower's merged output work on Qwen2.5-VL's windowed tower: k slots ->
+    one slot's tokens, a training step reaches the new parameters, and generate() runs on the rewritten batch
+    (whose second_per_grid_ts now spans the k fused slots)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from experts.base import resolve_tiny
+
+    path = resolve_tiny("tiny://qwen2_5_vl")
+    model, proc = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    parts = apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method=method, rate=2)))
+    frames = np.random.default_rng(2).integers(0, 255, (8, 56, 56, 3), dtype=np.uint8)
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Move?"}]}],
+                                    add_generation_prompt=True, tokenize=False)
+    enc = dict(proc(text=[text], videos=[frames], return_tensors="pt", do_sample_frames=False,
+                    video_metadata=[{"fps": 2.0, "total_num_frames": 8, "duration": 4.0}]))
+    vid = model.config.video_token_id
+    full_tokens = int((enc["input_ids"] == vid).sum())
+    batch = parts.prepare_batch(enc, vid)
+    assert int((batch["input_ids"] == vid).sum()) * 2 == full_tokens
+    assert batch["second_per_grid_ts"].tolist() == [2 * t for t in enc["second_per_grid_ts"].tolist()]
+    model.train()
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in parts.new_parameters.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        gen = model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id)
+    assert gen.shape[1] == batch["input_ids"].shape[1] + 2
 
 
 def test_untrained_kangaroo_is_the_merger_of_the_mean_encoder_state(tiny_path):
