@@ -181,3 +181,20 @@ def test_qwen2_5_vl_is_refused_for_event_compression():
     model, proc = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
     with pytest.raises(TypeError, match="Qwen2.5-VL times its M-RoPE"):
         apply_model_parts(model, proc, ModelPartsConfig(event_compression=EventCompressionConfig(enabled=True)))
+
+
+def test_a_cut_planted_in_a_video_is_an_event_start_inside_the_model(tiny):
+    """Six frames, a hard cut before frame 4 (two still scenes of random pixels): with K = 2 the model's own
+    forward keeps frames 0 and 4 at full resolution, whatever the tower's weights (identical slots give
+    identical features, so the only change is at the cut)."""
+    path, proc = tiny
+    model, parts = _event_model(path, proc, num_events=2)
+    rng = np.random.default_rng(3)
+    a, b = (rng.integers(0, 255, (1, 64, 64, 3), dtype=np.uint8) for _ in range(2))
+    video = parts.prepare_video(np.concatenate([a.repeat(4, 0), b.repeat(2, 0)]))
+    enc = proc.video_processor(videos=[video], return_tensors="pt", do_sample_frames=False)
+    with torch.no_grad():
+        model.model.get_video_features(enc["pixel_values_videos"], enc["video_grid_thw"])
+    _, [(frame_index, _)] = model.model._motionforge_event_layout
+    per_frame = torch.bincount(frame_index, minlength=6).tolist()
+    assert per_frame == [64, 16, 16, 16, 64, 16]
