@@ -141,7 +141,8 @@ class _EventCompressedVideos:
         position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
         deltas = []
         for b in range(input_ids.shape[0]):
-            valid = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=torch.bool)
+            valid = (attention_mask[b].bool() if attention_mask is not None
+                     else torch.ones_like(input_ids[b], dtype=torch.bool))
             types = mm_token_type_ids[b][valid].tolist()
             pieces, cur, i = [], 0, 0
             while i < len(types):
@@ -155,8 +156,9 @@ class _EventCompressedVideos:
                 else:
                     frame_index, grid_position = next(video_layouts)
                     if frame_index.shape[0] != j - i:
-                        raise ValueError(f"a video has {j - i} placeholder tokens but {frame_index.shape[0]} "
-                                         "event-compressed tokens; build the batch with AppliedModelParts.prepare_batch")
+                        raise ValueError(
+                            f"a video has {j - i} placeholder tokens but {frame_index.shape[0]} event-compressed "
+                            "tokens; build the batch with AppliedModelParts.prepare_batch")
                     pos = torch.stack([frame_index.cpu(), grid_position[:, 0].cpu(), grid_position[:, 1].cpu()]) + cur
                 pieces.append(pos.to(torch.long))
                 cur = int(pos.max()) + 1
