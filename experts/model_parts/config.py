@@ -56,9 +56,11 @@ class TemporalFusionConfig(_Frozen):
       slot encoded alone, the k slots' per-patch encoder states concatenated along the hidden size and
       projected back by a learned linear layer, *before* the tower's merger.
     * ``post_mlp``: not a paper row; like ``kangaroo`` but the k slots are concatenated *after* the merger.
-    * ``te_fusion``: Through-Encoder Fusion; k slots attend to each other in every encoder block (group
-      self-attention, with a learned per-slot temporal embedding so the group knows frame order), then the
-      same concatenate-and-project as ``post_mlp``.
+    * ``te_fusion``: Through-Encoder Fusion (appendix 8 item 1 and its pseudo-code); k slots attend to each
+      other in every encoder block (group self-attention, with a learned per-slot temporal embedding so the
+      group knows frame order), then the same fusion as ``kangaroo``: the k slots' per-patch encoder states
+      concatenated along the hidden size and projected back (``concat_neighbor_hidden``), *then* the tower's
+      merger (``downsample_with_proj``). It differs from ``kangaroo`` only in the joint encoding.
     """
 
     method: TemporalMethod = "none"

@@ -113,9 +113,9 @@ class TemporalFusionTower(nn.Module):
             with torch.no_grad():  # inflate the checkpoint's kernel over time: starts as the mean over the k slots
                 conv.weight.copy_(embed.proj.weight.repeat(1, 1, k, 1, 1) / k)
             self.fused_patch_embed = conv.to(embed.proj.weight.dtype)
-        if cfg.method in ("post_mlp", "te_fusion"):
+        if cfg.method == "post_mlp":  # over the merged tokens, after the merger
             self.temporal_proj = _averaging_projection(cfg.rate, out_dim).to(tower.dtype)
-        if cfg.method == "kangaroo":  # over the encoder's per-patch states, before the merger
+        if cfg.method in ("kangaroo", "te_fusion"):  # over the encoder's per-patch states, before the merger
             self.temporal_proj = _averaging_projection(cfg.rate, embed.embed_dim).to(tower.dtype)
         if cfg.method == "qformer":
             self.qformer = GroupQFormer(out_dim, cfg.rate, cfg.qformer_layers, cfg.qformer_query_grid).to(tower.dtype)
@@ -167,24 +167,18 @@ class TemporalFusionTower(nn.Module):
                                for tok, g in zip(out_tokens, grid_thw)])
             # last_hidden_state: the encoder's per-patch states before the merger, as the plain tower returns them
             return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, pooler_output=fused)
+        # kangaroo and te_fusion: encoder, then the k slots' per-patch states concatenated on the hidden axis and
+        # projected (Linear(k * C -> C)), then the tower's merger. They differ only in the attention segments:
+        # every slot alone (Kangaroo) or the group of k slots jointly, with a learned slot embedding (TE Fusion)
         embedded = self.tower.patch_embed(hidden_states)
         if self.method == "te_fusion":
             embedded = embedded + self._slot_embedding(full)
-            group = k
-        else:
-            group = 1
-        if self.method == "kangaroo":
-            hidden = self._encode(embedded, full, self._slot_seqlens(full, 1), merge=False)
-            fused = torch.cat([self._fuse_states(c, int(g[0])) for c, g in
-                               zip(torch.split(hidden, full.prod(-1).tolist()), grid_thw)])
-            # last_hidden_state: the temporally fused per-patch states, as many as the compressed grid names
-            return BaseModelOutputWithPooling(last_hidden_state=fused, pooler_output=self.tower.merger(fused))
-        hidden, merged = self._encode(embedded, full, self._slot_seqlens(full, group))
-        out_tokens = torch.split(merged, (full.prod(-1) // m**2).tolist())
-        fused = torch.cat([self._fuse(tok, int(g[0]), (int(g[1]) // m, int(g[2]) // m))
-                           for tok, g in zip(out_tokens, grid_thw)])
-        # last_hidden_state: the encoder's per-patch states before the merger, as the plain tower returns them
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=fused)
+        group = k if self.method == "te_fusion" else 1
+        hidden = self._encode(embedded, full, self._slot_seqlens(full, group), merge=False)
+        fused = torch.cat([self._fuse_states(c, int(g[0])) for c, g in
+                           zip(torch.split(hidden, full.prod(-1).tolist()), grid_thw)])
+        # last_hidden_state: the temporally fused per-patch states, as many as the compressed grid names
+        return BaseModelOutputWithPooling(last_hidden_state=fused, pooler_output=self.tower.merger(fused))
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _fused_embed(self, chunk: torch.Tensor, t_out: int) -> torch.Tensor:
@@ -226,13 +220,16 @@ class TemporalFusionTower(nn.Module):
         return (h, tower.merger(h)) if merge else h
 
     def _fuse_states(self, states: torch.Tensor, t_out: int) -> torch.Tensor:
-        """Kangaroo: (t * hw, C) per-patch states -> (t/k * hw, C), the k slots of a patch position
-        concatenated on the hidden axis and projected. Patches keep the processor's order inside a slot (2 x 2
-        merge blocks contiguous), so the merger still finds its blocks."""
+        """Kangaroo and TE Fusion: (t * hw, C) per-patch states -> (t/k * hw, C), the k slots of a patch
+        position concatenated on the hidden axis and projected, before the merger (MotionBench appendix 8: "the
+        tokens of K frames are concatenated along the hidden-size dimension, downsampled and projected"; the
+        pseudo-code's ``concat_neighbor_hidden`` then ``downsample_with_proj``). Patches keep the processor's
+        order inside a slot (2 x 2 merge blocks contiguous), so the merger still finds its blocks."""
         x = states.view(t_out, self.rate, -1, states.shape[-1]).permute(0, 2, 1, 3)  # (t/k, hw, k, C)
         return self.temporal_proj(x.reshape(-1, self.rate * states.shape[-1]))
 
     def _fuse(self, merged: torch.Tensor, t_out: int, grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """The after-merger methods (``post_pool``, ``qformer``, ``post_mlp``) over (t * n, D) merged tokens."""
         x = merged.view(t_out, self.rate, -1, merged.shape[-1])  # (t/k, k, n, D)
         if self.method == "post_pool":
             return x.mean(1).reshape(-1, merged.shape[-1])
