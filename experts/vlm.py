@@ -310,17 +310,18 @@ class _TransformersVlm:
         texts = [proc.apply_chat_template(it.messages, add_generation_prompt=True, tokenize=False) for it in items]
         images = [im for it in items for im in it.images]
         videos = [it.video for it in items if it.video is not None]
+        from experts.model_parts import attached_parts
+
+        parts = attached_parts(self.model)  # papers' model parts: same text forms and batch layout as in training
+        if parts is not None:
+            texts = [parts.to_model_text(t) for t in texts]
+            videos = [parts.prepare_video(v) for v in videos]
         kwargs: dict[str, Any] = {}
         if videos:
             kwargs["video_metadata"] = [
                 {"fps": self.spec.video_fps, "total_num_frames": len(v), "duration": len(v) / self.spec.video_fps}
                 for v in videos
             ]
-        from experts.model_parts import attached_parts
-
-        parts = attached_parts(self.model)  # papers' model parts: same text forms and batch layout as in training
-        if parts is not None:
-            texts = [parts.to_model_text(t) for t in texts]
         enc = proc(text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt", **kwargs)
         if parts is not None:
             enc = type(enc)(parts.prepare_batch(dict(enc), self.model.config.video_token_id))

@@ -41,7 +41,8 @@ def cell_train_config(cell: AblationCell, output_dir: str | Path):
     if not p.get("data"):
         raise ValueError("trainer_step needs -p data=<iMOVE-IT root or export JSONL>")
     parts = ModelPart(target="stages.training.parts:papers_model_parts",
-                      kwargs={"temporal_fusion": cell.fusion.model_dump(mode="json"),
+                      # fields left at their defaults (the QFormer's size) stay out of the run's config and fingerprint
+                      kwargs={"temporal_fusion": cell.fusion.model_dump(mode="json", exclude_defaults=True),
                               "position_tokens": {"mode": p["position_tokens"]}})
     r = int(p["lora_r"])
     return TrainConfig(

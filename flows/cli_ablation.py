@@ -15,7 +15,10 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON file of AblationConfig fields"),
         name: Optional[str] = typer.Option(None, "--name"),
         setting: Optional[str] = typer.Option(None, "--setting", help="fixed_decoder_length | fixed_input_frames"),
-        methods: Optional[str] = typer.Option(None, "--methods", help="comma list: none,pre_encoder,post_pool,post_mlp,te_fusion"),
+        methods: Optional[str] = typer.Option(
+            None, "--methods",
+            help="comma list of none,pre_encoder,qformer,post_pool,kangaroo,te_fusion (the paper's rows, the default), "
+                 "post_mlp"),
         rates: Optional[str] = typer.Option(None, "--rates", help="comma list of k, e.g. 2,4,6,8"),
         train_eval: Optional[str] = typer.Option(None, "--train-eval", help="module:function train-and-evaluate step"),
         step_param: list[str] = typer.Option([], "--step-param", "-p", help="KEY=JSON_VALUE for the step, repeatable"),

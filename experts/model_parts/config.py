@@ -17,6 +17,10 @@ class EventCompressionConfig(_Frozen):
     enabled: bool = False
     num_events: int = Field(24, ge=0)
     stride: int = Field(2, ge=1)
+    # iMOVE's unit is a frame; Qwen2-VL's tower packs temporal_patch_size (2) frames into one time slot. True:
+    # every sampled frame is repeated to fill its own slot (as Qwen2-VL does with an image), so N sampled frames
+    # are N slots and 96 frames at 224 px cost 2,688 tokens. False: the tower's slots (frame pairs) are the units.
+    frame_per_slot: bool = True
 
 
 class PositionTokensConfig(_Frozen):
@@ -31,7 +35,7 @@ class PositionTokensConfig(_Frozen):
     init: Literal["digits", "mean"] = "digits"
 
 
-TemporalMethod = Literal["none", "pre_encoder", "post_pool", "post_mlp", "te_fusion"]
+TemporalMethod = Literal["none", "pre_encoder", "qformer", "post_pool", "kangaroo", "post_mlp", "te_fusion"]
 
 
 class TemporalFusionConfig(_Frozen):
@@ -42,16 +46,29 @@ class TemporalFusionConfig(_Frozen):
       paper's baseline sees N_input / k frames).
     * ``pre_encoder``: Qwen2-VL style; k neighbouring slots concatenated along the channel axis before the
       patch embedding (temporal kernel k x temporal_patch_size, inflated from the checkpoint's kernel).
+    * ``qformer``: post-encoder QFormer (MotionBench appendix 8, item 4); every slot encoded alone and merged,
+      then each group of k slots' tokens is one key/value sequence for a small Q-Former learned from scratch
+      whose learned queries give one slot's worth of tokens (``qformer_layers`` blocks, ``qformer_query_grid``
+      x ``qformer_query_grid`` learned queries, resized to the slot's grid).
     * ``post_pool``: PLLaVA style; every slot encoded alone, then k slots average-pooled after the merger.
-    * ``post_mlp``: Kangaroo style; every slot encoded alone, k slots concatenated along the hidden size and
-      projected back by a linear layer.
-    * ``te_fusion``: Through-Encoder Fusion; k slots attend to each other in every encoder block (group
-      self-attention, with a learned per-slot temporal embedding so the group knows frame order), then the
-      same concatenate-and-project as ``post_mlp``.
+    * ``kangaroo``: Kangaroo's unified spatial-temporal patchification as the appendix re-implements it (item
+      3 and the pseudo-code's ``temporal_downsample_with_MLP`` before ``spatial_downsample_with_proj``): every
+      slot encoded alone, the k slots' per-patch encoder states concatenated along the hidden size and
+      projected back by a learned linear layer, *before* the tower's merger.
+    * ``post_mlp``: not a paper row; like ``kangaroo`` but the k slots are concatenated *after* the merger.
+    * ``te_fusion``: Through-Encoder Fusion (appendix 8 item 1 and its pseudo-code); k slots attend to each
+      other in every encoder block (group self-attention, with a learned per-slot temporal embedding so the
+      group knows frame order), then the same fusion as ``kangaroo``: the k slots' per-patch encoder states
+      concatenated along the hidden size and projected back (``concat_neighbor_hidden``), *then* the tower's
+      merger (``downsample_with_proj``). It differs from ``kangaroo`` only in the joint encoding.
     """
 
     method: TemporalMethod = "none"
     rate: int = Field(1, ge=1)
+    # qformer only: blocks (self-attention, cross-attention to the group, MLP) and the side of the learned query
+    # grid (8: one slot of 224 px frames is 8 x 8 merged tokens in Qwen2-VL)
+    qformer_layers: int = Field(2, ge=1)
+    qformer_query_grid: int = Field(8, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "TemporalFusionConfig":

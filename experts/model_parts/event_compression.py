@@ -10,6 +10,7 @@
    never depends on content (an LLM prompt can reserve its placeholders before the video is encoded).
 2. Event spatial representation: an event's first frame keeps all h x w tokens.
 3. Event temporal representation: the other frames are average-pooled with stride s (8x8 -> 4x4 at s = 2).
+   A grid that s does not divide keeps ceil(h / s) x ceil(w / s) blocks, the last ones over the cells there are.
 """
 from __future__ import annotations
 
@@ -22,10 +23,8 @@ import torch.nn.functional as F
 def event_token_count(num_frames: int, num_events: int, grid_hw: tuple[int, int], stride: int) -> int:
     """Visual tokens after compression (iMOVE Table 5): K full frames plus T - K pooled ones."""
     h, w = grid_hw
-    if h % stride or w % stride:
-        raise ValueError(f"the frame grid {h}x{w} is not divisible by the pooling stride {stride}")
     k = min(num_events, num_frames)
-    return k * h * w + (num_frames - k) * (h // stride) * (w // stride)
+    return k * h * w + (num_frames - k) * (-(-h // stride)) * (-(-w // stride))
 
 
 def frame_change(frame_features: torch.Tensor) -> torch.Tensor:
@@ -71,13 +70,13 @@ def compress_events(frame_grids: torch.Tensor, event_starts: list[int], stride: 
     if frame_grids.dim() != 4:
         raise ValueError(f"expected frame grids (T, h, w, D), got shape {tuple(frame_grids.shape)}")
     t, h, w, d = frame_grids.shape
-    if h % stride or w % stride:
-        raise ValueError(f"the frame grid {h}x{w} is not divisible by the pooling stride {stride}")
     if any(not 0 <= s < t for s in event_starts):
         raise ValueError(f"event starts {event_starts} outside 0..{t - 1}")
     full = torch.zeros(t, dtype=torch.bool)
     full[list(event_starts)] = True
-    pooled = F.avg_pool2d(frame_grids.permute(0, 3, 1, 2), kernel_size=stride, stride=stride)  # (T, D, h/s, w/s)
+    # (T, D, ceil(h/s), ceil(w/s)); a grid that s does not divide (Qwen2-VL's dynamic resolution) pools its last
+    # row / column of blocks over the cells there are
+    pooled = F.avg_pool2d(frame_grids.permute(0, 3, 1, 2), kernel_size=stride, stride=stride, ceil_mode=True)
     pooled = pooled.permute(0, 2, 3, 1).reshape(t, -1, d)
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     full_pos = torch.stack([rows.flatten(), cols.flatten()], -1)

@@ -69,3 +69,124 @@ def event_compressed_inputs(model: Any, compressor: EventAwareCompression, batch
     out.pop("input_ids")
     out.update(inputs_embeds=embeds, position_ids=position_ids)
     return out
+
+
+# -- inside the model's own forward (training with Trainer / peft, generate()) ----------------------------------
+
+class _EventCompressedVideos:
+    """Mixed into the Qwen2-VL inner model's class by :func:`enable_event_compression`.
+
+    Batch convention (what the collator / ``AppliedModelParts.prepare_batch`` produce): ``video_grid_thw`` and
+    ``pixel_values_videos`` are the processor's, uncompressed; each video's run of placeholder tokens (and
+    ``mm_token_type_ids``) is already shrunk to the compressed count, which K, s and the grid fix. Then:
+
+    * ``get_video_features`` runs the plain tower and returns each video's event-compressed tokens, which the
+      stock forward scatters into the placeholders (so ``inputs_embeds`` are built inside the forward);
+    * ``get_rope_index`` gives the compressed tokens their M-RoPE positions (slot, row, column of the token's
+      top-left cell; text after a video continues at its largest position + 1) and the ``rope_deltas`` that
+      generation continues from. In a forward it reads the event layout the same forward's
+      ``get_video_features`` found; ``generate()`` asks for positions before the forward, with the pixels in
+      its kwargs, so the layout is computed there (without gradient) and the tokens kept for the prefill.
+    """
+
+    motionforge_event_compression: EventAwareCompression
+
+    def _motionforge_events(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor,
+                            keep: bool = False) -> list:
+        """Each video's :class:`CompressedVideo`; records the layout for ``get_rope_index``. ``keep``: hold the
+        result for the next call on the same pixels (generate's positions, then its prefill), used once."""
+        key = (pixel_values_videos.data_ptr(), pixel_values_videos._version, tuple(pixel_values_videos.shape),
+               tuple(map(tuple, video_grid_thw.tolist())))
+        cached = self.__dict__.pop("_motionforge_event_cache", None)
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            videos = cached[1]
+        else:
+            tower = self.visual
+            merge = tower.spatial_merge_size
+            vision = tower(pixel_values_videos.type(tower.dtype), grid_thw=video_grid_thw).pooler_output
+            per_video = torch.split(vision, (video_grid_thw.prod(-1) // merge**2).tolist())
+            videos = [self.motionforge_event_compression(tokens.view(t, h // merge, w // merge, -1))
+                      for tokens, (t, h, w) in zip(per_video, video_grid_thw.tolist())]
+        if keep:
+            self.__dict__["_motionforge_event_cache"] = (key, videos)
+        self.__dict__["_motionforge_event_layout"] = (key[3], [(v.frame_index, v.grid_position) for v in videos])
+        return videos
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
+                           **kwargs: Any):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if video_grid_thw is None:
+            raise ValueError("event-aware compression needs video_grid_thw with the videos")
+        videos = self._motionforge_events(pixel_values_videos, video_grid_thw)
+        return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=tuple(v.tokens for v in videos))
+
+    def get_rope_index(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                       image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        if video_grid_thw is None:
+            return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                          video_grid_thw=None, attention_mask=attention_mask, **kwargs)
+        pixels = kwargs.get("pixel_values_videos")
+        if pixels is not None:  # generate(): positions are asked for before the forward
+            with torch.no_grad():
+                self._motionforge_events(pixels, video_grid_thw, keep=True)
+        grids, layouts = self.__dict__.get("_motionforge_event_layout") or (None, None)
+        if grids != tuple(map(tuple, video_grid_thw.tolist())):
+            raise ValueError("event-aware positions need the videos' event layout: pass pixel_values_videos with "
+                             "video_grid_thw (precomputed video features are not supported with event compression)")
+        merge = self.config.vision_config.spatial_merge_size
+        image_grids = iter(image_grid_thw if image_grid_thw is not None else [])
+        video_layouts = iter(layouts)
+        position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+        deltas = []
+        for b in range(input_ids.shape[0]):
+            valid = (attention_mask[b].bool() if attention_mask is not None
+                     else torch.ones_like(input_ids[b], dtype=torch.bool))
+            types = mm_token_type_ids[b][valid].tolist()
+            pieces, cur, i = [], 0, 0
+            while i < len(types):
+                j = i
+                while j < len(types) and types[j] == types[i]:
+                    j += 1
+                if types[i] == 0:
+                    pos = torch.arange(j - i).view(1, -1).expand(3, -1) + cur
+                elif types[i] == 1:
+                    pos = self.get_vision_position_ids(cur, next(image_grids), 1, merge)
+                else:
+                    frame_index, grid_position = next(video_layouts)
+                    if frame_index.shape[0] != j - i:
+                        raise ValueError(
+                            f"a video has {j - i} placeholder tokens but {frame_index.shape[0]} event-compressed "
+                            "tokens; build the batch with AppliedModelParts.prepare_batch")
+                    pos = torch.stack([frame_index.cpu(), grid_position[:, 0].cpu(), grid_position[:, 1].cpu()]) + cur
+                pieces.append(pos.to(torch.long))
+                cur = int(pos.max()) + 1
+                i = j
+            row = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+            position_ids[:, b, valid] = row.to(position_ids.device, position_ids.dtype)
+            deltas.append(cur - len(types))
+        return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+_EVENT_CLASSES: dict[type, type] = {}
+
+
+def enable_event_compression(model: Any, compressor: EventAwareCompression) -> None:
+    """Make ``model`` (a transformers Qwen2-VL ``...ForConditionalGeneration``) event-compress its videos in its
+    own forward and in ``generate()``: its inner model's class becomes a subclass with the two methods of
+    :class:`_EventCompressedVideos`. Nothing is added to the state dict (the compression has no parameters), so
+    checkpoints load into a model built the same way."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    inner = getattr(model, "model", None)
+    if type(inner) is not Qwen2VLModel:
+        raise TypeError(
+            f"event-aware compression is wired for the Qwen2-VL model (Qwen2VLModel), got {type(inner).__name__}: "
+            "Qwen2.5-VL times its M-RoPE positions in seconds (second_per_grid_ts) and other families place "
+            "video tokens differently; their position rule would need its own get_rope_index")
+    cls = _EVENT_CLASSES.setdefault(Qwen2VLModel, type("EventCompressedQwen2VLModel",
+                                                       (_EventCompressedVideos, Qwen2VLModel), {}))
+    inner.__class__ = cls
+    inner.__dict__["motionforge_event_compression"] = compressor
+    inner.rope_deltas = None

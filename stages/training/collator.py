@@ -97,9 +97,11 @@ class VlmCollator:
             texts.append(self._render(messages, False))
             spans.append(assistant_spans_from_end(self.tokenizer, self._render, messages))
             if frames is not None:
-                videos.append(np.asarray(frames))
+                # the parts may change what the processor sees (event compression: one tower slot per frame)
+                video = np.asarray(frames) if self.parts is None else self.parts.prepare_video(frames)
+                videos.append(video)
                 dur = max(float(it.get("duration_s") or 0.0), 1e-3)
-                metadata.append({"fps": len(frames) / dur, "total_num_frames": len(frames), "duration": dur})
+                metadata.append({"fps": len(video) / dur, "total_num_frames": len(video), "duration": dur})
         kwargs: dict[str, Any] = {}
         if videos:
             kwargs["video_metadata"] = metadata

@@ -19,8 +19,11 @@ tokenizer in place and records the :class:`~experts.model_parts.AppliedModelPart
 * :mod:`stages.training.evaluate` re-applies the parts from the checkpoint's recorded config, loads the saved
   weights, and the VLM expert's generation applies the same text and batch rewrites.
 
-Event-aware compression (iMOVE 3.2.1) feeds the model ``inputs_embeds`` computed by the vision tower, which a
-collator cannot do and generation does not support here; the hook refuses it with a clear error.
+Event-aware compression (iMOVE 3.2.1) runs inside the model's own forward (:func:`experts.model_parts.event_vlm.
+enable_event_compression`): the collator repeats each sampled frame into its own tower slot (``prepare_video``)
+and shrinks the video placeholders to the compressed count (``prepare_batch``); the model encodes the frames,
+finds the events, compresses and scatters the tokens, and places them with its own M-RoPE rule, in training
+and in ``generate()`` alike. It has no parameters, so there is nothing extra to train or save.
 """
 from __future__ import annotations
 
@@ -37,10 +40,6 @@ def papers_model_parts(model: Any, processor: Any, **kwargs: Any) -> tuple[Any, 
     import stages.shared.relative_tokens as codec
 
     cfg = ModelPartsConfig.model_validate(kwargs)
-    if cfg.event_compression.enabled:
-        raise ValueError("event_compression needs the vision tower inside the batch preparation (inputs_embeds, "
-                         "AppliedModelParts.event_inputs) and is not wired into the Trainer or generation; use "
-                         "temporal_fusion or position_tokens here")
     if attached_parts(model) is not None:
         raise ValueError("papers_model_parts is configured twice; give one entry with all parts")
     applied = apply_model_parts(model, processor, cfg, codec=codec)

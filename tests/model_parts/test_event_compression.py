@@ -99,9 +99,19 @@ def test_token_count_does_not_depend_on_content():
     assert out.event_starts[0] == 0 and len(set(out.event_starts)) == 5
 
 
+def test_a_grid_the_stride_does_not_divide_pools_its_edge_blocks_over_the_cells_there_are():
+    grids = torch.arange(2 * 3 * 3, dtype=torch.float32).view(2, 3, 3, 1)  # 2 frames of 3 x 3 cells, 1 channel
+    out = compress_events(grids, [0], 2)
+    assert event_token_count(2, 1, (3, 3), 2) == 9 + 4 == out.tokens.shape[0]
+    f = grids[1, :, :, 0]
+    # blocks {0,1}x{0,1}, {0,1}x{2}, {2}x{0,1}, {2}x{2}: means of the cells each block holds
+    expect = [f[:2, :2].mean(), f[:2, 2].mean(), f[2, :2].mean(), f[2, 2]]
+    assert out.tokens[9:, 0].tolist() == [float(v) for v in expect]
+    assert out.grid_position[9:].tolist() == [[0, 0], [0, 2], [2, 0], [2, 2]]
+    assert event_token_count(10, 2, (7, 7), 2) == 2 * 49 + 8 * 16
+
+
 def test_bad_inputs_are_clear():
-    with pytest.raises(ValueError, match="not divisible"):
-        event_token_count(10, 2, (7, 7), 2)
     with pytest.raises(ValueError, match="no frames"):
         segment_events(torch.zeros(0, 3), 2)
     with pytest.raises(ValueError, match="segmentation features"):

@@ -8,7 +8,7 @@ import torch
 from experts.model_parts import (ModelPartsConfig, TemporalFusionConfig, TemporalFusionTower, apply_model_parts,
                                  compress_video_placeholders)
 
-METHODS = ["none", "pre_encoder", "post_pool", "post_mlp", "te_fusion"]
+METHODS = ["none", "pre_encoder", "qformer", "post_pool", "kangaroo", "post_mlp", "te_fusion"]
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +90,64 @@ def test_pre_encoder_kernel_is_the_inflated_checkpoint_kernel(tiny_path):
 
 
 def test_te_fusion_attends_across_the_group_and_not_beyond(tiny_path):
-    """Changing slot 1 moves slot 0's encoder states with TE Fusion (same group), not with post-encoder
-    fusion; changing slot 2 (next group at k = 2) moves neither."""
+    """With the projection set to read slot 0 of each group only, changing slot 1 moves group 0's fused states
+    with TE Fusion (slot 0 attended to slot 1 in the encoder) but not with Kangaroo (every slot encoded alone);
+    changing slot 2 (next group at k = 2) moves neither."""
     pixels, _ = _video_pixels(_load(tiny_path)[1], 8)  # 4 slots = 2 groups at k = 2
     changed_same, changed_next = pixels.clone(), pixels.clone()
     changed_same[16:32] += 1.0
     changed_next[32:48] += 1.0
     states = {}
-    for method in ("te_fusion", "post_mlp"):
+    for method in ("te_fusion", "kangaroo"):
         m, p = _load(tiny_path)
         apply_model_parts(m, p, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method=method, rate=2)))
+        proj = m.model.visual.temporal_proj
+        c = proj.out_features
         with torch.no_grad():
+            proj.weight.copy_(torch.cat([torch.eye(c), torch.zeros(c, c)], dim=1))  # slot 0 of the pair only
             states[method] = [m.model.visual(x, grid_thw=torch.tensor([[2, 4, 4]])).last_hidden_state[:16]
                               for x in (pixels, changed_same, changed_next)]
-    te, post = states["te_fusion"], states["post_mlp"]
+    te, kangaroo = states["te_fusion"], states["kangaroo"]
     assert (te[1] - te[0]).abs().max() > 1e-3
-    torch.testing.assert_close(post[1], post[0])
+    torch.testing.assert_close(kangaroo[1], kangaroo[0])
     torch.testing.assert_close(te[2], te[0])
+    torch.testing.assert_close(kangaroo[2], kangaroo[0])
+
+
+def test_untrained_te_fusion_is_the_merger_of_the_mean_jointly_encoded_state(tiny_path):
+    """MotionBench appendix 8 item 1 and its pseudo-code (``concat_neighbor_hidden`` then
+    ``downsample_with_proj``): after the joint encoding, the k slots' per-patch states are concatenated on the
+    hidden axis and projected, and only then spatially downsampled by the merger. Untrained (slot embedding 0,
+    projection = mean of the k slots) that is the plain tower run over all 8 slots with its attention segments
+    written here by hand as two 4-slot groups (4 x 16 patches = 64 rows each), the mean of each group's 4 slots'
+    per-patch states, then the plain merger. It is neither the mean after the merger (the order this method
+    had before) nor Kangaroo (slots encoded alone)."""
+    model, proc = _load(tiny_path)
+    pixels, grid = _video_pixels(proc, 16)  # 8 slots of 4x4 patches
+    plain = model.model.visual
+    with torch.no_grad():
+        joint = plain(pixels, grid_thw=grid, cu_seqlens=torch.tensor([0, 64, 128], dtype=torch.int32))
+        states = joint.last_hidden_state.reshape(2, 4, 16, -1).mean(1).reshape(32, -1)  # rate 4: slots 0-3, 4-7
+        expect = plain.merger(states)
+        merged_then_mean = joint.pooler_output.reshape(2, 4, 4, -1).mean(1).reshape(8, -1)
+        alone = plain(pixels, grid_thw=grid).last_hidden_state.reshape(2, 4, 16, -1).mean(1).reshape(32, -1)
+        kangaroo_start = plain.merger(alone)
+    apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="te_fusion", rate=4)))
+    tower = model.model.visual
+    assert not tower.slot_embed.any()
+    seen = []
+    tower.temporal_proj.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        got = tower(pixels, grid_thw=torch.tensor([[2, 4, 4]]))
+    # the projection reads per-patch states (2 fused slots x 16 patches, 4 slots' widths side by side), not the
+    # 2 x 4 merged tokens: in the tiny tower both widths are 32, so the row count is what tells them apart
+    assert seen == [(32, 4 * states.shape[-1])]
+    # a matmul by I/k against a mean: float32 reordering, a few ulps before the merger's LayerNorm
+    torch.testing.assert_close(got.pooler_output, expect, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.last_hidden_state, states, rtol=1e-4, atol=1e-5)
+    # the other orders and segments give visibly different tokens (seen: differences of order 0.1 to 1)
+    assert (got.pooler_output - merged_then_mean).abs().max() > 1e-3
+    assert (got.pooler_output - kangaroo_start).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -139,8 +180,22 @@ def test_full_vlm_forward_and_gradients_reach_every_trainable_part(tiny_path, me
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     expected_new = {"none": set(), "post_pool": set(), "pre_encoder": {"fused_patch_embed.weight"},
                     "post_mlp": {"temporal_proj.weight", "temporal_proj.bias"},
-                    "te_fusion": {"temporal_proj.weight", "temporal_proj.bias", "slot_embed"}}[method]
-    assert set(parts.new_parameters) == expected_new
+                    "kangaroo": {"temporal_proj.weight", "temporal_proj.bias"},
+                    "te_fusion": {"temporal_proj.weight", "temporal_proj.bias", "slot_embed"}}.get(method)
+    if method == "qformer":
+        expected = {"qformer.query", "qformer.key_pos", "qformer.slot_pos", "qformer.norm.weight"}
+        assert expected <= set(parts.new_parameters)
+        assert all(n.startswith("qformer.") for n in parts.new_parameters)
+    else:
+        assert set(parts.new_parameters) == expected_new
+    # Linear(k * C -> C) over the encoder's per-patch states (the tiny tower has C = D = 32, so these shapes
+    # document the layout; test_untrained_te_fusion_... pins where the projection sits)
+    if method in ("kangaroo", "te_fusion"):
+        c = tower.merger.ln_q.normalized_shape[0]
+        assert tuple(parts.new_parameters["temporal_proj.weight"].shape) == (c, 2 * c)
+    if method == "post_mlp":  # Linear(k * D -> D) over the merged tokens
+        d = tower.merger.mlp[-1].out_features
+        assert tuple(parts.new_parameters["temporal_proj.weight"].shape) == (d, 2 * d)
     # generation reads the compressed grid for its M-RoPE positions, so it runs on the rewritten batch as is
     model.eval()
     with torch.no_grad():
@@ -174,5 +229,78 @@ def test_other_towers_and_bad_rates_are_refused(tmp_path):
         TemporalFusionConfig(method="te_fusion", rate=1)
     path = resolve_tiny("tiny://qwen2_5_vl")
     model, proc = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
-    with pytest.raises(TypeError, match="Qwen2-VL vision tower"):
-        apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="te_fusion", rate=2)))
+    for method in ("te_fusion", "pre_encoder", "kangaroo"):
+        with pytest.raises(TypeError, match="runs inside the encoder.*Qwen2.5-VL's tower reorders patches"):
+            apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method=method, rate=2)))
+
+
+@pytest.mark.parametrize("method", ["none", "qformer", "post_pool", "post_mlp"])
+def test_post_encoder_methods_run_on_qwen2_5_vl(method):
+    """The methods that only fuse the tower's merged output work on Qwen2.5-VL's windowed tower: k slots ->
+    one slot's tokens, a training step reaches the new parameters, and generate() runs on the rewritten batch
+    (whose second_per_grid_ts now spans the k fused slots)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from experts.base import resolve_tiny
+
+    path = resolve_tiny("tiny://qwen2_5_vl")
+    model, proc = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    parts = apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method=method, rate=2)))
+    frames = np.random.default_rng(2).integers(0, 255, (8, 56, 56, 3), dtype=np.uint8)
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Move?"}]}],
+                                    add_generation_prompt=True, tokenize=False)
+    enc = dict(proc(text=[text], videos=[frames], return_tensors="pt", do_sample_frames=False,
+                    video_metadata=[{"fps": 2.0, "total_num_frames": 8, "duration": 4.0}]))
+    vid = model.config.video_token_id
+    full_tokens = int((enc["input_ids"] == vid).sum())
+    batch = parts.prepare_batch(enc, vid)
+    assert int((batch["input_ids"] == vid).sum()) * 2 == full_tokens
+    assert batch["second_per_grid_ts"].tolist() == [2 * t for t in enc["second_per_grid_ts"].tolist()]
+    model.train()
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in parts.new_parameters.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        gen = model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id)
+    assert gen.shape[1] == batch["input_ids"].shape[1] + 2
+
+
+def test_untrained_kangaroo_is_the_merger_of_the_mean_encoder_state(tiny_path):
+    """Kangaroo (appendix 8 item 3, pseudo-code's temporal MLP before the spatial downsample): the k slots'
+    per-patch encoder states are fused before the merger. At its documented start (the mean of the k slots) it
+    equals the plain tower's merger applied to the mean of its per-slot encoder states, computed here from the
+    plain tower alone; and that is not PLLaVA's mean after the merger (the merger is not linear)."""
+    model, proc = _load(tiny_path)
+    pixels, grid = _video_pixels(proc, 16)  # 8 slots of 4x4 patches
+    plain = model.model.visual
+    with torch.no_grad():
+        out = plain(pixels, grid_thw=grid)
+        states = out.last_hidden_state.reshape(2, 4, 16, -1).mean(1).reshape(32, -1)  # rate 4: slots 0-3, 4-7
+        expect = plain.merger(states)
+        pooled_after = out.pooler_output.reshape(2, 4, 4, -1).mean(1).reshape(8, -1)
+    apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="kangaroo", rate=4)))
+    with torch.no_grad():
+        got = model.model.visual(pixels, grid_thw=torch.tensor([[2, 4, 4]]))
+    # a matmul by I/k against a mean: float32 reordering, a few ulps before the merger's LayerNorm
+    torch.testing.assert_close(got.pooler_output, expect, rtol=1e-4, atol=1e-5)
+    assert got.last_hidden_state.shape == (32, states.shape[-1])
+    assert (got.pooler_output - pooled_after).abs().max() > 1e-3
+
+
+def test_qformer_reads_its_own_group_only(tiny_path):
+    """Each group of k slots is one Q-Former sequence: changing slot 1 (group 0 at k = 2) moves group 0's
+    tokens and leaves group 1's exactly as they were."""
+    model, proc = _load(tiny_path)
+    apply_model_parts(model, proc, ModelPartsConfig(temporal_fusion=TemporalFusionConfig(method="qformer", rate=2)))
+    pixels, _ = _video_pixels(proc, 8)  # 4 slots = 2 groups
+    changed = pixels.clone()
+    changed[16:32] += 1.0
+    with torch.no_grad():
+        a = model.model.visual(pixels, grid_thw=torch.tensor([[2, 4, 4]])).pooler_output
+        b = model.model.visual(changed, grid_thw=torch.tensor([[2, 4, 4]])).pooler_output
+    assert a.shape[0] == 8  # 2 groups x one slot's 2 x 2 merged tokens
+    assert (a[:4] - b[:4]).abs().max() > 1e-4
+    torch.testing.assert_close(a[4:], b[4:])

@@ -197,13 +197,70 @@ def test_saved_part_weights_must_fit_the_reapplied_parts(trained, tmp_path):
         ev.load_checkpoint(Path(ck), device="cpu")
 
 
-def test_event_compression_is_refused_by_the_training_hook(root, tmp_path):
+EVENTS = ModelPart(target="stages.training.parts:papers_model_parts",
+                   kwargs={"event_compression": {"enabled": True, "num_events": 2}})
+
+
+def _event_cfg(root, out, method="lora"):
+    # 4 sampled frames -> 4 tower slots (each frame repeated to fill one); 56 px short side: 64x48 clips become
+    # 84x56, 6x4 patches, 3x2 merged tokens per slot (a grid the stride 2 does not divide in width)
+    cfg = _cfg(root, out, method=method, parts=(EVENTS,))
+    data = cfg.data.model_copy(update={"short_side": 56})
+    return cfg.model_copy(update={"data": data, "optim": cfg.optim.model_copy(update={"max_steps": 2}), "save_steps": 2})
+
+
+def test_event_compression_batches_and_gradients_reach_every_trainable_part(root, tmp_path):
+    """Full fine-tuning with the vision tower trainable: the collator's batch has the compressed number of video
+    placeholders, and one backward pass reaches every trainable parameter, tower included (through the kept
+    and pooled tokens)."""
+    from experts.model_parts import attached_parts
+    from stages.training.collator import VlmCollator
+    from stages.training.data import VideoConversationDataset, load_samples
     from stages.training.model import load_model_for_training
 
-    part = ModelPart(target="stages.training.parts:papers_model_parts",
-                     kwargs={"event_compression": {"enabled": True, "num_events": 1}})
-    with pytest.raises(ValueError, match="event_compression"):
-        load_model_for_training(_cfg(root, tmp_path / "run", parts=(part,)))
+    cfg = _event_cfg(root, tmp_path / "run", method="full").model_copy(update={"freeze_vision_tower": False})
+    model, processor = load_model_for_training(cfg)
+    parts = attached_parts(model)
+    assert parts is not None and parts.event_compression is not None and not parts.new_parameters
+    items = [VideoConversationDataset(load_samples(cfg.data, "train"), 4, 56, train=False)[i] for i in range(2)]
+    vid = model.config.video_token_id
+    batch = VlmCollator(processor, 4, parts=parts, video_token_id=vid)(items)
+    grid = batch["video_grid_thw"]
+    assert grid[:, 0].tolist() == [4, 4]  # one slot per sampled frame
+    for row, (t, h, w) in zip(batch["input_ids"], grid.tolist()):
+        h, w = h // 2, w // 2
+        # iMOVE's count written out: 2 event frames at h x w, the other t - 2 pooled 2 x 2 (ceil at an odd edge)
+        assert int((row == vid).sum()) == 2 * h * w + (t - 2) * ((h + 1) // 2) * ((w + 1) // 2)
+    model.train()
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("model.visual.") for n, _ in trainable)
+    for name, p in trainable:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_event_compression_trains_with_the_trainer_and_answers_through_evaluation(root, tmp_path):
+    """The production path: run_training (Trainer, LoRA) with event compression by config, then the checkpoint
+    re-applied by stages.training.evaluate and answering held-out samples through the VLM expert's generate."""
+    from experts.model_parts import attached_parts
+    from experts.vlm import VlmSpec, vlm_from_loaded
+    from stages.training import evaluate as ev
+    from stages.training.trainer import run_training
+
+    cfg = _event_cfg(root, tmp_path / "run")
+    summary = run_training(cfg)
+    losses = [loss for _, loss in summary["loss_curve"]]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    model, processor, got = ev.load_checkpoint(summary["final"], device="cpu", merge=True)
+    assert got.model_parts == (EVENTS,) and attached_parts(model).event_compression is not None
+    vlm = vlm_from_loaded(model, processor, VlmSpec(model_id="tiny://qwen2_vl", batch_size=2))
+    samples = ev.held_out_samples(got)
+    metrics = ev.evaluate_imove_it(vlm, samples, got.data.num_frames, got.data.short_side, tmp_path / "ev",
+                                   batch_size=2, max_new_tokens=4, use_java=False)
+    assert metrics["errors"] == {}
+    assert len((tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()) == len([s for s in samples if s.task])
 
 
 def test_a_resumed_run_continues_with_the_trained_part_weights(trained, tmp_path):
