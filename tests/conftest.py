@@ -50,3 +50,35 @@ def _no_expert_overrides():
     clear_expert_overrides()
     yield
     clear_expert_overrides()
+
+
+# Test files that take longest (whole-file times from `--durations`): started first, so that with one process
+# per CPU (pyproject's addopts, whole files per process) none of them is left running alone at the end.
+LONGEST_FIRST = (
+    "tests/training/test_train_tiny.py",
+    "tests/test_cli_e2e.py",
+    "tests/test_ops_deploy.py",
+    "tests/test_ops_runners.py",
+    "tests/test_crash_resume_cli.py",
+    "tests/motionbench/test_pipeline.py",
+    "tests/model_parts/test_ablation_flow.py",
+    "tests/test_pipeline_orphan_runs.py",
+    "tests/evaluation/test_imove_it_metrics.py",
+    "tests/export/test_imove_export.py",
+    "tests/test_samurai_release_replay.py",
+    "tests/test_storage.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = Path(str(config.rootpath))
+
+    def key(item):
+        try:
+            rel = Path(str(item.path)).relative_to(root).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(rel, len(rank))
+
+    items.sort(key=key)  # stable: the order inside a file, and of the other files, is kept
