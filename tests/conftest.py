@@ -57,16 +57,16 @@ def _no_expert_overrides():
 LONGEST_FIRST = (
     "tests/training/test_train_tiny.py",
     "tests/test_cli_e2e.py",
-    "tests/test_ops_deploy.py",
     "tests/test_ops_runners.py",
+    "tests/test_ops_deploy.py",
     "tests/test_crash_resume_cli.py",
-    "tests/motionbench/test_pipeline.py",
-    "tests/model_parts/test_ablation_flow.py",
     "tests/test_pipeline_orphan_runs.py",
+    "tests/dashboards/test_browser.py",
+    "tests/test_scenes.py",
+    "tests/test_pipeline_tiny.py",
+    "tests/test_samurai_tracker.py",
+    "tests/motionbench/test_pipeline.py",
     "tests/evaluation/test_imove_it_metrics.py",
-    "tests/export/test_imove_export.py",
-    "tests/test_samurai_release_replay.py",
-    "tests/test_storage.py",
 )
 
 
