@@ -271,6 +271,7 @@ class _SegmentScores:
 
 
 _EDGE = 2  # frames compared across each segment boundary
+SPLIT_MIN_SEGMENT_S = 5.0  # shorter videos are not split: one pass costs less than starting the segment workers
 
 
 def _downscale_factor(stream, config: ScenesConfig) -> float:
@@ -341,6 +342,8 @@ def _segment_starts(path: str, config: ScenesConfig, segments: int) -> tuple[lis
     if not fps > 0:
         return [0], 0.0
     total = frames or (round(duration * fps) if duration else 0)
+    # a segment shorter than this costs more in worker start-up and seeking than it saves
+    segments = min(segments, int(total // max(1.0, SPLIT_MIN_SEGMENT_S * fps)))
     starts = [0]
     for i in range(1, segments):
         cand = round(total * i / segments)

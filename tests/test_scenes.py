@@ -349,12 +349,14 @@ def test_cut_clip_errors(synth, tmp_path):
 
 @pytest.mark.parametrize("backend", ["opencv", "pyav"])
 @pytest.mark.parametrize("workers", [2, 3])
-def test_split_and_stitch_equals_single_pass(synth, tmp_path, backend, workers):
+def test_split_and_stitch_equals_single_pass(synth, tmp_path, backend, workers, monkeypatch):
     """One video split into equal segments (seams mid-GOP), segments scored in parallel processes, then stitched: the cuts, frame
     count and rate are those of the single pass, on real footage and on generated shots whose cuts fall near
     the segment boundaries."""
+    from stages import scenes
     from stages.scenes import _split_detect, detect_cuts_split, detect_many
 
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 0.5)  # these test videos are a few seconds long
     config = ScenesConfig(backend=backend)
     for video in (_bikes(), synth, write_shots(tmp_path / "near.mp4", shots=(26, 24, 30, 27, 40), seed=3)):
         single = detect_cuts(video, config)
@@ -365,8 +367,11 @@ def test_split_and_stitch_equals_single_pass(synth, tmp_path, backend, workers):
     assert detect_many([_bikes()], config, workers=workers) == [detect_cuts(_bikes(), config)]
 
 
-def test_split_detection_matches_the_cli_on_real_footage(tmp_path):
+def test_split_detection_matches_the_cli_on_real_footage(tmp_path, monkeypatch):
+    from stages import scenes
     from stages.scenes import _split_detect
+
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 0.5)
 
     bikes = _bikes()
     split = _split_detect(str(bikes), ScenesConfig(), 2, None)
@@ -390,6 +395,7 @@ def test_split_rejects_a_seek_that_lands_on_other_pixels(synth, monkeypatch):
     from stages import scenes
     from stages.scenes import _split_detect, detect_cuts_split
 
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 0.5)
     config = ScenesConfig(backend="opencv")
     single = detect_cuts(synth, config)
     with cf.ThreadPoolExecutor(2) as pool:  # in-process workers, so the patched backend is the one they use
@@ -417,3 +423,15 @@ def test_split_rejects_a_seek_that_lands_on_other_pixels(synth, monkeypatch):
         monkeypatch.setattr(scenes, "_open_stream", lambda path, cfg: LateSeek(real_open(path, cfg)))
         assert _split_detect(str(synth), config, 2, pool) is None
         assert detect_cuts_split(synth, config, workers=2, pool=pool) == single
+
+
+def test_short_video_is_not_split(synth, monkeypatch):
+    """A video shorter than two segments of SPLIT_MIN_SEGMENT_S is detected in one pass, with no worker pool
+    (starting workers costs more than a few seconds of video)."""
+    from stages import scenes
+
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 5.0)  # synth is ~5 s long
+    assert scenes._segment_starts(str(synth), ScenesConfig(), 2)[0] == [0]
+    assert scenes._split_detect(str(synth), ScenesConfig(), 2, None) is None
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 1.0)
+    assert len(scenes._segment_starts(str(synth), ScenesConfig(), 3)[0]) == 3
