@@ -125,7 +125,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is reported")
     ap.add_argument("--no-bikes", action="store_true",
                     help="generated videos only; with --videos 1 this is the one-long-video case, which the pool "
-                         "splits at keyframes into segments detected in parallel (target <= 0.55x the CLI)")
+                         "splits into equal segments detected in parallel (target <= 0.55x the CLI)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "motionforge-bench-scenes")
     args = ap.parse_args()
 

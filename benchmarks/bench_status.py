@@ -98,6 +98,19 @@ def main() -> None:
                        check=True, capture_output=True)
         cli_best = min(cli_best, time.perf_counter() - t)
     print(f"`motionforge status` end to end (fresh process, imports included): {cli_best:.3f}s  (target < 2 s)")
+    imp = subprocess.run([sys.executable, "-X", "importtime", "-m", "flows.cli", "status", "--out", str(base),
+                          "--no-server"], env=env, check=True, capture_output=True, text=True).stderr
+    top, heavy = 0.0, {}
+    for line in imp.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cum, name = line.split("|")
+        if not name.startswith("  "):  # a top-level import (nested ones are indented further)
+            top += int(cum) / 1e6
+        if name.strip() in ("torch", "transformers", "pandas", "prefect", "pyarrow.dataset", "experts"):
+            heavy[name.strip()] = int(cum) / 1e6
+    print(f"imports of that command (python -X importtime, top-level cumulative): {top:.3f}s; heavy modules imported: "
+          f"{', '.join(f'{k} {v:.2f}s' for k, v in heavy.items()) or 'none'}")
     digest = hashlib.sha256(json.dumps(st, sort_keys=True, default=str).encode()).hexdigest()[:12]
     print(f"status digest {digest}")
 

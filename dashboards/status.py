@@ -4,18 +4,21 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-import pyarrow.compute as pc
-
 from stages.registry import STAGE_MODULES, get_stage
 from stages.runner import plan_shards, shard_state
 from stages.shared.reasons import normalise_reason
-from storage.manifest import read_manifest
+from storage.manifest import pinned_plan, read_manifest
 from storage.root import OutputRoot
 
 
 def root_status(out: str, max_errors: int = 5, stages: dict | None = None) -> dict[str, Any]:
     """``stages``: name -> Stage to report on (default: every registered stage present under ``out``)."""
     root = OutputRoot(out)
+    with pinned_plan(root):  # the plan is read once for the whole pass, not stat-ed per shard
+        return _root_status(root, max_errors, stages)
+
+
+def _root_status(root: OutputRoot, max_errors: int, stages: dict | None) -> dict[str, Any]:
     manifest = read_manifest(root)
     try:
         shards = plan_shards(root)
@@ -105,6 +108,8 @@ def _failed_attempt(root: OutputRoot, stage: str, shard: int) -> dict | None:
 
 
 def first_error_rows(out: str, stage: str, n: int = 5) -> list[dict]:
+    import pyarrow.compute as pc
+
     root = OutputRoot(out)
     table = root.read_stage(stage)
     errs = table.filter(pc.equal(table["status"], "error"))

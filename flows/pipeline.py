@@ -28,6 +28,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
 
 from experts.base import WeightsNotFoundError  # noqa: E402
 from flows.config import RuntimeConfig, load_pipeline_config, pipeline_model  # noqa: E402
@@ -135,23 +136,34 @@ def _api_url() -> str | None:
 
 
 _VALIDATED: dict[int, tuple[dict, Any]] = {}
+_VALIDATED_BY_CONTENT: dict[str, Any] = {}
 _VALIDATED_LOCK = threading.Lock()
 
 
 def validated_config(config: dict[str, Any]) -> Any:
-    """The pipeline config model of ``config``, validated once per config object and process: every task of a
-    flow run on a thread-pool worker gets the same dict, so the whole pipeline config is not re-validated per
-    (stage, shard) task. Keyed by identity (the dict is held, so its id is not reused): another config object is validated anew."""
+    """The pipeline config model of ``config``, validated once per config and process, not per (stage, shard)
+    task. Every task of a flow run on a thread-pool worker gets the same dict, found by identity (the dict is
+    held, so its id is not reused); a copy with the same content (Ray pickles the argument for each task) is
+    found by its canonical JSON, so a Ray worker process validates each run's config once too."""
     key = id(config)
     with _VALIDATED_LOCK:
         hit = _VALIDATED.get(key)
         if hit is not None and hit[0] is config:
             return hit[1]
-    pc = pipeline_model().model_validate(config)
+    import json
+
+    digest = json.dumps(config, sort_keys=True, default=str)
+    with _VALIDATED_LOCK:
+        pc = _VALIDATED_BY_CONTENT.get(digest)
+    if pc is None:
+        pc = pipeline_model().model_validate(config)
     with _VALIDATED_LOCK:
         if len(_VALIDATED) > 32:
             _VALIDATED.clear()
+        if len(_VALIDATED_BY_CONTENT) > 32:
+            _VALIDATED_BY_CONTENT.clear()
         _VALIDATED[key] = (config, pc)
+        _VALIDATED_BY_CONTENT[digest] = pc
     return pc
 
 
@@ -163,8 +175,15 @@ def validated_config(config: dict[str, Any]) -> Any:
     retry_jitter_factor=0.5,
     retry_condition_fn=_retry_condition,
     cache_policy=NONE,
+    persist_result=False,
 )
-def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force: bool = False) -> dict:
+def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force: bool = False):
+    """One (stage, shard). Ends in a Completed state whose message is the outcome line (shown on the task run in
+    the UI and in Prefect's "Finished in state" log line) and whose data is the outcome dict, so a task costs one
+    log record, not two. ``config`` arrives unwrapped from :func:`prefect.utilities.annotations.quote`
+    (see :func:`_submit`)."""
+    from prefect.states import Completed
+
     pc = validated_config(config)
     root = OutputRoot(out)
     st = get_stage(stage)
@@ -175,10 +194,10 @@ def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force:
         started = dt.datetime.now(dt.timezone.utc)
         outcome = run_shard(st, root, pc.stage_config(stage), shard, force=force, pipeline=config)
         ended = dt.datetime.now(dt.timezone.utc)
-    get_run_logger().info(
-        "%s / shard %05d: %s, %d rows (%d ok, %d error, %d skipped) in %.1fs", stage, shard, outcome.action,
-        outcome.rows, outcome.ok, outcome.error, outcome.skipped, outcome.seconds)
-    return {**outcome.as_dict(), "started_at": started.isoformat(), "ended_at": ended.isoformat(), "pid": os.getpid()}
+    line = (f"{stage} / shard {shard:05d}: {outcome.action}, {outcome.rows} rows ({outcome.ok} ok, {outcome.error} "
+            f"error, {outcome.skipped} skipped) in {outcome.seconds:.1f}s")
+    return Completed(message=line, data={**outcome.as_dict(), "started_at": started.isoformat(),
+                                         "ended_at": ended.isoformat(), "pid": os.getpid()})
 
 
 @task(name="plan-inputs", cache_policy=NONE)
@@ -246,9 +265,15 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
         if cluster_gpus <= 0 and any(r.uses_gpu for r in resources.values()):
             _logger().warning("the Ray cluster has no GPU: GPU stages request num_gpus=0 and run on CPU")
 
+    # On the thread pool the config is passed quoted: Prefect then neither walks the whole nested dict for
+    # futures on every submission and task start (several ms per task) nor records it as task inputs;
+    # dependencies between shards are the explicit ``wait_for`` futures. (prefect-ray hands a quoted argument
+    # to the task as a plain tuple, so Ray tasks get the dict itself; Ray's own per-task cost dwarfs the walk.)
+    qcfg = quote(cfg)
+
     def submit(name: str, k: int, waits: list):
         if not use_ray:
-            return opts.submit(name, k, out, cfg, force, wait_for=waits)
+            return opts.submit(name, k, out, qcfg, force, wait_for=waits)
         with remote_options(**ray_remote_options(resources[name], cluster_gpus)):
             return opts.submit(name, k, out, cfg, force, wait_for=waits)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import threading
 from typing import Iterable
 
 from pydantic import model_validator
@@ -241,19 +242,58 @@ def _hash_of(path: str) -> str:
     return _HASHES[key]
 
 
+class _SizeIndex:
+    """Planned files by size, in plan order, sized once each and only as far as asked: finding the earlier
+    files of one size is then a dict lookup, not a pass over the whole plan before the file (which made
+    ingesting a plan of N files cost N^2 / 2 size checks)."""
+
+    def __init__(self, plan: dict):
+        self.plan = plan
+        self.next = (0, 0)  # the first plan position not indexed yet
+        self.by_size: dict[int | None, list[tuple[int, int, str]]] = {}
+        self.lock = threading.Lock()
+
+    def upto(self, shard: int, index: int) -> None:
+        """Index every position before (shard, index)."""
+        with self.lock:
+            k, j = self.next
+            shards = self.plan["shards"]
+            while (k, j) < (shard, index) and k < len(shards):
+                if j >= len(shards[k]):
+                    k, j = k + 1, 0
+                    continue
+                u = shards[k][j]
+                self.by_size.setdefault(_size_of(u), []).append((k, j, u))
+                j += 1
+            self.next = max(self.next, (k, j))
+
+
+_SIZE_INDEX: dict[int, _SizeIndex] = {}  # id(plan) -> index (the plan object is held by its index)
+_SIZE_INDEX_LOCK = threading.Lock()
+
+
+def _size_index(plan: dict) -> _SizeIndex:
+    with _SIZE_INDEX_LOCK:
+        idx = _SIZE_INDEX.get(id(plan))
+        if idx is None or idx.plan is not plan:
+            if len(_SIZE_INDEX) > 8:
+                _SIZE_INDEX.clear()
+            idx = _SIZE_INDEX[id(plan)] = _SizeIndex(plan)
+        return idx
+
+
 def earlier_duplicate(plan: dict, shard: int, index: int, size: int, vid: str, cache_dir: str) -> tuple[str, int] | None:
     """(uri, shard) of the first file before position (shard, index) of the plan with the same bytes."""
-    for k, uris in enumerate(plan["shards"][:shard + 1]):
-        for j, u in enumerate(uris):
-            if (k, j) >= (shard, index):
-                return None
-            if _size_of(u) != size:
-                continue
-            try:
-                if _hash_of(local_copy(u, cache_dir)) == vid:
-                    return u, k
-            except Exception:  # noqa: BLE001 -- an earlier file that cannot be read is that file's error row
-                continue
+    idx = _size_index(plan)
+    idx.upto(shard, index)
+    for k, j, u in list(idx.by_size.get(size, ())):
+        if (k, j) >= (shard, index):
+            return None
+        try:
+            if _hash_of(local_copy(u, cache_dir)) == vid:
+                return u, k
+        except Exception:  # noqa: BLE001 -- an earlier file that cannot be read is that file's error row
+            continue
     return None
 
 

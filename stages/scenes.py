@@ -4,7 +4,8 @@ Pure functions over plain values; the stage framework (``stages.base``) wires th
 
 * :func:`detect_cuts` -- one video -> :class:`CutResult` (first frame of every new scene).
 * :func:`detect_many` -- many videos over a process pool, failures returned per video; a single video is
-  split at keyframes (:func:`detect_cuts_split`: segments scored in parallel, the library's detector then
+  split into equal segments (:func:`detect_cuts_split`: segments scored in parallel, their seams checked
+  pixel for pixel, the library's detector then
   decides over the stitched scores, so the cuts are the single pass's).
 * :func:`clip_spans` -- a :class:`CutResult` -> :class:`ClipSpan` rows (short scenes kept as dropped rows,
   over-long scenes split into near-equal parts).
@@ -263,6 +264,14 @@ class _SegmentScores:
     first: object  # the first and last frames, downscaled as the SceneManager does, for the boundary scores
     last: object
     fps: float  # the backend's frame rate, as detect_cuts reports it
+    # The first _EDGE frames of the segment, and the _EDGE frames decoded after its end (read on, not scored):
+    # the stitch requires the next segment's seek to have landed on exactly those pixels.
+    head: list = dataclasses.field(default_factory=list)
+    after: list = dataclasses.field(default_factory=list)
+
+
+_EDGE = 2  # frames compared across each segment boundary
+SPLIT_MIN_SEGMENT_S = 5.0  # shorter videos are not split: one pass costs less than starting the segment workers
 
 
 def _downscale_factor(stream, config: ScenesConfig) -> float:
@@ -285,25 +294,42 @@ def _segment_scores(path: str, config: ScenesConfig, start_frame: int, end_frame
     if start_frame > 0:
         stream.seek(start_frame)
     det = _make_detector(config)
-    positions, scores, first, last = [], [], None, None
+    positions, scores, first, last, head, after = [], [], None, None, [], []
+
+    def small(frame):
+        if factor > 1.0:
+            return cv2.resize(frame, (max(1, round(frame.shape[1] / factor)), max(1, round(frame.shape[0] / factor))),
+                              interpolation=cv2.INTER_LINEAR)
+        return frame
+
     while end_frame is None or len(positions) < end_frame - start_frame:
         frame = stream.read()
         if frame is False:
             break
-        if factor > 1.0:
-            frame = cv2.resize(frame, (max(1, round(frame.shape[1] / factor)), max(1, round(frame.shape[0] / factor))),
-                               interpolation=cv2.INTER_LINEAR)
+        frame = small(frame)
         pos = stream.position
         scores.append(det._calculate_frame_score(pos, frame))
         positions.append(pos)
         if first is None:
             first = frame
+        if len(head) < _EDGE:
+            head.append(frame)
         last = frame
-    return _SegmentScores(positions, scores, first, last, float(stream.frame_rate))
+    while end_frame is not None and len(after) < _EDGE:
+        frame = stream.read()
+        if frame is False:
+            break
+        after.append(small(frame))
+    return _SegmentScores(positions, scores, first, last, float(stream.frame_rate), head, after)
 
 
 def _segment_starts(path: str, config: ScenesConfig, segments: int) -> tuple[list[int], float]:
-    """Keyframe frame numbers near equal fractions of the video, where segments start (0 first)."""
+    """Where segments start (0 first): equal shares of the frame count from the container's header.
+
+    Not only at keyframes: the backends seek frame-accurately (decoding on from the keyframe before), and a
+    keyframe can sit far from the middle (one every ~6 s in common encodes), which left one worker with
+    several per cent more frames than the other. Nor does it demux the whole file first to list keyframes.
+    Whether each seek landed exactly is checked on the decoded pixels when the segments are stitched."""
     import av
 
     with av.open(path) as container:
@@ -311,15 +337,17 @@ def _segment_starts(path: str, config: ScenesConfig, segments: int) -> tuple[lis
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         frames = stream.frames
         duration = float(stream.duration * stream.time_base) if stream.duration else None
+        if not duration and container.duration:
+            duration = container.duration / 1_000_000
     if not fps > 0:
         return [0], 0.0
     total = frames or (round(duration * fps) if duration else 0)
-    keys = sorted({round(t * fps) for t in keyframe_times(path)} - {0})
+    # a segment shorter than this costs more in worker start-up and seeking than it saves
+    segments = min(segments, int(total // max(1.0, SPLIT_MIN_SEGMENT_S * fps)))
     starts = [0]
     for i in range(1, segments):
-        want = total * i / segments
-        cand = min(keys, key=lambda k: abs(k - want), default=None)
-        if cand is not None and cand > starts[-1]:
+        cand = round(total * i / segments)
+        if cand > starts[-1] and cand < total:
             starts.append(cand)
     return starts, fps
 
@@ -336,10 +364,11 @@ class _ScoredContentDetector:
 
 def detect_cuts_split(path: str | os.PathLike, config: ScenesConfig | None = None, workers: int = 2,
                       pool: cf.Executor | None = None) -> CutResult:
-    """:func:`detect_cuts` for one long video over ``workers`` processes: the video is split at keyframes,
-    each segment's frame scores are computed in parallel, the scores across each boundary are computed from
-    the neighbouring segments' edge frames, and the library's ContentDetector then decides the cuts over the
-    whole score sequence in order. The cuts are those of the single pass (tests/test_scenes.py checks it on
+    """:func:`detect_cuts` for one long video over ``workers`` processes: the video is split into equal
+    segments (each worker seeks to its start; the stitch checks that the seek landed on exactly the frames a
+    sequential read decodes there), each segment's frame scores are computed in parallel, the scores across
+    each boundary are computed from the neighbouring segments' edge frames, and the library's ContentDetector
+    then decides the cuts over the whole score sequence in order. The cuts are those of the single pass (tests/test_scenes.py checks it on
     real footage and against the CLI). Other detectors, short videos and files whose segments do not join
     frame for frame fall back to the single pass."""
 
@@ -372,10 +401,18 @@ def _split_detect(path: str, config: ScenesConfig, workers: int, pool: cf.Execut
     finally:
         if own:
             pool.shutdown()
-    # every segment must continue its predecessor frame for frame, or the single pass decides
+    # every segment must continue its predecessor frame for frame, or the single pass decides: numbered on
+    # from where the previous one ended, and its first frames the very pixels that reading on past the
+    # previous segment's end decodes (a seek that landed a frame early or late, or on other pixels, fails this)
     for (a, b), part in zip(bounds, parts):
         nums = [p.frame_num for p in part.positions]
         if not nums or nums[0] != a or nums != list(range(a, a + len(nums))) or (b is not None and len(nums) != b - a):
+            return None
+    import numpy as np
+
+    for prev, part in zip(parts, parts[1:]):
+        n = min(_EDGE, len(part.head))
+        if len(prev.after) < n or not all(np.array_equal(x, y) for x, y in zip(prev.after[:n], part.head[:n])):
             return None
     scores: dict[int, float] = {}
     for i, part in enumerate(parts):
@@ -447,7 +484,7 @@ def detect_many(
     paths = [os.fspath(p) for p in paths]
     if workers <= 1 or not paths:  # (no videos: a shard whose inputs were all errors or duplicates)
         return [_detect_or_error(p, config) for p in paths]
-    if len(paths) == 1:  # one video: split it at keyframes so every worker has a part (same cuts)
+    if len(paths) == 1:  # one video: split it into segments so every worker has a part (same cuts)
         return [_detect_split_or_error(paths[0], config, workers)]
 
     def size(p: str) -> int:

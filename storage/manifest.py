@@ -7,6 +7,7 @@ shard stale until ``tag`` runs again, and ``status`` says so.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 from typing import Any
@@ -54,6 +55,25 @@ def read_plan(root: OutputRoot) -> dict | None:
 
 _PLAN_CACHE: dict[str, tuple[tuple, dict]] = {}
 _PLAN_LOCK = threading.Lock()
+_PINNED = threading.local()  # .plans: root url -> plan, while a reader holds `pinned_plan`
+
+
+@contextlib.contextmanager
+def pinned_plan(root: OutputRoot):
+    """Within the block, this thread's ``cached_plan(root)`` answers from one snapshot taken on entry instead
+    of checking the file's modification time on every call: a read-only pass over many shards (``status``
+    judges 10,000 shards, each asking for the plan several times) then stats the plan once, not per shard."""
+    plans = getattr(_PINNED, "plans", None)
+    if plans is None:
+        plans = _PINNED.plans = {}
+    outer = root.url in plans
+    if not outer:
+        plans[root.url] = cached_plan(root)
+    try:
+        yield plans[root.url]
+    finally:
+        if not outer:
+            plans.pop(root.url, None)
 
 
 def cached_plan(root: OutputRoot) -> dict | None:
@@ -63,6 +83,9 @@ def cached_plan(root: OutputRoot) -> dict | None:
     work per run grow with shards x plan size. The returned dict is shared: callers must not modify it."""
     import pyarrow.fs as pafs
 
+    plans = getattr(_PINNED, "plans", None)
+    if plans and root.url in plans:
+        return plans[root.url]
     path = root.path("ingest", "_plan.json")
     info = root.fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:

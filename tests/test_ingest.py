@@ -154,3 +154,28 @@ def test_plan_keeps_assignments_when_inputs_grow():
     assert p1["shards"] == [["a", "b"], ["c"]]
     p2 = ingest.make_plan(["a", "b", "c", "d", "e", "f"], 2, p1)
     assert p2["shards"][:1] == [["a", "b"]] and p2["shards"][1] == ["c", "d"] and p2["shards"][2] == ["e", "f"]
+
+
+def test_duplicate_check_sizes_each_planned_file_once(tmp_path, monkeypatch):
+    """Looking for an earlier copy of every file of a plan sizes each planned file once in all, not once per
+    later file (which was N^2 / 2 size checks for a plan of N files), and still finds the first copy."""
+    d = tmp_path / "in"
+    d.mkdir()
+    n = 60
+    uris = []
+    for i in range(n):
+        p = d / f"v{i:03d}.bin"
+        p.write_bytes(b"x" * (100 + i % 7) if i != 45 else b"x" * (100 + 3))  # 45: the bytes of 3 (and of 10, 17, ...)
+        uris.append(str(p))
+    plan = {"version": 1, "shards": [uris[k:k + 4] for k in range(0, n, 4)]}
+    calls = []
+    real = ingest._size_of
+    monkeypatch.setattr(ingest, "_size_of", lambda u: calls.append(u) or real(u))
+    found = {}
+    for k, shard in enumerate(plan["shards"]):
+        for j, u in enumerate(shard):
+            found[u] = ingest.earlier_duplicate(plan, k, j, os.path.getsize(u), ingest._hash_of(u), str(tmp_path / "c"))
+    assert len(calls) == len(set(calls)) <= n
+    assert found[uris[3]] is None and found[uris[10]] == (uris[3], 0) and found[uris[45]] == (uris[3], 0)
+    # byte-equal files of one size: each later one names the first in plan order
+    assert all(found[u] == (uris[i % 7], (i % 7) // 4) for i, u in enumerate(uris) if i >= 7 and i != 45)

@@ -269,3 +269,61 @@ def test_later_stage_starts_before_earlier_stage_ends(prefect_harness, tmp_path)
         rows = {r["item"]: r for r in OutputRoot(str(out)).read_stage("stream_up").to_pylist()}
     assert rows["up-1"]["saw_downstream_start"], \
         "downstream shard 0 did not start while upstream shard 1 was running: shards are not streamed"
+
+
+# -- per-task tax: the config travels quoted, the outcome is the task run's state message -------------------
+def test_submit_passes_the_config_quoted_so_prefect_does_not_walk_it(monkeypatch):
+    """Prefect walks every task argument for futures at submission and again at task start; the pipeline config
+    is a large nested dict, so it goes in `quote` (not walked, unwrapped for the task), the shard dependencies
+    being the explicit `wait_for` futures."""
+    from prefect.utilities.annotations import quote
+
+    import flows.pipeline as fp
+    from flows.config import pipeline_model
+
+    calls = []
+
+    class _Opts:
+        def submit(self, *args, wait_for):
+            calls.append((args, list(wait_for)))
+            return object()
+
+    monkeypatch.setattr(fp.stage_shard, "with_options", lambda **kw: _Opts())
+    pc = pipeline_model().model_validate({"runtime": {"retries": 0}})
+    cfg = pc.model_dump(mode="json")
+    futures = fp._submit(["ingest", "scenes"], [0, 1], "/tmp/x", cfg, False, pc.runtime)
+    assert len(calls) == 4 and set(futures) == {("ingest", 0), ("ingest", 1), ("scenes", 0), ("scenes", 1)}
+    for (stage, shard, out, config, force), waits in calls:
+        assert isinstance(config, quote) and config.unquote() is cfg
+        assert waits == ([] if stage == "ingest" else [futures[("ingest", shard)]])
+
+
+def test_task_run_state_message_is_the_shard_outcome(prefect_harness, tmp_path):
+    """Each (stage, shard) task run ends Completed with the outcome line as its state message (what the UI shows
+    on the task run, and Prefect's one "Finished in state" log line per task), and the flow still gets the
+    outcome dicts."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from flows.config import pipeline_model
+    from flows.pipeline import _run_graph
+    from storage.root import OutputRoot
+    from tests._slow_stage import plan
+
+    name = f"msg_probe_{uuid.uuid4().hex[:6]}"
+    st = Stage(name=name, schema=STREAM_SCHEMA, inputs=(), config_cls=StreamProbeConfig,
+               process=lambda ctx: [StreamProbe(item=f"x-{ctx.shard}", saw_downstream_start=False)])
+    with _registered([st]) as names:
+        out = tmp_path / "msg"
+        plan(OutputRoot(str(out)), 2, 1)
+        pc = pipeline_model().model_validate({"runtime": {"retries": 0, "max_workers": 2}})
+        results, failures = _run_graph(str(out), names, [0, 1], pc.model_dump(mode="json"), False, pc.runtime)
+    assert not failures and sorted(r["shard"] for r in results) == [0, 1]
+    assert all(r["stage"] == name and r["action"] == "written" and r["rows"] == 1 for r in results)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(any_=[f"{name} / shard 00000", f"{name} / shard 00001"])))
+    assert sorted(r.name for r in runs) == [f"{name} / shard 00000", f"{name} / shard 00001"]
+    for r in runs:
+        assert r.state.is_completed()
+        assert r.state.message.startswith(f"{r.name}: written, 1 rows (1 ok, 0 error, 0 skipped) in ")

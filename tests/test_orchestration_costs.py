@@ -115,3 +115,51 @@ def test_pipeline_config_validated_once_per_config_object():
     bad["scenes"]["no_such_key"] = 1
     with pytest.raises(ValueError):
         fp.validated_config(bad)
+
+
+_LAZY_PROBE = r"""
+import json, sys
+from typer.testing import CliRunner
+from flows.cli import app
+
+res = CliRunner().invoke(app, ["status", "--out", sys.argv[1], "--no-server", "--json"], catch_exceptions=False)
+assert res.exit_code == 0, res.output
+after_status = sorted(m for m in ("torch", "transformers", "pandas", "prefect", "experts", "scenedetect", "cv2")
+                      if m in sys.modules)
+from stages.registry import STAGE_MODULES, available_stages, get_stage
+listed = available_stages()
+described = {n: (get_stage(n).config_cls.model_json_schema()["title"], len(get_stage(n).schema),
+                 list(get_stage(n).inputs)) for n in listed}
+after_registry = sorted(m for m in ("torch", "transformers", "torchvision", "vllm", "open_clip", "timm")
+                        if m in sys.modules)
+print(json.dumps({"status": json.loads(res.output), "after_status": after_status, "listed": listed,
+                  "described": described, "after_registry": after_registry}))
+"""
+
+
+def test_status_and_stage_registry_import_no_model_libraries(tmp_path):
+    """`motionforge status` in a fresh process imports no model library (torch, transformers), nor pandas,
+    Prefect or the experts; listing every stage with its config schema and table schema imports no torch
+    either: models load inside the functions that run them. A fresh `status` over 10,000 shards is mostly
+    its imports (benchmarks/bench_status.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stages.registry import STAGE_MODULES
+
+    root, _, _ = _synthetic_root(tmp_path, 4)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "-c", _LAZY_PROBE, root.url], env=env, cwd=repo, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    by = {s["stage"]: s for s in got["status"]["stages"]}
+    assert by["scenes"]["complete"] == 1 and by["scenes"]["stale"] == 2 and by["scenes"]["pending"] == 1
+    assert got["after_status"] == []
+    assert got["listed"] == list(STAGE_MODULES)
+    assert all(title and n_cols > 0 for title, n_cols, _ in got["described"].values())
+    assert got["described"]["scenes"][2] == ["ingest"]
+    assert got["after_registry"] == []

@@ -349,12 +349,14 @@ def test_cut_clip_errors(synth, tmp_path):
 
 @pytest.mark.parametrize("backend", ["opencv", "pyav"])
 @pytest.mark.parametrize("workers", [2, 3])
-def test_split_and_stitch_equals_single_pass(synth, tmp_path, backend, workers):
-    """One video split at keyframes, segments scored in parallel processes, then stitched: the cuts, frame
+def test_split_and_stitch_equals_single_pass(synth, tmp_path, backend, workers, monkeypatch):
+    """One video split into equal segments (seams mid-GOP), segments scored in parallel processes, then stitched: the cuts, frame
     count and rate are those of the single pass, on real footage and on generated shots whose cuts fall near
     the segment boundaries."""
+    from stages import scenes
     from stages.scenes import _split_detect, detect_cuts_split, detect_many
 
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 0.5)  # these test videos are a few seconds long
     config = ScenesConfig(backend=backend)
     for video in (_bikes(), synth, write_shots(tmp_path / "near.mp4", shots=(26, 24, 30, 27, 40), seed=3)):
         single = detect_cuts(video, config)
@@ -365,8 +367,11 @@ def test_split_and_stitch_equals_single_pass(synth, tmp_path, backend, workers):
     assert detect_many([_bikes()], config, workers=workers) == [detect_cuts(_bikes(), config)]
 
 
-def test_split_detection_matches_the_cli_on_real_footage(tmp_path):
+def test_split_detection_matches_the_cli_on_real_footage(tmp_path, monkeypatch):
+    from stages import scenes
     from stages.scenes import _split_detect
+
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 0.5)
 
     bikes = _bikes()
     split = _split_detect(str(bikes), ScenesConfig(), 2, None)
@@ -378,3 +383,55 @@ def test_detect_many_with_no_videos_returns_nothing():
     from stages.scenes import detect_many
 
     assert detect_many([], workers=2) == [] and detect_many([], workers=1) == []
+
+
+def test_split_rejects_a_seek_that_lands_on_other_pixels(synth, monkeypatch):
+    """Segments start at equal shares of the frame count, not only at keyframes, so the stitch checks that each
+    seek landed on exactly the frames that reading on past the previous segment's end decodes. A backend whose
+    seek lands one frame late while reporting the requested position is refused (the single pass then decides,
+    with the single pass's cuts)."""
+    import concurrent.futures as cf
+
+    from stages import scenes
+    from stages.scenes import _split_detect, detect_cuts_split
+
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 0.5)
+    config = ScenesConfig(backend="opencv")
+    single = detect_cuts(synth, config)
+    with cf.ThreadPoolExecutor(2) as pool:  # in-process workers, so the patched backend is the one they use
+        assert _split_detect(str(synth), config, 2, pool) == single  # the honest backend stitches
+        starts, _ = scenes._segment_starts(str(synth), config, 2)
+        assert len(starts) == 2 and starts[1] % 25 != 0  # mid-video, not on a 1 s keyframe of this file
+
+        real_open = scenes._open_stream
+
+        class LateSeek:
+            def __init__(self, inner):
+                self.inner, self.shift = inner, 0
+
+            def seek(self, target):
+                self.inner.seek(target + 1)
+                self.shift = 1
+
+            @property
+            def position(self):
+                return self.inner.position - self.shift
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+        monkeypatch.setattr(scenes, "_open_stream", lambda path, cfg: LateSeek(real_open(path, cfg)))
+        assert _split_detect(str(synth), config, 2, pool) is None
+        assert detect_cuts_split(synth, config, workers=2, pool=pool) == single
+
+
+def test_short_video_is_not_split(synth, monkeypatch):
+    """A video shorter than two segments of SPLIT_MIN_SEGMENT_S is detected in one pass, with no worker pool
+    (starting workers costs more than a few seconds of video)."""
+    from stages import scenes
+
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 5.0)  # synth is ~5 s long
+    assert scenes._segment_starts(str(synth), ScenesConfig(), 2)[0] == [0]
+    assert scenes._split_detect(str(synth), ScenesConfig(), 2, None) is None
+    monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 1.0)
+    assert len(scenes._segment_starts(str(synth), ScenesConfig(), 3)[0]) == 3
