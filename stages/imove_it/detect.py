@@ -56,7 +56,7 @@ class DetectConfig(StageConfig):
     batch_size: int = 8
     # Throughput only (left out of the config hash): first frames decoded ahead of the detector (None: one
     # batch; 0: decode inline), and crops per CLIP forward pass (the surviving boxes of a whole batch of clips).
-    prefetch_depth: int | None = None
+    prefetch_depth: int | None = Field(None, ge=0)
     clip_batch_size: int = 256
 
     RUN_ONLY_FIELDS = frozenset({"prefetch_depth", "clip_batch_size"})
@@ -66,13 +66,6 @@ class DetectConfig(StageConfig):
     def _positive(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError(f"must be >= 1 (or None where allowed), got {v}")
-        return v
-
-    @field_validator("prefetch_depth")
-    @classmethod
-    def _depth(cls, v: int | None) -> int | None:
-        if v is not None and v < 0:
-            raise ValueError(f"prefetch_depth must be >= 0 (0: decode inline) or None (one batch), got {v}")
         return v
 
 

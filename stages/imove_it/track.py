@@ -34,16 +34,9 @@ class TrackConfig(StageConfig):
     # Throughput only (left out of the config hash): frames decoded ahead of the tracker on a prefetch thread,
     # running on into the next clip while the tracker finishes this one (0: decode inline). Memory: this many
     # decoded frames beyond the tracker's own.
-    prefetch_frames: int = 32
+    prefetch_frames: int = Field(32, ge=0)
 
     RUN_ONLY_FIELDS = frozenset({"prefetch_frames"})
-
-    @field_validator("prefetch_frames")
-    @classmethod
-    def _depth(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"prefetch_frames must be >= 0 (0: decode inline), got {v}")
-        return v
 
     @field_validator("fps")
     @classmethod

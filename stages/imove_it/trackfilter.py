@@ -45,25 +45,11 @@ class TrackFilterConfig(StageConfig):
     # Throughput only (left out of the config hash; verdicts agree up to float rounding of batched passes):
     # clips whose crops share one CLIP call, clips decoded ahead of the model (None: one batch; 0: inline),
     # and crops per CLIP forward pass.
-    batch_size: int = 8
-    prefetch_depth: int | None = None
-    clip_batch_size: int = 256
+    batch_size: int = Field(8, ge=1)
+    prefetch_depth: int | None = Field(None, ge=0)
+    clip_batch_size: int = Field(256, ge=1)
 
     RUN_ONLY_FIELDS = frozenset({"batch_size", "prefetch_depth", "clip_batch_size"})
-
-    @field_validator("batch_size", "clip_batch_size")
-    @classmethod
-    def _batch(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
-
-    @field_validator("prefetch_depth")
-    @classmethod
-    def _depth(cls, v: int | None) -> int | None:
-        if v is not None and v < 0:
-            raise ValueError(f"prefetch_depth must be >= 0 (0: decode inline) or None (one batch), got {v}")
-        return v
 
     @field_validator("max_area_ratio")
     @classmethod

@@ -24,6 +24,17 @@ R = TypeVar("R")
 _END = object()
 
 
+def _put(q: queue.Queue, stop: threading.Event, value) -> bool:
+    """Put ``value`` on the bounded queue, waiting while it is full; False once the consumer has stopped."""
+    while not stop.is_set():
+        try:
+            q.put(value, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _inline(items: Iterable[T], load: Callable[[T], R]) -> Iterator[tuple[T, R | Exception]]:
     for item in items:
         try:
@@ -43,13 +54,7 @@ def prefetched(items: Iterable[T], load: Callable[[T], R], depth: int = 4) -> It
     stop = threading.Event()
 
     def put(value) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _put(q, stop, value)
 
     def work() -> None:
         try:
@@ -137,13 +142,7 @@ def prefetched_streams(items: Iterable[T], open_stream: Callable[[T], Iterable[R
     cancelled = [-1]  # the highest item index whose remaining elements the consumer no longer wants
 
     def put(value) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _put(q, stop, value)
 
     def work() -> None:
         try:
