@@ -119,13 +119,20 @@ def resolve_tiny(model_id: str) -> Path:
     if family not in _TINY_BUILDERS:
         raise WeightsNotFoundError(f"no tiny builder for {model_id!r}; known: {sorted(_TINY_BUILDERS) or sorted(_TINY_MODULES)}")
     out = tiny_cache_dir() / family
-    with _tiny_lock:
+    if (out / ".complete").exists():
+        return out
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # threads of this process, and other processes sharing the cache (parallel tests, workers on one node): one
+    # builds, the others wait and then find it complete; a folder being read is never replaced
+    with _tiny_lock, FileLock(str(out.with_name(f".{family}.lock"))):
         if not (out / ".complete").exists():
             tmp = out.with_name(f".{family}.tmp-{os.getpid()}")
             tmp.mkdir(parents=True, exist_ok=True)
             _TINY_BUILDERS[family](tmp)
             (tmp / ".complete").write_text("ok")
-            if out.exists():
+            if out.exists():  # an incomplete build left by a killed process
                 import shutil
 
                 shutil.rmtree(out, ignore_errors=True)

@@ -8,13 +8,27 @@ from pathlib import Path
 import pytest
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="motionforge-tests-"))
-os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
+# Variables this file defaulted (not given by the user). pytest-xdist's test processes inherit the environment
+# of the process that started them, which ran this file first: they replace these with their own folders, so
+# no two test processes share a Prefect home or a cache.
+_DEFAULTED = "MOTIONFORGE_TESTS_DEFAULTED"
+_ours = set(filter(None, os.environ.get(_DEFAULTED, "").split(",")))
+
+
+def _default(name: str, value: str) -> None:
+    if name not in os.environ or name in _ours:
+        os.environ[name] = value
+        _ours.add(name)
+
+
+_default("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("MOTIONFORGE_TINY_CACHE", str(_SESSION_TMP / "tiny"))
-os.environ.setdefault("MOTIONFORGE_INPUT_CACHE", str(_SESSION_TMP / "inputs"))
+_default("MOTIONFORGE_TINY_CACHE", str(_SESSION_TMP / "tiny"))
+_default("MOTIONFORGE_INPUT_CACHE", str(_SESSION_TMP / "inputs"))
+os.environ[_DEFAULTED] = ",".join(sorted(_ours))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One test process per CPU (pyproject's addopts): a second intra-op thread in each would only make them
