@@ -35,7 +35,9 @@ def test_one_build_for_processes_that_ask_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MOTIONFORGE_TINY_CACHE", str(cache))
     results = tmp_path / "results"
     results.mkdir()
-    ctx = mp.get_context("fork")  # the builder registered above is inherited
+    # Fresh interpreters that import this module (and so register the builder): a forked child would inherit
+    # the exit hooks of Prefect services an earlier test started in this process, which fail after a fork.
+    ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(4)
     procs = [ctx.Process(target=_contender, args=(barrier, results, i)) for i in range(4)]
     for p in procs:
