@@ -187,7 +187,7 @@ def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force:
     pc = validated_config(config)
     root = OutputRoot(out)
     st = get_stage(stage)
-    from flows.secrets import load_api_keys
+    from flows.api_keys import load_api_keys
 
     load_api_keys(pc.stage_config(stage))
     with gpu_slot(stage, pc.runtime.gpu_concurrency_limit, pc.stage_config(stage)):

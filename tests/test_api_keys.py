@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from flows.secrets import SecretBlockError, chat_specs, load_api_keys
+from flows.api_keys import SecretBlockError, chat_specs, load_api_keys
 from stages.imove_it.caption import CaptionConfig
 from stages.motionbench.ffilter import FfilterConfig
 
