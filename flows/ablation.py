@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import importlib
 import io
+import math
 import time
 from typing import Any, Callable, Literal
 
@@ -116,7 +117,9 @@ def load_step(dotted: str) -> Callable[[AblationCell], dict[str, float]]:
 
 
 def synthetic_motion_probe(cell: AblationCell) -> dict[str, float]:
-    """Default step: fine-tune a VLM with the cell's fusion on synthetic motion clips, score answers.
+    """Default step: fine-tune a VLM with the cell's fusion on synthetic motion clips, score answers, and
+    report the speed of both loops (``train_samples_per_s``, ``eval_samples_per_s``; ``peak_gpu_mib`` on CUDA)
+    beside the decoder's video tokens per clip (see :class:`experts.model_parts.probe.ProbeResult`).
 
     params: ``model_id`` (tiny://qwen2_vl), ``n_train`` (32), ``n_eval`` (32), ``steps`` (20), ``lr``
     (3e-3), ``batch_size`` (8), ``seed`` (0), ``device`` (auto), ``frame_size`` (56). Train and eval clips
@@ -161,8 +164,17 @@ def run_cell(cfg: AblationConfig, cell: AblationCell) -> dict:
 
 
 def _fmt(metric: str, v: float) -> str:
-    # counts (tokens, slots, clips) print as integers; rates and losses with three decimals
-    return str(int(v)) if metric != "accuracy" and float(v).is_integer() else f"{v:.3f}"
+    v = float(v)
+    if not math.isfinite(v):
+        return str(v)
+    if metric.endswith("_per_s") and v > 0:
+        # throughput spans orders of magnitude (a CPU probe, a GPU run): three significant figures at any scale,
+        # and the same decimals whether or not a rate happens to be whole
+        return f"{v:.{max(0, 2 - math.floor(math.log10(v)))}f}"
+    if metric.endswith("_mib"):  # memory: whole MiB
+        return f"{v:.0f}"
+    # counts (tokens, slots, clips) print as integers; fractions and losses with three decimals
+    return str(int(v)) if metric != "accuracy" and v.is_integer() else f"{v:.3f}"
 
 
 def grid_table(records: list[dict], metric: str, cfg: AblationConfig) -> str:

@@ -14,11 +14,16 @@ Use it as ``motionforge ablation --train-eval flows.ablation_training:trainer_st
 
 Frames: ``cell.input_slots`` Qwen2-VL time slots of 2 frames each, in training and in evaluation.
 Returns MotionBench accuracy (``accuracy``), per-category accuracies, the number of questions whose clip or
-answer failed (``errors``, scored as wrong) and the last training loss.
+answer failed (``errors``, scored as wrong), the last training loss, and the cell's speed: ``train_samples_per_s``
+(the Trainer's samples over the wall time of ``trainer.train``, data loading and the collator included),
+``eval_samples_per_s`` (questions answered over the wall time of the MotionBench evaluation, clip decoding and
+generation included) and, on CUDA, ``peak_gpu_mib`` (the most memory torch held over training, the checkpoint's
+reload and evaluation). Video tokens per sample are not reported here: they follow each clip's own frame size.
 """
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +66,14 @@ def trainer_step(cell: AblationCell) -> dict[str, float]:
     from stages.training import evaluate as ev
     from stages.training.trainer import run_training
 
+    import torch
+
     p = {**DEFAULTS, **cell.params}
     if not p.get("motionbench_meta"):
         raise ValueError("trainer_step needs -p motionbench_meta=<video_info.meta.jsonl> to score the cell")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix=f"ablation-{cell.key}-") as tmp:
         run_dir = Path(p["runs_dir"]) / cell.key if p["runs_dir"] else Path(tmp) / cell.key
         cfg = cell_train_config(cell, run_dir)
@@ -71,14 +81,24 @@ def trainer_step(cell: AblationCell) -> dict[str, float]:
         model, processor, cfg = ev.load_checkpoint(summary["final"], merge=cfg.method == "lora")
         vlm = vlm_from_loaded(model, processor, VlmSpec(model_id=cfg.model.model_id, max_new_tokens=16,
                                                         batch_size=int(p["batch_size"])), name=str(run_dir))
+        t0 = time.perf_counter()
         result = ev.evaluate_motionbench(vlm, p["motionbench_meta"], p["motionbench_videos"], cfg.data.num_frames,
                                          cfg.data.short_side, run_dir / "eval_motionbench",
                                          answers=p["motionbench_answers"], batch_size=int(p["batch_size"]),
                                          limit=p["limit"])
+        eval_s = time.perf_counter() - t0  # generation returns text, so the GPU has finished by then
     if result.get("overall") is None:
         raise ValueError(f"no MotionBench question was scored for {cell.key} (errors: {result.get('errors')})")
-    out = {"accuracy": float(result["overall"]), "errors": float(len(result.get("errors") or {}))}
+    errors = len(result.get("errors") or {})
+    out = {"accuracy": float(result["overall"]), "errors": float(errors)}
     out.update({cat: float(acc) for cat, acc in result.get("per_category", {}).items() if acc is not None})
     if summary["loss_curve"]:
         out["train_loss"] = float(summary["loss_curve"][-1][1])
+    if summary.get("samples_per_s"):
+        out["train_samples_per_s"] = float(summary["samples_per_s"])
+    answered = int(result["scored"]) + int(result["not_scored"]) - errors
+    if answered > 0:
+        out["eval_samples_per_s"] = answered / max(eval_s, 1e-9)
+    if cuda:
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out

@@ -1,6 +1,7 @@
 """A real, small train-and-evaluate step for compression ablations: fine-tune a VLM with one temporal fusion
 setting on four-option motion questions and measure answer accuracy, MotionBench style (the answer is the
-option letter the model scores highest at the answer position).
+option letter the model scores highest at the answer position), and the speed of the training and the
+evaluation loop (clips per second, peak GPU memory on CUDA).
 
 Made for the tiny Qwen2-VL miniature on a CPU (tests, smoke runs); the same code runs a real checkpoint on a
 GPU but does full fine-tuning with no LoRA and no data loader: the issue-17 trainer replaces it for real runs.
@@ -26,11 +27,19 @@ class ProbeResult:
     train_loss_last: float
     video_tokens_per_clip: int  # decoder tokens one clip's video costs after compression
     encoder_slots_per_clip: int  # temporal slots the vision encoder sees per clip
-    train_seconds: float
-    eval_clips_per_s: float
+    train_seconds: float  # the optimiser loop alone (batches are encoded and on the device before it starts)
+    # clips through forward, backward and the AdamW step per second of that loop, from the end of its first step
+    # when it has two or more: the first step pays one-off costs (allocator growth, kernel selection, lazy init,
+    # for the first cell of a process the library's own), which would otherwise tilt the grid against the
+    # first cell run
+    train_samples_per_s: float
+    eval_samples_per_s: float  # clips scored per second of the evaluation loop (forward only)
+    # most memory torch held on the GPU during training and evaluation, weights and optimiser state included;
+    # None off CUDA (left out of the metrics rather than written as 0)
+    peak_gpu_mib: float | None = None
 
     def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.__dict__.items()}
+        return {k: float(v) for k, v in self.__dict__.items() if v is not None}
 
 
 def _letter_ids(tok: Any, letters: Sequence[str]) -> list[int]:
@@ -89,9 +98,20 @@ def train_and_evaluate(model_id: str, fusion: TemporalFusionConfig,
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:  # CUDA kernels run asynchronously: a wall clock read needs them finished
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
     model.train()
     losses = []
+    trained = 0
+    sync()
     t0 = time.perf_counter()
+    steady_t0, steady_from = t0, 0
     for step in range(steps):
         batch, answers = train_batches[step % len(train_batches)]
         logits = model(**batch).logits[:, -1, :].index_select(-1, letters).float()
@@ -100,16 +120,28 @@ def train_and_evaluate(model_id: str, fusion: TemporalFusionConfig,
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    train_s = time.perf_counter() - t0
+        trained += len(answers)
+        if step == 0 and steps > 1:
+            sync()
+            steady_t0, steady_from = time.perf_counter(), trained
+    sync()
+    t_end = time.perf_counter()
+    train_s = t_end - t0
     model.eval()
     correct = n = 0
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
         for batch, answers in eval_batches:
             pred = model(**batch).logits[:, -1, :].index_select(-1, letters).argmax(-1)
             correct += int((pred == answers).sum())
             n += len(answers)
+    sync()
     eval_s = time.perf_counter() - t0
     return ProbeResult(accuracy=correct / n, n_eval=n, train_loss_first=losses[0] if losses else float("nan"),
                        train_loss_last=losses[-1] if losses else float("nan"), video_tokens_per_clip=video_tokens,
-                       encoder_slots_per_clip=slots, train_seconds=train_s, eval_clips_per_s=n / max(eval_s, 1e-9))
+                       encoder_slots_per_clip=slots, train_seconds=train_s,
+                       # a loop faster than the clock's resolution still gives a finite rate
+                       train_samples_per_s=(trained - steady_from) / max(t_end - steady_t0, 1e-9),
+                       eval_samples_per_s=n / max(eval_s, 1e-9),
+                       peak_gpu_mib=torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None)

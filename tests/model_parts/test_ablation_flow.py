@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flows.ablation import (METHOD_LABELS, PAPER_METHODS, AblationCell, AblationConfig, compression_ablation, load_step,
-                            plan_cells, synthetic_motion_probe)
+                            plan_cells, synthetic_motion_probe, write_tables)
 from stages.synth.motion_clips import DIRECTIONS, motion_clip_set, render_motion_clip
 
 METHODS = PAPER_METHODS  # MotionBench Tables 7-8's rows
@@ -19,6 +20,7 @@ assert METHODS == ("none", "pre_encoder", "qformer", "post_pool", "kangaroo", "t
 TINY_STEP = {"model_id": "tiny://qwen2_vl", "n_train": 4, "n_eval": 4, "steps": 2, "batch_size": 4,
              "frame_size": 28, "device": "cpu"}
 CALLS: list[str] = []
+SPEED_METRICS = ("train_samples_per_s", "eval_samples_per_s", "train_seconds")
 
 
 def counting_step(cell: AblationCell) -> dict[str, float]:
@@ -72,8 +74,15 @@ def test_ablation_flow_end_to_end(prefect_harness, tmp_path: Path):
         assert float(r["video_tokens_per_clip"]) == 1.0
         assert float(r["encoder_slots_per_clip"]) == int(r["rate"])
         assert float(r["train_loss_first"]) != float(r["train_loss_last"])  # the optimiser really stepped
+        # the loops' speed is measured in every cell; its values depend on the machine, so only their form is checked
+        for speed in SPEED_METRICS:
+            assert math.isfinite(float(r[speed])) and float(r[speed]) > 0, (speed, r)
+    assert "peak_gpu_mib" not in rows[0]  # a CPU run has no GPU memory to report (not a column of zeros)
     table = Path(out["table"]).read_text()
     assert "| method | k=2 | k=4 |" in table
+    for metric in SPEED_METRICS + ("video_tokens_per_clip",):
+        grid = table.split(f"**{metric}**")[1].split("**")[0]
+        assert grid.count("| error | error |") == 1 and METHOD_LABELS["te_fusion"] in grid
     for m in METHODS:
         assert METHOD_LABELS[m] in table
     acc_grid = table.split("**accuracy**")[1].split("**")[0]
@@ -84,6 +93,29 @@ def test_ablation_flow_end_to_end(prefect_harness, tmp_path: Path):
     assert CALLS == [] and Path(out2["table"]).read_text() == table
     cell = json.loads((tmp_path / "ablation" / "compression" / "cells" / "te_fusion-k4.json").read_text())
     assert cell["cell"]["method"] == "te_fusion" and cell["status"] == "ok"
+
+
+def test_throughput_grids_print_rates_to_three_figures(tmp_path: Path):
+    cfg = AblationConfig(out=str(tmp_path), methods=("none", "te_fusion"), rates=(2,))
+    cells = plan_cells(cfg)
+    metrics = [{"accuracy": 0.5, "train_samples_per_s": 1234.56, "eval_samples_per_s": 12.0, "peak_gpu_mib": 20480.4,
+                "video_tokens_per_clip": 64.0},
+               {"accuracy": 1.0, "train_samples_per_s": 0.012345, "eval_samples_per_s": 3.14159, "peak_gpu_mib": 512.0,
+                "video_tokens_per_clip": 64.0}]
+    records = [{"cell": c.model_dump(mode="json"), "status": "ok", "error": None, "metrics": m, "seconds": 1.0}
+               for c, m in zip(cells, metrics)]
+    table = Path(write_tables(cfg, records)["table"]).read_text()
+
+    def row(metric: str, method: str) -> str:
+        grid = table.split(f"**{metric}**")[1].split("**")[0]
+        return next(ln for ln in grid.splitlines() if ln.startswith(f"| {METHOD_LABELS[method]} |"))
+
+    assert row("train_samples_per_s", "none").endswith("| 1235 |")
+    assert row("train_samples_per_s", "te_fusion").endswith("| 0.0123 |")
+    assert row("eval_samples_per_s", "none").endswith("| 12.0 |")  # a whole rate keeps its decimals
+    assert row("eval_samples_per_s", "te_fusion").endswith("| 3.14 |")
+    assert row("peak_gpu_mib", "none").endswith("| 20480 |") and row("peak_gpu_mib", "te_fusion").endswith("| 512 |")
+    assert row("video_tokens_per_clip", "none").endswith("| 64 |") and row("accuracy", "te_fusion").endswith("| 1.000 |")
 
 
 def test_cli_runs_the_grid(prefect_harness, tmp_path: Path):

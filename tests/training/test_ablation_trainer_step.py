@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,10 @@ def test_one_cell_trains_with_the_trainer_and_is_scored_on_motionbench(prefect_h
     acc = float(rows[0]["accuracy"])
     assert acc * 2 == round(acc * 2) and 0.0 <= acc <= 1.0  # right answers out of 2 questions
     assert float(rows[0]["errors"]) == 0.0 and float(rows[0]["train_loss"]) > 0
+    for speed in ("train_samples_per_s", "eval_samples_per_s"):  # measured, so only their form is checked
+        assert math.isfinite(float(rows[0][speed])) and float(rows[0][speed]) > 0, rows[0]
+    assert "peak_gpu_mib" not in rows[0]  # no GPU, no memory figure (not a zero)
+    assert "**train_samples_per_s**" in Path(out["table"]).read_text()
     run = tmp_path / "runs" / "te_fusion-k2"
     # the cell's run: 2 slots x 2 frames, the cell's fusion recorded and its weights saved beside the adapter
     fp = json.loads((run / "final" / "motionforge_fingerprint.json").read_text())
