@@ -926,8 +926,9 @@ def _rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
 
 
 def encode_frames(frames: np.ndarray, out_path: str | Path, config: SynthConfig) -> Path:
-    """Write RGB frames as H.264 MP4, reproducibly: one encoder thread, fixed GOP, no scene-cut keyframes,
-    bit-exact muxing (no creation time or version-dependent metadata)."""
+    """Write RGB frames as H.264 MP4, reproducibly: one encoder thread, fixed GOP, no scene-cut keyframes, no
+    macroblock-tree rate control (it made the bytes depend on uninitialised memory), bit-exact muxing (no creation
+    time or version-dependent metadata)."""
     import av
 
     out_path = Path(out_path)
@@ -944,7 +945,10 @@ def encode_frames(frames: np.ndarray, out_path: str | Path, config: SynthConfig)
                     "preset": config.x264_preset,
                     "crf": str(config.crf),
                     "threads": "1",
-                    "x264-params": f"keyint={g}:min-keyint={g}:scenecut=0:threads=1:lookahead-threads=1",
+                    # mbtree=0: libx264's macroblock-tree rate control reads uninitialised memory at some frame
+                    # sizes (320x240, 176x144, 200x150 among others), so with it the bytes depended on what the
+                    # process's heap held before (tests/synth/test_videos.py replays this with MALLOC_PERTURB_)
+                    "x264-params": f"keyint={g}:min-keyint={g}:scenecut=0:threads=1:lookahead-threads=1:mbtree=0",
                 },
             )
             stream.width, stream.height, stream.pix_fmt = config.width, config.height, "yuv420p"
