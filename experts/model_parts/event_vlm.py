@@ -25,19 +25,29 @@ from experts.model_parts.event_compression import EventAwareCompression
 from experts.model_parts.temporal_fusion import shrink_video_runs
 
 
+def compress_videos(tower: Any, compressor: EventAwareCompression, pixel_values_videos: torch.Tensor,
+                    video_grid_thw: torch.Tensor) -> list:
+    """Each video's :class:`CompressedVideo`: the plain tower over the processor's pixels, each video's merged
+    tokens viewed as (slots, h', w', D), then segmented and compressed."""
+    merge = tower.spatial_merge_size
+    vision = tower(pixel_values_videos.to(tower.dtype), grid_thw=video_grid_thw).pooler_output
+    per_video = torch.split(vision, (video_grid_thw.prod(-1) // merge**2).tolist())
+    return [compressor(tokens.view(t, h // merge, w // merge, -1))
+            for tokens, (t, h, w) in zip(per_video, video_grid_thw.tolist())]
+
+
+def video_position_ids(frame_index: torch.Tensor, grid_position: torch.Tensor) -> torch.Tensor:
+    """(3, n) M-RoPE positions of a compressed video's kept tokens (its ``frame_index`` and ``grid_position``),
+    before the offset of the text in front of it: slot, and row and column of the token's top-left cell."""
+    return torch.stack([frame_index.cpu(), grid_position[:, 0].cpu(), grid_position[:, 1].cpu()])
+
+
 def event_compressed_inputs(model: Any, compressor: EventAwareCompression, batch: dict, video_token_id: int,
                             pad_token_id: int, padding_side: str = "left") -> dict:
     """Processor batch (videos, uncompressed) -> ``inputs_embeds``, ``attention_mask``, ``position_ids``
     (and ``labels`` if given) for ``model(**out)``. Gradients flow through the tower into the kept tokens."""
     inner = model.model
-    tower = inner.visual
-    merge = tower.spatial_merge_size
-    grids = batch["video_grid_thw"]
-    vision = tower(batch["pixel_values_videos"].to(tower.dtype), grid_thw=grids).pooler_output
-    per_video = torch.split(vision, (grids.prod(-1) // merge**2).tolist())
-    videos = []
-    for tokens, (t, h, w) in zip(per_video, grids.tolist()):
-        videos.append(compressor(tokens.view(t, h // merge, w // merge, -1)))
+    videos = compress_videos(inner.visual, compressor, batch["pixel_values_videos"], batch["video_grid_thw"])
     out = shrink_video_runs({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")},
                             lambda i, run: videos[i].tokens.shape[0], video_token_id, pad_token_id, padding_side)
     ids, mask = out["input_ids"], out["attention_mask"]
@@ -55,9 +65,7 @@ def event_compressed_inputs(model: Any, compressor: EventAwareCompression, batch
             if int(row[i]) == video_token_id:
                 v = videos[video]
                 n = v.tokens.shape[0]
-                pos[0, i:i + n] = cur + v.frame_index.cpu()
-                pos[1, i:i + n] = cur + v.grid_position[:, 0].cpu()
-                pos[2, i:i + n] = cur + v.grid_position[:, 1].cpu()
+                pos[:, i:i + n] = cur + video_position_ids(v.frame_index, v.grid_position)
                 cur = int(pos[:, i:i + n].max()) + 1
                 i += n
                 video += 1
@@ -101,12 +109,8 @@ class _EventCompressedVideos:
         if cached is not None and cached[0] == key and not torch.is_grad_enabled():
             videos = cached[1]
         else:
-            tower = self.visual
-            merge = tower.spatial_merge_size
-            vision = tower(pixel_values_videos.type(tower.dtype), grid_thw=video_grid_thw).pooler_output
-            per_video = torch.split(vision, (video_grid_thw.prod(-1) // merge**2).tolist())
-            videos = [self.motionforge_event_compression(tokens.view(t, h // merge, w // merge, -1))
-                      for tokens, (t, h, w) in zip(per_video, video_grid_thw.tolist())]
+            videos = compress_videos(self.visual, self.motionforge_event_compression, pixel_values_videos,
+                                     video_grid_thw)
         if keep:
             self.__dict__["_motionforge_event_cache"] = (key, videos)
         self.__dict__["_motionforge_event_layout"] = (key[3], [(v.frame_index, v.grid_position) for v in videos])
@@ -159,7 +163,7 @@ class _EventCompressedVideos:
                         raise ValueError(
                             f"a video has {j - i} placeholder tokens but {frame_index.shape[0]} event-compressed "
                             "tokens; build the batch with AppliedModelParts.prepare_batch")
-                    pos = torch.stack([frame_index.cpu(), grid_position[:, 0].cpu(), grid_position[:, 1].cpu()]) + cur
+                    pos = video_position_ids(frame_index, grid_position) + cur
                 pieces.append(pos.to(torch.long))
                 cur = int(pos.max()) + 1
                 i = j

@@ -111,7 +111,7 @@ def caption_tracks(tracks: Sequence[Track], vlm, cfg: CaptionConfig, progress=la
     then their dynamic captions in another); the frames of the next batch are decoded on a prefetch thread
     while the VLM works on this one. A motion segment whose frames cannot be read is that instance's error row.
     """
-    from stages.shared.prefetch import batches, model_batch_size, prefetched
+    from stages.shared.prefetch import model_batch_size, prefetched_batches
 
     p_static = load_prompt("imove_it", cfg.static_prompt)
     p_dynamic = load_prompt("imove_it", cfg.dynamic_prompt)
@@ -146,9 +146,8 @@ def caption_tracks(tracks: Sequence[Track], vlm, cfg: CaptionConfig, progress=la
 
     rows: dict[str, Caption] = {}
     size = model_batch_size(cfg.vlm)
-    depth = size if cfg.prefetch_depth is None else cfg.prefetch_depth
     done = 0
-    for batch in batches(prefetched(tracks, load, depth=depth), size):
+    for batch in prefetched_batches(tracks, load, size, cfg.prefetch_depth):
         todo = []  # (track, t1, t2, box1, frames)
         for tr, frames in batch:
             base, seg, skipped = plans[tr.instance_id]

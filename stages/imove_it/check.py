@@ -18,7 +18,7 @@ from schemas.caption_verdicts import SCHEMA, CaptionVerdict
 from schemas.captions import Caption
 from schemas.tracks import Track
 from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources, vlm_expert_name
-from stages.shared.prefetch import batches, model_batch_size, prefetched
+from stages.shared.prefetch import model_batch_size, prefetched_batches
 from stages.shared.prompts import load_prompt
 from stages.imove_it.visual_prompts import boxed_frames
 
@@ -127,7 +127,7 @@ def process(ctx: ShardContext) -> list[CaptionVerdict]:
 
     # frames of the next batch are decoded on a prefetch thread while the checker works on this one
     size = model_batch_size(cfg.vlm)
-    for batch in batches(prefetched(caps, load, depth=size), size):
+    for batch in prefetched_batches(caps, load, size):
         reqs, order = [], []
         for cap, frames in batch:
             if isinstance(frames, Exception):

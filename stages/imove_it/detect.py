@@ -225,14 +225,13 @@ def detect_clips(tag_rows: Sequence[ClipTags], detector: Any, clip: Any, cfg: De
     the surviving boxes of all of them are CLIP-scored in one call. A clip whose first frame cannot be read is
     one error row; the rest of its batch goes on.
     """
-    from stages.shared.prefetch import batches, prefetched
+    from stages.shared.prefetch import prefetched_batches
 
     todo = [t for t in tag_rows if t.tags]
     per_clip: dict[int, list[Instance]] = {}  # id(tag row) -> its rows
-    depth = cfg.batch_size if cfg.prefetch_depth is None else cfg.prefetch_depth
     done = 0
-    loaded = prefetched(todo, lambda t: read_frame(t.video_path, t.start_s, t.end_s), depth=depth)
-    for chunk in batches(loaded, cfg.batch_size):
+    for chunk in prefetched_batches(todo, lambda t: read_frame(t.video_path, t.start_s, t.end_s), cfg.batch_size,
+                                    cfg.prefetch_depth):
         ready: list[tuple[ClipTags, FirstFrame]] = []
         for t, frame in chunk:
             if isinstance(frame, FrameReadError):

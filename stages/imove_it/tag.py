@@ -158,13 +158,12 @@ def tag_clips(clips: Sequence[Clip], tagger: Any, cfg: TagConfig, blocklist: fro
               read_frame=clip_first_frame, progress=lambda done, total: None) -> list[ClipTags]:
     """One row per clip. Frames are read on a prefetch thread, ``prefetch_depth`` clips (default: one batch)
     ahead of the tagger (decode overlaps the model; memory stays bounded), and tagged a batch of clips at a time."""
-    from stages.shared.prefetch import batches, prefetched
+    from stages.shared.prefetch import prefetched_batches
 
     rows: list[ClipTags] = []
     done = 0
-    depth = cfg.batch_size if cfg.prefetch_depth is None else cfg.prefetch_depth
-    loaded = prefetched(clips, lambda c: read_frame(c.video_path, c.start_s, c.end_s), depth=depth)
-    for chunk in batches(loaded, cfg.batch_size):
+    for chunk in prefetched_batches(clips, lambda c: read_frame(c.video_path, c.start_s, c.end_s), cfg.batch_size,
+                                    cfg.prefetch_depth):
         frames: list[tuple[Clip, FirstFrame]] = []
         for clip, frame in chunk:
             if isinstance(frame, FrameReadError):

@@ -205,13 +205,13 @@ def filter_clips(groups: Sequence[Sequence[Track]], clip: Any, cfg: TrackFilterC
     be decoded gives error verdicts for its own tracks; the rest of its batch goes on.
     """
     from experts.video import VideoProbeError
-    from stages.shared.prefetch import batches, prefetched
+    from stages.shared.prefetch import prefetched_batches
 
     decode_errors = (VideoProbeError, OSError, ValueError)
-    depth = cfg.batch_size if cfg.prefetch_depth is None else cfg.prefetch_depth
     rows: list[TrackVerdict] = []
     done = 0
-    for chunk in batches(prefetched(groups, lambda tracks: clip_crops(tracks, cfg, frames), depth), cfg.batch_size):
+    for chunk in prefetched_batches(groups, lambda tracks: clip_crops(tracks, cfg, frames), cfg.batch_size,
+                                    cfg.prefetch_depth):
         ready = []
         images: list[np.ndarray] = []
         texts: list[str] = []

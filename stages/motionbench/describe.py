@@ -223,12 +223,12 @@ def describe_with_vlm(clips: list[Clip], vlm: Any, cfg: DescribeConfig, load_fra
 
     Frames are decoded on a prefetch thread, a batch ahead of the model (:mod:`stages.shared.prefetch`)."""
     from experts.vlm import VlmRequest
-    from stages.shared.prefetch import batches, model_batch_size, prefetched
+    from stages.shared.prefetch import model_batch_size, prefetched_batches
 
     first_prompt, dyn_template, version = load_prompts(cfg.prompt_file)
     rows: dict[str, Description] = {}
     size = model_batch_size(cfg.vlm)
-    for batch in batches(prefetched(clips, load_frames, depth=size), size):
+    for batch in prefetched_batches(clips, load_frames, size):
         reqs, owners = [], []
         for clip, loaded in batch:
             if isinstance(loaded, Exception):  # one unreadable clip is one error row

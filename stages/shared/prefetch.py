@@ -194,6 +194,13 @@ def prefetched_streams(items: Iterable[T], open_stream: Callable[[T], Iterable[R
         thread.join(timeout=5)
 
 
+def prefetched_batches(items: Iterable[T], load: Callable[[T], R], size: int,
+                       depth: int | None = None) -> Iterator[list[tuple[T, R | Exception]]]:
+    """``(item, loaded)`` pairs in lists of ``size`` for batched model calls, loaded on a prefetch thread
+    ``depth`` items ahead (None: one batch ahead; 0: inline), as :func:`prefetched` gives them."""
+    return batches(prefetched(items, load, depth=size if depth is None else depth), size)
+
+
 def batches(stream: Iterable[T], size: int) -> Iterator[list[T]]:
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
