@@ -9,7 +9,8 @@ a few minutes of video in all):
 4. ours over a process pool (``detect_many(workers=W)``): what the stage does.
 
 Asserts that ours finds exactly the CLI's cuts on every file (and the known cuts, +-1 frame, on the
-generated ones), then prints wall times and ratios. Target: pool <= 0.5x the CLI.
+generated ones), then prints wall times and ratios. Target: pool <= 0.5x the CLI over several videos, <= 0.55x
+on one long video (split into segments).
 
     .venv/bin/python benchmarks/bench_scenes.py [--videos 4] [--seconds 45] [--backend opencv] [--repeat 1]
     .venv/bin/python benchmarks/bench_scenes.py --videos 1 --seconds 300 --no-bikes   # one 5-minute video
@@ -211,7 +212,8 @@ def main() -> int:
         print(f"  {name:32s} {t:7.2f}s {frames / t:9.0f} {cpu}")
     print(f"  pool, first call (starts the forkserver and its preloads): {t_pool_first:.2f}s "
           f"-> wall ratio / CLI {t_pool_first / t_cli:.2f}")
-    print(f"  wall ratio ours(pool) / CLI       {t_pool / t_cli:6.2f}   (target <= 0.50)")
+    target = "0.55, one long video split in segments" if len(videos) == 1 else "0.50"
+    print(f"  wall ratio ours(pool) / CLI       {t_pool / t_cli:6.2f}   (target <= {target})")
     print(f"  wall ratio ours(1 proc) / CLI     {t_serial / t_cli:6.2f}")
     print(f"  wall ratio ours(pool) / ffmpeg    {t_pool / t_ffmpeg:6.2f}   (1.0 = decode-bound)")
     print(f"  CPU ratio  ours(1 proc) / CLI     {c_serial / c_cli:6.2f}   (per-frame work; the pool's CPU is not measurable here)")

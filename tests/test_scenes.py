@@ -435,3 +435,33 @@ def test_short_video_is_not_split(synth, monkeypatch):
     assert scenes._split_detect(str(synth), ScenesConfig(), 2, None) is None
     monkeypatch.setattr(scenes, "SPLIT_MIN_SEGMENT_S", 1.0)
     assert len(scenes._segment_starts(str(synth), ScenesConfig(), 3)[0]) == 3
+
+
+def test_pool_workers_decode_on_one_thread_with_the_same_pixels(synth, monkeypatch):
+    """Pool workers (one process per core) open OpenCV captures with one decoder thread: FFmpeg's frame threads
+    on top only cost CPU there. The frames, the reported positions and a seek are those of the library's own
+    stream, and the library's checks still run (a missing file fails the same way)."""
+    from stages import scenes
+
+    threads_before = cv2.getNumThreads()
+    monkeypatch.setattr(scenes, "_DECODER_THREADS", None)
+    config = ScenesConfig(backend="opencv")
+    default = [scenes._open_stream(str(v), config) for v in (_bikes(), synth)]
+    try:
+        scenes._worker_init()
+        assert scenes._DECODER_THREADS == 1
+        single = [scenes._open_stream(str(v), config) for v in (_bikes(), synth)]
+    finally:
+        cv2.setNumThreads(threads_before)
+    for d, s in zip(default, single):
+        assert s._cap.get(cv2.CAP_PROP_N_THREADS) == 1
+        assert d._cap.get(cv2.CAP_PROP_N_THREADS) != 1 or cv2.getNumberOfCPUs() == 1
+        assert s.frame_rate == d.frame_rate and s.frame_size == d.frame_size
+        for _ in range(40):
+            a, b = d.read(), s.read()
+            assert a is not False and b is not False and np.array_equal(a, b) and d.position == s.position
+        d.seek(61), s.seek(61)
+        a, b = d.read(), s.read()
+        assert np.array_equal(a, b) and d.position == s.position and d.position.frame_num == 61
+    with pytest.raises(OSError, match="not found"):
+        scenes._open_stream("/nonexistent/video.mp4", config)
