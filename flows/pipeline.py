@@ -277,16 +277,36 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
         with remote_options(**ray_remote_options(resources[name], cluster_gpus)):
             return opts.submit(name, k, out, cfg, force, wait_for=waits)
 
-    for name in stage_names:
-        st = get_stage(name)
-        if st.scope == "global":
-            waits = [f for (s, _), f in futures.items() if s in st.inputs]
-            futures[(name, 0)] = submit(name, 0, waits)
-            continue
-        for k in shards:
-            waits = [futures[(inp, k)] for inp in st.inputs if (inp, k) in futures]
-            futures[(name, k)] = submit(name, k, waits)
+    with _task_tags_without_root():
+        for name in stage_names:
+            st = get_stage(name)
+            if st.scope == "global":
+                waits = [f for (s, _), f in futures.items() if s in st.inputs]
+                futures[(name, 0)] = submit(name, 0, waits)
+                continue
+            for k in shards:
+                waits = [futures[(inp, k)] for inp in st.inputs if (inp, k) in futures]
+                futures[(name, k)] = submit(name, k, waits)
     return futures
+
+
+@contextlib.contextmanager
+def _task_tags_without_root():
+    """Submit the (stage, shard) task runs without the root's tag (:func:`root_tag`), other tags kept.
+
+    Prefect enforces tag concurrency limits on every task run that has a tag: two server calls per task run
+    (take a slot with a lease, release it), whether or not a limit exists for the tag. The root's tag only
+    has to be on flow runs (the sweep finds those by tag and their task runs by flow run), so task runs leave
+    it off. A user's own tags stay, so their tag concurrency limits still apply."""
+    from prefect.context import TagsContext
+
+    current = TagsContext.get().current_tags or set()
+    kept = {t for t in current if not t.startswith(ROOT_TAG_PREFIX)}
+    if kept == set(current):
+        yield
+        return
+    with TagsContext(current_tags=kept):
+        yield
 
 
 def _collect(futures: dict) -> tuple[list[dict], list[dict]]:
@@ -475,7 +495,7 @@ def _run_graph(out: str, stage_names: list[str], shards: list[int], cfg: dict, f
     from prefect import tags
 
     sub = run_stages.with_options(task_runner=_task_runner(runtime))
-    with tags(root_tag(out)):  # the stage graph's run and its task runs are findable by root too
+    with tags(root_tag(out)):  # the stage graph's run is findable by root too (its task runs by their flow run)
         res = sub(out=out, stage_names=stage_names, shards=shards, config=cfg, force=force)
     return res["results"], res["failures"]
 
@@ -527,7 +547,7 @@ def mark_dead_run_crashed(holder: dict | None) -> str | None:
 
 
 def root_tag(out: str) -> str:
-    """The tag of every flow run (and its stage-graph subflow and task runs) working on the output root ``out``:
+    """The tag of every flow run (and its stage-graph subflow run) working on the output root ``out``:
     a digest of the root's URL as :class:`OutputRoot` normalises it, with symlinks resolved for a local path, so
     every spelling of one root gives one tag and two roots never share one."""
     url = normalise_root_url(out)

@@ -160,3 +160,28 @@ def test_kill_chain_leaves_every_killed_run_crashed(prefect_harness, children, o
 
     assert _states(id1, id2) == ["CRASHED", "CRASHED"]
     assert not (root / "_lock").exists()
+
+
+def test_root_tag_is_on_flow_runs_not_on_shard_task_runs(prefect_harness, one_video, tmp_path):
+    """The root's tag marks the run and its stage-graph subflow run (what the sweep finds); the (stage, shard)
+    task runs leave it off, because Prefect takes and releases a tag-concurrency slot on the server for every
+    task run that has any tag. A user's own tags still reach the task runs."""
+    import uuid
+
+    from prefect import get_client, tags
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags, TaskRunFilter, TaskRunFilterFlowRunId
+
+    from flows.pipeline import pipeline, root_tag
+
+    out = tmp_path / "out"
+    tag = root_tag(str(out))
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    with tags(tag, user):
+        pipeline(input=str(one_video), out=str(out), stages=["ingest"])
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+        assert len(runs) == 2 and sum(r.parent_task_run_id is None for r in runs) == 1  # the run and its subflow
+        sub = next(r for r in runs if r.parent_task_run_id is not None)
+        shard_runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[sub.id])))
+    assert shard_runs and all(r.name.startswith("ingest / shard") for r in shard_runs)
+    assert all(user in r.tags and tag not in r.tags for r in shard_runs), [r.tags for r in shard_runs]
