@@ -16,13 +16,15 @@ the two sizes, so fixed costs (flow start, report, artifacts) drop out of it and
 
 Target: <= 20 ms per task. Modest default sizes; the machine may be shared.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_orchestration.py [--n 20] [--dir /tmp/x]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_orchestration.py [--n 20] [--repeats 3] [--dir /tmp/x]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,9 +129,20 @@ PLAIN_SPLIT: dict[str, tuple[float, float]] = {}  # out -> (this process, childr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="interleaved repeats of both sizes; medians are reported (the machine may be shared)")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "motionforge-bench-orchestration")
+    ap.add_argument("--keep-prefect-home", action="store_true",
+                    help="record into the current PREFECT_HOME's database instead of a fresh one under --dir")
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    if not args.keep_prefect_home and not os.environ.get("PREFECT_API_URL"):
+        # a fresh database for the temporary server: the figures do not depend on how many runs an old
+        # database already holds, and the benchmark's thousands of task runs do not land in the user's
+        home = args.dir / "prefect-home"
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+        os.environ["PREFECT_HOME"] = str(home)
     sizes = (args.n, 2 * args.n)
     for n in sizes:
         make_videos(args.dir / f"videos-{n}", n)
@@ -137,32 +150,46 @@ def main() -> None:
     # one-off cost is reported apart, not mixed into the slope.
     w_cpu, w_wall = prefect(args.dir / f"videos-{args.n}", args.dir / "prefect-warmup")
     print(f"warm-up flow run (server start, imports): cpu {w_cpu:.2f}s wall {w_wall:.2f}s")
-    res = {}
-    for n in sizes:
-        pc_cpu, pc_wall, tasks = plain(args.dir / f"videos-{n}", args.dir / f"plain-{n}")
-        pf_cpu, pf_wall = prefect(args.dir / f"videos-{n}", args.dir / f"prefect-{n}")
-        res[n] = (pc_cpu, pc_wall, pf_cpu, pf_wall, tasks)
-        own, kids, srv = SPLIT[str(args.dir / f"prefect-{n}")]
-        p_own, p_kids = PLAIN_SPLIT[str(args.dir / f"plain-{n}")]
-        res[n] += (own, kids - srv, srv, p_own, p_kids)
-        print(f"N={n:4d} tasks={tasks:4d}  plain cpu {pc_cpu:7.2f}s (process {p_own:.2f}s, children {p_kids:.2f}s) "
-              f"wall {pc_wall:7.2f}s | prefect cpu {pf_cpu:7.2f}s (flow process {own:.2f}s, server {srv:.2f}s, "
-              f"other children {kids - srv:.2f}s) wall {pf_wall:7.2f}s | "
-              f"ratio cpu {pf_cpu / pc_cpu:.2f}x wall {pf_wall / pc_wall:.2f}x")
-    (a, b) = sizes
-    d_tasks = res[b][4] - res[a][4]
-    tax = ((res[b][2] - res[a][2]) - (res[b][0] - res[a][0])) / d_tasks
-    fixed = res[a][2] - res[a][0] - tax * res[a][4]
+    taxes, workers, servers, fixeds = [], [], [], []
+    for r in range(args.repeats):
+        res = {}
+        for n in sizes:
+            tag = f"{n}-{r}"
+            pc_cpu, pc_wall, tasks = plain(args.dir / f"videos-{n}", args.dir / f"plain-{tag}")
+            pf_cpu, pf_wall = prefect(args.dir / f"videos-{n}", args.dir / f"prefect-{tag}")
+            res[n] = (pc_cpu, pc_wall, pf_cpu, pf_wall, tasks)
+            own, kids, srv = SPLIT[str(args.dir / f"prefect-{tag}")]
+            p_own, p_kids = PLAIN_SPLIT[str(args.dir / f"plain-{tag}")]
+            res[n] += (own, kids - srv, srv, p_own, p_kids)
+            print(f"[{r + 1}/{args.repeats}] N={n:4d} tasks={tasks:4d}  plain cpu {pc_cpu:7.2f}s (process {p_own:.2f}s, "
+                  f"children {p_kids:.2f}s) wall {pc_wall:7.2f}s | prefect cpu {pf_cpu:7.2f}s (flow process {own:.2f}s, "
+                  f"server {srv:.2f}s, other children {kids - srv:.2f}s) wall {pf_wall:7.2f}s | "
+                  f"ratio cpu {pf_cpu / pc_cpu:.2f}x wall {pf_wall / pc_wall:.2f}x")
+            shutil.rmtree(args.dir / f"plain-{tag}", ignore_errors=True)
+            shutil.rmtree(args.dir / f"prefect-{tag}", ignore_errors=True)
+        (a, b) = sizes
+        d_tasks = res[b][4] - res[a][4]
+        tax = ((res[b][2] - res[a][2]) - (res[b][0] - res[a][0])) / d_tasks
 
-    def slope(i: int) -> float:
-        return (res[b][i] - res[a][i]) / d_tasks
+        def slope(i: int) -> float:
+            return (res[b][i] - res[a][i]) / d_tasks
 
-    # the flow process against the plain loop's process plus the children both start (ffprobe, scene workers)
-    worker_tax = slope(5) + slope(6) - slope(8) - slope(9)
-    print(f"orchestration CPU per (stage, shard) task: {tax * 1000:.1f} ms (target <= 20 ms); "
-          f"fixed per flow run once the server is up: {fixed:.2f} CPU-s")
-    print(f"  of which the flow process (what a worker node pays): {worker_tax * 1000:.1f} ms per task; "
-          f"the Prefect server (recording task runs, states, logs): {slope(7) * 1000:.1f} ms per task")
+        taxes.append(tax)
+        fixeds.append(res[a][2] - res[a][0] - tax * res[a][4])
+        # the flow process against the plain loop's process plus the children both start (ffprobe, scene workers)
+        workers.append(slope(5) + slope(6) - slope(8) - slope(9))
+        servers.append(slope(7))
+
+    def show(xs: list[float], scale: float = 1000.0) -> str:
+        each = " / ".join(f"{x * scale:.1f}" for x in xs)
+        return f"{statistics.median(xs) * scale:.1f}" + (f" (median of {len(xs)}: {each})" if len(xs) > 1 else "")
+
+    print(f"orchestration CPU per (stage, shard) task: {show(taxes)} ms (target <= 20 ms); "
+          f"fixed per flow run once the server is up: {show(fixeds, 1.0)} CPU-s")
+    print(f"  of which the flow process (what a worker node pays): {show(workers)} ms per task; "
+          f"the Prefect server (recording task runs, states, logs): {show(servers)} ms per task")
+    loops = {m: importlib.util.find_spec(m) is not None for m in ("uvloop", "httptools")}
+    print(f"  server event loop / HTTP parser available to uvicorn: {loops}")
 
 
 if __name__ == "__main__":

@@ -163,3 +163,16 @@ def test_status_and_stage_registry_import_no_model_libraries(tmp_path):
     assert all(title and n_cols > 0 for title, n_cols, _ in got["described"].values())
     assert got["described"]["scenes"][2] == ["ingest"]
     assert got["after_registry"] == []
+
+
+def test_temporary_server_runs_on_uvloop_and_httptools():
+    """The temporary Prefect server is ``python -m uvicorn`` with no --loop/--http (SubprocessASGIServer), so
+    uvicorn's "auto" choices decide; with uvloop and httptools installed they are the C loop and parser, which
+    cut the server's CPU per recorded task run (benchmarks/bench_orchestration.py)."""
+    import uvicorn.config
+    from uvicorn.importer import import_from_string
+
+    cfg = uvicorn.config.Config("unused:app", loop="auto", http="auto")
+    assert cfg.get_loop_factory().__module__.split(".")[0] == "uvloop"
+    proto = import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"])
+    assert proto.__module__ == "uvicorn.protocols.http.httptools_impl"
