@@ -212,8 +212,8 @@ def _cv2_stream_with_threads(base: type, threads: int) -> type:
     class _Stream(base):  # type: ignore[misc, valid-type]
         def _open_capture(self, frame_rate=None):
             super()._open_capture(frame_rate)
-            if getattr(self, "_is_device", False):
-                return
+            if getattr(self, "_is_device", False) or self._cap.getBackendName() != "FFMPEG":
+                return  # a device, an image sequence...: the library's capture as it opened it
             cap = cv2.VideoCapture(self._path_or_device, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, threads])
             if not cap.isOpened():  # keep the library's capture (another backend opened it)
                 return
