@@ -138,7 +138,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     if not args.keep_prefect_home and not os.environ.get("PREFECT_API_URL"):
         # a fresh database for the temporary server: the figures do not depend on how many runs an old
-        # database already holds, and the benchmark's thousands of task runs do not land in the user's
+        # database already holds, and the benchmark's thousands of task runs do not land in the user's database
         home = args.dir / "prefect-home"
         shutil.rmtree(home, ignore_errors=True)
         home.mkdir(parents=True)

@@ -300,11 +300,7 @@ def _task_tags_without_root():
     it off. A user's own tags stay, so their tag concurrency limits still apply."""
     from prefect.context import TagsContext
 
-    current = TagsContext.get().current_tags or set()
-    kept = {t for t in current if not t.startswith(ROOT_TAG_PREFIX)}
-    if kept == set(current):
-        yield
-        return
+    kept = {t for t in TagsContext.get().current_tags or () if not t.startswith(ROOT_TAG_PREFIX)}
     with TagsContext(current_tags=kept):
         yield
 

@@ -215,7 +215,7 @@ def _cv2_stream_with_threads(base: type, threads: int) -> type:
             if getattr(self, "_is_device", False) or self._cap.getBackendName() != "FFMPEG":
                 return  # a device, an image sequence...: the library's capture as it opened it
             cap = cv2.VideoCapture(self._path_or_device, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, threads])
-            if not cap.isOpened():  # keep the library's capture (another backend opened it)
+            if not cap.isOpened():  # FFmpeg could not open it again: keep the library's capture
                 return
             cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1.0)
             self._cap.release()
