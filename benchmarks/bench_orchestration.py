@@ -39,15 +39,17 @@ STAGES = ["ingest", "scenes"]
 
 
 def cpu_split() -> tuple[float, float]:
-    """(this process, its children) user + system CPU seconds; children = live ones (the temporary Prefect
-    server) plus reaped ones (ffprobe, scenedetect workers)."""
+    """(this process, its descendants) user + system CPU seconds. Descendants: the live ones (the temporary
+    Prefect server, a forkserver) with what each has reaped (the forkserver's pool workers, which are not this
+    process's children), plus the ones this process reaped (ffprobe). A worker that exits between two samples is
+    counted through whoever reaped it, so the figure does not depend on when pools come and go."""
     me = psutil.Process()
     t = me.cpu_times()
     kids = t.children_user + t.children_system
     for c in me.children(recursive=True):
         try:
             ct = c.cpu_times()
-            kids += ct.user + ct.system
+            kids += ct.user + ct.system + ct.children_user + ct.children_system
         except psutil.Error:
             pass
     return t.user + t.system, kids
