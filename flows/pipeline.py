@@ -23,7 +23,9 @@ import threading
 import time
 from typing import Any, Literal, Optional
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from flows.prefect_api import apply_server_defaults  # noqa: E402
+
+apply_server_defaults()  # before the temporary Prefect server starts
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402

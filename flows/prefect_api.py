@@ -8,12 +8,53 @@ server before the flow is called, with a longer timeout and a retry; the flow's 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable
 
 log = logging.getLogger("motionforge.flows")
 
 MIN_STARTUP_TIMEOUT_S = 60
 TIMEOUT_MARKER = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+# Settings for a Prefect server this process starts: the temporary one, which Prefect hands this process's
+# environment. A setting the user gave (environment or active Prefect profile) is left as it is, and a
+# `prefect server start` elsewhere takes them from its own environment (docs/cluster.md).
+# * No usage analytics from our runs.
+# * The task-run recorder writes task runs and their states in batches of up to 100 events, or after at most
+#   1 s (Prefect's defaults: every event on its own, else every 5 s). One by one it compiles and commits an
+#   INSERT per event, three events per task run (Pending, Running, Completed): measured 30 ms of server CPU per
+#   task run, 13-18 ms batched (benchmarks/bench_orchestration.py). A task run's state then reaches the API up
+#   to a second later; 1 s is the shortest interval the recorder takes (it sleeps int(seconds)).
+# * uvicorn (the temporary server runs `python -m uvicorn`, whose options also read UVICORN_* variables) does not
+#   offer per-message deflate on websockets: the flow process streams every event (three per task run) to the
+#   server over one, and over loopback compressing each message is CPU spent twice for nothing. Measured with
+#   it off: 18 ms orchestration CPU per task instead of 25 (benchmarks/bench_orchestration.py).
+UVICORN_DEFAULTS = {"UVICORN_WS_PER_MESSAGE_DEFLATE": "false"}
+SERVER_DEFAULTS = {  # environment variable -> (settings path under Settings.server, value)
+    "PREFECT_SERVER_ANALYTICS_ENABLED": (("analytics_enabled",), "false"),
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": (("services", "task_run_recorder", "batch_size"), "100"),
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": (
+        ("services", "task_run_recorder", "flush_interval"), "1"),
+}
+
+
+def apply_server_defaults() -> None:
+    """Put :data:`UVICORN_DEFAULTS` and :data:`SERVER_DEFAULTS` into the environment unless the user set them:
+    in the environment, or, for Prefect's settings, in the active Prefect profile (a value there is "set" in
+    Prefect's settings; putting ours in the environment would override it, as Prefect ranks the environment
+    above profiles)."""
+    from prefect.settings import get_current_settings
+
+    for key, value in UVICORN_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    for key, (path, value) in SERVER_DEFAULTS.items():
+        if key in os.environ:
+            continue
+        model = get_current_settings().server
+        for name in path[:-1]:
+            model = getattr(model, name)
+        if path[-1] not in model.model_fields_set:
+            os.environ[key] = value
 
 
 class PrefectApiUnavailable(RuntimeError):

@@ -18,7 +18,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from flows.prefect_api import apply_server_defaults  # noqa: E402
+
+apply_server_defaults()  # before the temporary Prefect server starts
 
 from prefect import flow  # noqa: E402
 

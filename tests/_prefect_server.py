@@ -32,6 +32,19 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
     return env
 
 
+def eventually(read, done, timeout_s: float = 60.0, every_s: float = 0.25):
+    """``read()`` until ``done(value)`` holds, then return that value; after ``timeout_s`` return the last one
+    (the caller's assert then shows it). Task runs and their states reach the API through the server's task-run
+    recorder, which writes them in batches up to a second after the client sent them (flows.prefect_api);
+    a generous timeout because a loaded machine delays that flush."""
+    end = time.monotonic() + timeout_s
+    value = read()
+    while not done(value) and time.monotonic() < end:
+        time.sleep(every_s)
+        value = read()
+    return value
+
+
 def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM the process group started for ``proc`` (its own session), then SIGKILL what is left."""
     if proc.poll() is None:

@@ -35,6 +35,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # fight over the same cores. Set before anything imports torch; subprocesses of tests inherit it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Every Prefect server the tests start (the harness, `prefect server start`, a child's temporary server) runs
+# with the settings production gives its temporary server, whichever test imports the flows first.
+from flows.prefect_api import apply_server_defaults  # noqa: E402
+
+apply_server_defaults()  # reads Prefect's settings: after the environment above is in place
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tests._prefect_server import drain_prefect_workers, start_server, start_worker, stop
+from tests._prefect_server import drain_prefect_workers, eventually, start_server, start_worker, stop
 
 STAGES = ["ingest", "synthqa"]
 POOL = "mf-test-cpu"
@@ -133,7 +133,10 @@ def test_setup_deploy_fault_rerun_artifacts_status(server, videos, tmp_path):
         assert "dataset report" in by_key["motionforge-summary"].data
         assert "synthqa / shard 00001" in by_key["motionforge-summary"].data
 
-        status = server_runs(str(out))
+        def failed_shards(status: dict) -> list:
+            return [t for r in status["runs"] for t in r["task_runs"] if t["state"] == "Failed"]
+
+        status = eventually(lambda: server_runs(str(out)), failed_shards)  # task runs: up to ~1 s behind
         mine = [r for r in status["runs"] if r["flow"] == "motionforge-stages"]
         assert mine and mine[0]["task_runs"] == [
             {"stage": "synthqa", "shard": 1, "state": "Failed", "message": mine[0]["task_runs"][0]["message"]}]

@@ -17,6 +17,7 @@ import pytest
 
 from schemas._base import Record, record_schema
 from stages.base import Resources, Stage, StageConfig
+from tests._prefect_server import eventually
 
 GPU_SCHEMA = record_schema([pa.field("item", pa.string(), nullable=False),
                             pa.field("start_s", pa.float64(), nullable=False),
@@ -321,8 +322,9 @@ def test_task_run_state_message_is_the_shard_outcome(prefect_harness, tmp_path):
     assert not failures and sorted(r["shard"] for r in results) == [0, 1]
     assert all(r["stage"] == name and r["action"] == "written" and r["rows"] == 1 for r in results)
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
-            name=TaskRunFilterName(any_=[f"{name} / shard 00000", f"{name} / shard 00001"])))
+        runs = eventually(lambda: client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(any_=[f"{name} / shard 00000", f"{name} / shard 00001"]))),
+            lambda rs: len(rs) == 2 and all(r.state.is_final() for r in rs))
     assert sorted(r.name for r in runs) == [f"{name} / shard 00000", f"{name} / shard 00001"]
     for r in runs:
         assert r.state.is_completed()

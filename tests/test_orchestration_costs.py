@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,59 @@ def test_temporary_server_runs_on_uvloop_and_httptools():
     assert cfg.get_loop_factory().__module__.split(".")[0] == "uvloop"
     proto = import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"])
     assert proto.__module__ == "uvicorn.protocols.http.httptools_impl"
+
+
+def test_temporary_server_batches_task_run_records(prefect_harness):
+    """A Prefect server started by this process (the harness is the same SubprocessASGIServer that Prefect starts
+    as the temporary server) writes task runs in batches of 100 events, flushed at least every second, not one
+    INSERT per event (Prefect's default); its own report of its settings, over its API."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        settings = client.request("GET", "/admin/settings").json()
+    recorder = settings["server"]["services"]["task_run_recorder"]
+    assert (recorder["batch_size"], recorder["flush_interval"]) == (100, 1.0)
+    assert settings["server"]["analytics_enabled"] is False
+
+
+def test_temporary_server_does_not_compress_the_event_stream(prefect_harness):
+    """The events websocket of a server this process started takes no per-message deflate: the client offers it
+    (websockets does by default, as Prefect's events client does) and the server's handshake answer leaves it
+    out, so neither side compresses the three events of every task run."""
+    from prefect.settings import PREFECT_API_URL
+    from websockets.sync.client import connect
+
+    url = PREFECT_API_URL.value().replace("http://", "ws://", 1) + "/events/in"
+    with connect(url, compression="deflate", open_timeout=60) as ws:
+        offered = ws.request.headers.get("Sec-WebSocket-Extensions", "")
+        accepted = ws.response.headers.get("Sec-WebSocket-Extensions")
+    assert "permessage-deflate" in offered and accepted is None, (offered, accepted)
+
+
+@pytest.mark.parametrize("given", ["environment", "profile"])
+def test_server_defaults_leave_a_users_setting_alone(tmp_path, given):
+    """A value the user gave, in the environment or in the active Prefect profile, is the one the temporary
+    server gets: our default goes into the environment only where Prefect has no value set (an environment
+    variable would outrank the profile's)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER")}
+    env["PREFECT_HOME"] = str(tmp_path)
+    if given == "environment":
+        env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] = "7"
+    else:
+        (tmp_path / "profiles.toml").write_text(
+            'active = "mine"\n[profiles.mine]\nPREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE = "7"\n')
+        env["PREFECT_PROFILES_PATH"] = str(tmp_path / "profiles.toml")
+    code = ("import json, os\n"
+            "from flows.prefect_api import apply_server_defaults\n"
+            "apply_server_defaults()\n"
+            "from prefect.settings import get_current_settings\n"
+            "server = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}\n"
+            "print(json.dumps({k: v for k, v in server.items() if 'TASK_RUN_RECORDER' in k}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout
+    # the environment a SubprocessASGIServer hands its server: this process's, then the settings the user set
+    assert json.loads(out.splitlines()[-1]) == {"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "7",
+                                                "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1"}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._prefect_server import eventually
 from tests._video_fixtures import make_testsrc, require_ffmpeg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +183,7 @@ def test_root_tag_is_on_flow_runs_not_on_shard_task_runs(prefect_harness, one_vi
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
         assert len(runs) == 2 and sum(r.parent_task_run_id is None for r in runs) == 1  # the run and its subflow
         sub = next(r for r in runs if r.parent_task_run_id is not None)
-        shard_runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[sub.id])))
+        shard_runs = eventually(lambda: client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[sub.id]))), lambda rs: len(rs) > 0)
     assert shard_runs and all(r.name.startswith("ingest / shard") for r in shard_runs)
     assert all(user in r.tags and tag not in r.tags for r in shard_runs), [r.tags for r in shard_runs]
