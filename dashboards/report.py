@@ -63,11 +63,21 @@ def _bars(counts: dict[str, int], title: str, top: int = 25) -> str | None:
     return _png(fig)
 
 
-def _table(root: OutputRoot, stage: str):
-    try:
-        return root.read_stage(stage)
-    except FileNotFoundError:
-        return None
+class _Tables:
+    """``tables(stage)``: a stage's whole table, or None before it has run; each read once per report (the
+    report looks at some stages several times, and reading every shard's file is most of its cost)."""
+
+    def __init__(self, root: OutputRoot):
+        self.root = root
+        self._read: dict[str, Any] = {}
+
+    def __call__(self, stage: str):
+        if stage not in self._read:
+            try:
+                self._read[stage] = self.root.read_stage(stage)
+            except FileNotFoundError:
+                self._read[stage] = None
+        return self._read[stage]
 
 
 def _ok(table, col: str) -> list:
@@ -79,27 +89,28 @@ def _ok(table, col: str) -> list:
 def collect(out: str) -> dict[str, Any]:
     """Everything the page shows, as plain values (also useful for Prefect artifacts and tests)."""
     root = OutputRoot(out)
+    tables = _Tables(root)
     st = root_status(out)
     data: dict[str, Any] = {"status": st, "drop_reasons": {}, "plots": {}, "numbers": {}}
     for s in st["stages"]:
-        t = _table(root, s["stage"])
+        t = tables(s["stage"])
         if t is None:
             continue
         groups = group_reasons(e for e, stt in zip(t["error"].to_pylist(), t["status"].to_pylist()) if stt != "ok")
         if groups:
             data["drop_reasons"][s["stage"]] = groups
-    clips = _table(root, "scenes")
+    clips = tables("scenes")
     durations = _ok(clips, "duration_s")
     data["numbers"]["clips"] = len(durations)
     data["plots"]["clip durations"] = _hist(durations, "clip duration", "seconds")
-    tags = _table(root, "tag")
+    tags = tables("tag")
     if tags is not None and "tags" in tags.column_names:
         c = collections.Counter(t["tag"] for row in _ok(tags, "tags") for t in row)
         data["plots"]["first-frame tags"] = _bars(dict(c), "RAM++ tags kept (first frames)")
-    tracks = _table(root, "track")
+    tracks = tables("track")
     if tracks is not None:
         data["plots"]["instance categories"] = _bars(dict(collections.Counter(_ok(tracks, "label"))), "tracked instance categories")
-    samples = _table(root, "tasks")
+    samples = tables("tasks")
     if samples is not None:
         rows = [r for r in samples.to_pylist() if r["status"] == "ok"]
         data["numbers"]["imove_it_samples"] = len(rows)
@@ -108,7 +119,7 @@ def collect(out: str) -> dict[str, Any]:
         data["plots"]["caption lengths"] = _hist([len(r["dynamic_caption"].split()) for r in rows if r["task"] == "dynamic_captioning"],
                                                   "dynamic caption length", "words")
     for name in ("finalize", "qgen"):
-        q = _table(root, name)
+        q = tables(name)
         if q is not None and "category" in q.column_names:
             cats = collections.Counter(MB_CATEGORY_NAMES.get(c, c) for c in _ok(q, "category"))
             data["numbers"][f"{name}_questions"] = sum(cats.values())
@@ -116,13 +127,13 @@ def collect(out: str) -> dict[str, Any]:
             if "answer" in q.column_names:
                 data["plots"][f"answer letters ({name})"] = _bars(dict(collections.Counter(_ok(q, "answer"))), f"answer letters ({name})")
             break
-    mb = motionbench_statistics(root)
+    mb = motionbench_statistics(root, tables)
     if mb:
         data["motionbench"] = mb
         data["plots"]["MotionBench questions per video"] = _hist(mb["questions_per_video_values"], "questions per video",
                                                                  "questions", bins=max(1, min(20, max(mb["questions_per_video_values"]))))
         data["plots"]["MotionBench clip durations"] = _hist(mb["clip_durations_values"], "MotionBench clip duration", "seconds")
-    im = imove_it_statistics(root)
+    im = imove_it_statistics(root, tables)
     if im:
         data["imove_it"] = im
     data["plots"] = {k: v for k, v in data["plots"].items() if v}
@@ -137,15 +148,15 @@ IMOVE_IT_RELEASE = {"objects": 114705, "categories": 23278, "objects_per_categor
                     "videos": 68000, "mean_video_duration_s": 109.0}  # iMOVE 3.1.2: "68k unique videos", 109 s
 
 
-def _video_durations(root: OutputRoot) -> dict[str, float]:
-    t = _table(root, "ingest")
+def _video_durations(tables: _Tables) -> dict[str, float]:
+    t = tables("ingest")
     if t is None or "duration_s" not in t.column_names:
         return {}
     return {v: d for v, d, st in zip(t["video_id"].to_pylist(), t["duration_s"].to_pylist(), t["status"].to_pylist())
             if st == "ok" and d}
 
 
-def motionbench_statistics(root: OutputRoot) -> dict[str, Any] | None:
+def motionbench_statistics(root: OutputRoot, tables: _Tables | None = None) -> dict[str, Any] | None:
     """The statistics MotionBench gives for itself (section 3.2, Fig. 2 and 3), over the benchmark's questions:
     ``finalize`` when it has run, else the questions the review kept, else qgen's.
 
@@ -153,9 +164,10 @@ def motionbench_statistics(root: OutputRoot) -> dict[str, Any] | None:
     length is counted; we count characters of the question text and, separately, of question plus options,
     and words, each over the summed duration of the distinct video clips the questions are about.
     """
+    tables = tables or _Tables(root)
     rows, source = [], None
     for name in ("finalize", "review", "qgen"):
-        t = _table(root, name)
+        t = tables(name)
         if t is not None and t.num_rows:
             rows = [r for r in t.to_pylist() if r["status"] == "ok" and r.get("question")]
             source = name
@@ -163,7 +175,7 @@ def motionbench_statistics(root: OutputRoot) -> dict[str, Any] | None:
                 break
     if not rows:
         return None
-    whole = _video_durations(root)
+    whole = _video_durations(tables)
     clip_dur: dict[str, float] = {}
     per_video: collections.Counter = collections.Counter()
     for r in rows:
@@ -200,10 +212,11 @@ def motionbench_statistics(root: OutputRoot) -> dict[str, Any] | None:
     }
 
 
-def imove_it_statistics(root: OutputRoot) -> dict[str, Any] | None:
+def imove_it_statistics(root: OutputRoot, tables: _Tables | None = None) -> dict[str, Any] | None:
     """The counts iMOVE gives for iMOVE-IT (objects, object categories, samples per task, videos), over the
     ``tasks`` table's kept samples."""
-    t = _table(root, "tasks")
+    tables = tables or _Tables(root)
+    t = tables("tasks")
     if t is None:
         return None
     rows = [r for r in t.to_pylist() if r["status"] == "ok"]
@@ -212,7 +225,7 @@ def imove_it_statistics(root: OutputRoot) -> dict[str, Any] | None:
     objects = {r["instance_id"]: r["label"] for r in rows}
     categories = collections.Counter(objects.values())
     videos = {r["video_id"] for r in rows}
-    whole = _video_durations(root)
+    whole = _video_durations(tables)
     known = [whole[v] for v in videos if v in whole]
     return {
         "samples": len(rows), "objects": len(objects), "categories": len(categories),

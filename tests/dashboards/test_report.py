@@ -86,6 +86,27 @@ def test_imove_it_counts_and_report_over_http(tmp_path):
     assert page.status_code == 200 and "iMOVE-IT statistics" in page.text and "mean CLIP score &lt;n&gt;" in page.text
 
 
+def test_report_reads_each_stage_once(tmp_path, monkeypatch):
+    """Building the report reads every shard file of a stage once, however many sections look at that stage
+    (the run's summary builds it after every run, over all shards: repeated reads of `tasks`, `scenes`, `track` were
+    most of its cost)."""
+    import collections
+
+    root, _ = imove_root(tmp_path)
+    reads: collections.Counter = collections.Counter()
+    real = OutputRoot.read_shard
+
+    def counting(self, stage, shard, schema=None):
+        reads[(stage, shard)] += 1
+        return real(self, stage, shard, schema)
+
+    monkeypatch.setattr(OutputRoot, "read_shard", counting)
+    data = collect(root.url)
+    assert data["imove_it"]["samples"] == 3 and data["numbers"]["imove_it_samples"] == 3
+    assert reads and max(reads.values()) == 1, reads
+    assert {"scenes", "track", "tasks"} <= {stage for stage, _ in reads}  # the ones it used to read 2-3 times
+
+
 def test_prefect_summary_links_a_report_the_browser_can_open(tmp_path, monkeypatch):
     from flows.pipeline import _report_link
 
