@@ -14,6 +14,9 @@ the two sizes, so fixed costs (flow start, report, artifacts) drop out of it and
 
     tax per task = [(prefect(2N) - prefect(N)) - (plain(2N) - plain(N))] / (tasks(2N) - tasks(N))
 
+It also prints the plain difference over the 2N run alone, (prefect(2N) - plain(2N)) / tasks(2N): fixed costs
+included, but steadier on a shared machine, where the CPU time of the same work varies by a fifth or more.
+
 Target: <= 20 ms per task. Modest default sizes; the machine may be shared.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_orchestration.py [--n 20] [--repeats 3] [--dir /tmp/x]
@@ -153,6 +156,7 @@ def main() -> None:
     w_cpu, w_wall = prefect(args.dir / f"videos-{args.n}", args.dir / "prefect-warmup")
     print(f"warm-up flow run (server start, imports): cpu {w_cpu:.2f}s wall {w_wall:.2f}s")
     taxes, workers, servers, fixeds = [], [], [], []
+    whole_runs: list[tuple[float, float, float]] = []  # per task over the 2N run: all, flow process, server
     for r in range(args.repeats):
         res = {}
         for n in sizes:
@@ -176,6 +180,10 @@ def main() -> None:
         def slope(i: int) -> float:
             return (res[b][i] - res[a][i]) / d_tasks
 
+        # the same over the whole 2N run, fixed costs included: a difference of two runs, not of four, so it
+        # swings less when the machine is shared (the slope subtracts two noisy differences)
+        whole_runs.append(((res[b][2] - res[b][0]) / res[b][4], (res[b][5] - res[b][8]) / res[b][4],
+                           res[b][7] / res[b][4]))
         taxes.append(tax)
         fixeds.append(res[a][2] - res[a][0] - tax * res[a][4])
         # the flow process against the plain loop's process plus the children both start (ffprobe, scene workers)
@@ -190,6 +198,9 @@ def main() -> None:
           f"fixed per flow run once the server is up: {show(fixeds, 1.0)} CPU-s")
     print(f"  of which the flow process (what a worker node pays): {show(workers)} ms per task; "
           f"the Prefect server (recording task runs, states, logs): {show(servers)} ms per task")
+    print(f"over the whole N={sizes[1]} run (fixed costs included), per task: {show([w[0] for w in whole_runs])} ms; "
+          f"flow process against the plain loop's process {show([w[1] for w in whole_runs])} ms, "
+          f"server {show([w[2] for w in whole_runs])} ms")
     loops = {m: importlib.util.find_spec(m) is not None for m in ("uvloop", "httptools")}
     print(f"  server event loop / HTTP parser available to uvicorn: {loops}")
 
