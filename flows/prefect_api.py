@@ -22,13 +22,13 @@ TIMEOUT_MARKER = "Timed out while attempting to connect to ephemeral Prefect API
 # * No usage analytics from our runs.
 # * The task-run recorder writes task runs and their states in batches of up to 100 events, or after at most
 #   1 s (Prefect's defaults: every event on its own, else every 5 s). One by one it compiles and commits an
-#   INSERT per event, three events per task run (Pending, Running, Completed): measured 30 ms of server CPU per
-#   task run, 13-18 ms batched (benchmarks/bench_orchestration.py). A task run's state then reaches the API up
-#   to a second later; 1 s is the shortest interval the recorder takes (it sleeps int(seconds)).
+#   INSERT per event, three events per task run (Pending, Running, Completed). A task run's state then reaches
+#   the API up to a second later; 1 s is the shortest interval the recorder takes (it sleeps int(seconds)).
 # * uvicorn (the temporary server runs `python -m uvicorn`, whose options also read UVICORN_* variables) does not
 #   offer per-message deflate on websockets: the flow process streams every event (three per task run) to the
-#   server over one, and over loopback compressing each message is CPU spent twice for nothing. Measured with
-#   it off: 18 ms orchestration CPU per task instead of 25 (benchmarks/bench_orchestration.py).
+#   server over one, and over loopback compressing each message is CPU spent on both ends for nothing.
+# Together: the server's CPU per (stage, shard) task 37 -> 15 ms on 2 cores (docs/cluster.md, "What Prefect
+# costs per task"; benchmarks/bench_orchestration.py).
 UVICORN_DEFAULTS = {"UVICORN_WS_PER_MESSAGE_DEFLATE": "false"}
 SERVER_DEFAULTS = {  # environment variable -> (settings path under Settings.server, value)
     "PREFECT_SERVER_ANALYTICS_ENABLED": (("analytics_enabled",), "false"),
