@@ -250,8 +250,22 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m stages.training.trainer CONFIG.json [--no-resume]", file=sys.stderr)
         return 2
     cfg = TrainConfig.model_validate(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
-    run_training(cfg, resume="--no-resume" not in argv)
+    try:
+        run_training(cfg, resume="--no-resume" not in argv)
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the launcher's process group (the Trainer creates it and never destroys it) before the
+    interpreter exits, as PyTorch asks. Left to interpreter shutdown, a gloo process group's threads can be torn
+    down still joinable: the rank aborts ("terminate called without an active exception", SIGABRT) after a
+    finished run, and torchrun then kills the other ranks, rank 0 possibly before it wrote summary.json."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

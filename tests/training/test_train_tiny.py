@@ -111,3 +111,36 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(runs):
     assert wa.keys() == wc.keys()
     for k in wa:
         assert torch.allclose(wa[k], wc[k], rtol=1e-3, atol=1e-4), k
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_trainer_entry_point_destroys_the_process_group(tmp_path, monkeypatch, fails):
+    """``python -m stages.training.trainer`` destroys the launcher's process group before it returns, also when
+    training raises: left to interpreter shutdown, a gloo group can abort a rank that finished (SIGABRT), and
+    torchrun then kills rank 0 before it writes the summary. A one-process gloo group stands in for torchrun's."""
+    import torch.distributed as dist
+
+    from stages.training import trainer
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(TrainConfig(output_dir=str(tmp_path / "out"), model=ModelConfig(model_id="tiny://qwen2_vl"),
+                               data=DataConfig(sources=(DataSource(path=str(tmp_path)),))).model_dump_json())
+    seen = []
+
+    def fake_training(c, resume=True):
+        seen.append(dist.is_initialized())
+        if fails:
+            raise RuntimeError("training failed")
+
+    monkeypatch.setattr(trainer, "run_training", fake_training)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="training failed"):
+                trainer.main([str(cfg)])
+        else:
+            assert trainer.main([str(cfg)]) == 0
+        assert seen == [True] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
