@@ -89,6 +89,7 @@ def ensure_prefect_api(attempts: int = 2, server_factory: Callable[[], object] |
         return PREFECT_API_URL.value()
     if not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
         return None  # Prefect raises its own clear error in this case
+    apply_server_defaults()  # whichever module imported Prefect first, the server we start gets them
     factory = server_factory or _default_server
     timeout = max(int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() or 0), MIN_STARTUP_TIMEOUT_S)
     tried: list[int] = []
