@@ -250,18 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m stages.training.trainer CONFIG.json [--no-resume]", file=sys.stderr)
         return 2
     cfg = TrainConfig.model_validate(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
-    try:
-        run_training(cfg, resume="--no-resume" not in argv)
-    finally:
-        close_process_group()
+    run_training(cfg, resume="--no-resume" not in argv)
+    close_process_group()  # only after a finished run: see there
     return 0
 
 
 def close_process_group() -> None:
     """Destroy the launcher's process group (the Trainer creates it and never destroys it) before the
-    interpreter exits, as PyTorch asks. Left to interpreter shutdown, a gloo process group's threads can be torn
-    down still joinable: the rank aborts ("terminate called without an active exception", SIGABRT) after a
-    finished run, and torchrun then kills the other ranks, rank 0 possibly before it wrote summary.json."""
+    interpreter exits, as PyTorch asks. Left to interpreter shutdown, gloo's worker threads can still hold work
+    (tensors with Python references) while the interpreter is torn down: the rank aborts ("terminate called
+    without an active exception", SIGABRT) after a finished run, and torchrun then kills the other ranks, rank
+    0 possibly before it wrote summary.json. Not called when training raised: another rank may then be inside a
+    collective, and destroying the group would wait for it; the launcher ends such a run."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
