@@ -47,10 +47,11 @@ def apply_server_defaults() -> None:
 
     for key, value in UVICORN_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    server = get_current_settings().server
     for key, (path, value) in SERVER_DEFAULTS.items():
         if key in os.environ:
             continue
-        model = get_current_settings().server
+        model = server
         for name in path[:-1]:
             model = getattr(model, name)
         if path[-1] not in model.model_fields_set:
