@@ -198,8 +198,14 @@ def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force:
         ended = dt.datetime.now(dt.timezone.utc)
     line = (f"{stage} / shard {shard:05d}: {outcome.action}, {outcome.rows} rows ({outcome.ok} ok, {outcome.error} "
             f"error, {outcome.skipped} skipped) in {outcome.seconds:.1f}s")
-    return Completed(message=line, data={**outcome.as_dict(), "started_at": started.isoformat(),
-                                         "ended_at": ended.isoformat(), "pid": os.getpid()})
+    result = {**outcome.as_dict(), "started_at": started.isoformat(), "ended_at": ended.isoformat(),
+              "pid": os.getpid()}
+    # Prefect maps the id() of a task's result, and of each object one level inside it, to the task run, and
+    # records a later task's argument that is one of those objects as an input from that run. The outcome's
+    # values are the very objects later tasks get as arguments (the stage's name, a shard number), which drew
+    # false edges in the UI's task graph (every "scenes" shard an input of the last one finished); one more
+    # level keeps them out of reach. The real dependencies are the ``wait_for`` futures.
+    return Completed(message=line, data={"outcome": result})
 
 
 @task(name="plan-inputs", cache_policy=NONE)
@@ -314,7 +320,7 @@ def _collect(futures: dict) -> tuple[list[dict], list[dict]]:
         fut.wait()
         state = fut.state
         if state.is_completed():
-            results.append(fut.result())
+            results.append(fut.result()["outcome"])
             continue
         msg = state.message or state.name
         try:

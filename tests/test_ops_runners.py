@@ -302,7 +302,9 @@ def test_submit_passes_the_config_quoted_so_prefect_does_not_walk_it(monkeypatch
 def test_task_run_state_message_is_the_shard_outcome(prefect_harness, tmp_path):
     """Each (stage, shard) task run ends Completed with the outcome line as its state message (what the UI shows
     on the task run, and Prefect's one "Finished in state" log line per task), and the flow still gets the
-    outcome dicts."""
+    outcome dicts. No task run is recorded as an input of another: the shards of one stage are independent,
+    though each outcome holds the same stage-name object the next shard gets as its ``stage`` argument (one
+    worker, so shard 1 starts after shard 0 has finished and its result is linked)."""
     from prefect import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
@@ -317,7 +319,7 @@ def test_task_run_state_message_is_the_shard_outcome(prefect_harness, tmp_path):
     with _registered([st]) as names:
         out = tmp_path / "msg"
         plan(OutputRoot(str(out)), 2, 1)
-        pc = pipeline_model().model_validate({"runtime": {"retries": 0, "max_workers": 2}})
+        pc = pipeline_model().model_validate({"runtime": {"retries": 0, "max_workers": 1}})
         results, failures = _run_graph(str(out), names, [0, 1], pc.model_dump(mode="json"), False, pc.runtime)
     assert not failures and sorted(r["shard"] for r in results) == [0, 1]
     assert all(r["stage"] == name and r["action"] == "written" and r["rows"] == 1 for r in results)
@@ -329,3 +331,4 @@ def test_task_run_state_message_is_the_shard_outcome(prefect_harness, tmp_path):
     for r in runs:
         assert r.state.is_completed()
         assert r.state.message.startswith(f"{r.name}: written, 1 rows (1 ok, 0 error, 0 skipped) in ")
+        assert all(inputs == [] for inputs in r.task_inputs.values()), (r.name, r.task_inputs)
