@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import functools
+import logging
 import math
 import multiprocessing
 import os
@@ -180,6 +181,15 @@ def _use_fast_pixel_distance() -> None:
         content_detector._mean_pixel_distance = _l1_mean_distance
 
 
+def _quiet_scenedetect_progress() -> None:
+    # scenedetect sets its logger to INFO at import, and SceneManager.detect_scenes logs "Detecting scenes..." at
+    # INFO on every call: under a flow run, one console line per video that says nothing (the task's outcome line
+    # follows it). Warnings and errors still show; a level other than INFO that someone set is left alone.
+    logger = logging.getLogger("pyscenedetect")
+    if logger.level == logging.INFO:
+        logger.setLevel(logging.WARNING)
+
+
 def _open_stream(video_path: str, config: ScenesConfig):
     """The scenedetect backend the CLI would use; opened directly so a failure is never silently
     replaced by another backend (``scenedetect.open_video`` falls back to OpenCV)."""
@@ -247,6 +257,7 @@ def detect_cuts(video_path: str | os.PathLike, config: ScenesConfig | None = Non
 
     config = config or ScenesConfig()
     _use_fast_pixel_distance()
+    _quiet_scenedetect_progress()
     path = os.fspath(video_path)
     if not os.path.isfile(path):
         raise SceneDetectionError(f"scene detection: video not found: {path}; check the videos table path")

@@ -124,6 +124,29 @@ def test_detect_cuts_finds_known_hard_cuts(synth, config):
         assert abs(got - want) <= 1, (result.cut_frames, KNOWN_CUTS)
 
 
+def test_detect_cuts_says_nothing_at_info_and_keeps_a_chosen_level(synth, caplog):
+    """scenedetect's "Detecting scenes..." (INFO, once per video) would be one empty console line per shard under
+    a flow run; it is quieted, while a level someone chose for the logger is kept."""
+    import logging
+
+    lib = logging.getLogger("pyscenedetect")
+    before = lib.level
+    try:
+        lib.setLevel(logging.INFO)  # what scenedetect itself sets at import
+        with caplog.at_level(logging.DEBUG):
+            detect_cuts(synth)
+        assert not [r for r in caplog.records if r.name == "pyscenedetect" and r.levelno < logging.WARNING]
+        assert lib.level == logging.WARNING
+        lib.setLevel(logging.DEBUG)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            detect_cuts(synth)
+        assert lib.level == logging.DEBUG
+        assert "Detecting scenes..." in [r.getMessage() for r in caplog.records if r.name == "pyscenedetect"]
+    finally:
+        lib.setLevel(before)
+
+
 def test_min_scene_len_suppresses_close_cuts(synth):
     # A minimum scene length longer than the 2nd shot (45 frames) but not the 1st (50) keeps only the cut at 50.
     result = detect_cuts(synth, ScenesConfig(min_scene_len_frames=48))
