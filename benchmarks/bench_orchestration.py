@@ -9,7 +9,8 @@ Makes N tiny test videos (ffmpeg testsrc, 1 s, 160x90) and, for two sizes N and 
 
 CPU is user + system time of this process and all its children (the temporary server included), sampled
 with psutil; the tax is also split into the flow process's share (what a worker node pays) and the server's
-(what recording task runs, states and logs costs the Prefect server, on its own host in production). A first, uncounted flow run starts the temporary server. The per-task tax is the slope between
+(what recording task runs, states and logs costs the Prefect server, on its own host in production; with
+``--postgres`` the server's database is a PostgreSQL cluster started here, whose CPU counts as the server's). A first, uncounted flow run starts the temporary server. The per-task tax is the slope between
 the two sizes, so fixed costs (flow start, report, artifacts) drop out of it and are reported separately:
 
     tax per task = [(prefect(2N) - prefect(N)) - (plain(2N) - plain(N))] / (tasks(2N) - tasks(N))
@@ -19,11 +20,12 @@ included, but steadier on a shared machine, where the CPU time of the same work 
 
 Target: <= 20 ms per task. Modest default sizes; the machine may be shared.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_orchestration.py [--n 20] [--repeats 3] [--dir /tmp/x]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_orchestration.py [--n 20] [--repeats 3] [--dir /tmp/x] [--postgres]
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import os
 import shutil
@@ -56,6 +58,80 @@ def cpu_split() -> tuple[float, float]:
         except psutil.Error:
             pass
     return t.user + t.system, kids
+
+
+class LocalPostgres:
+    """A throwaway PostgreSQL cluster under ``folder`` for the temporary Prefect server's database: the database
+    docs/cluster.md prescribes for production, here on the same cores. Needs the machine's ``initdb`` and
+    ``pg_ctl`` (Debian: ``apt-get install postgresql``). As root it runs as the ``postgres`` user, since
+    PostgreSQL refuses to run as root. Its processes are not this process's descendants, so :meth:`cpu` adds
+    them up: the postmaster, its live backends, and what it has reaped (each connection's backend)."""
+
+    def __init__(self, folder: Path):
+        pg_ctl = shutil.which("pg_ctl") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))), None)
+        if pg_ctl is None:
+            raise SystemExit("--postgres needs PostgreSQL's pg_ctl and initdb on PATH "
+                             "(Debian: apt-get install postgresql)")
+        self.bin = Path(pg_ctl).resolve().parent
+        self.data = folder / "pgdata"
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.port = 0
+        self.pid = 0
+
+    def _run(self, *cmd: str) -> None:
+        subprocess.run([*self.as_user, *cmd], check=True, stdout=subprocess.DEVNULL)
+
+    def start(self) -> str:
+        """Create and start the cluster and a ``prefect`` database; the SQLAlchemy URL Prefect takes."""
+        import socket
+
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.data.mkdir(parents=True)
+        if self.as_user:
+            shutil.chown(self.data, "postgres", "postgres")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                  "--no-sync")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.data / "server.log"), "-w",
+                  "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1", "start")
+        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "prefect")
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/prefect"
+
+    def cpu(self) -> float:
+        try:
+            p = psutil.Process(self.pid)
+            t = p.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for c in p.children(recursive=True):
+                try:
+                    ct = c.cpu_times()
+                    total += ct.user + ct.system
+                except psutil.Error:
+                    pass
+            return total
+        except psutil.Error:
+            return 0.0
+
+    def version(self) -> str:
+        out = subprocess.run([str(self.bin / "postgres"), "--version"], capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        if self.pid:
+            subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.pid = 0
+
+
+DATABASE: LocalPostgres | None = None  # set by --postgres
+
+
+def database_cpu() -> float:
+    """CPU seconds of the Prefect server's own database, when it is one this benchmark started (--postgres)."""
+    return DATABASE.cpu() if DATABASE is not None else 0.0
 
 
 def cpu_tree() -> float:
@@ -119,13 +195,14 @@ def prefect(videos: Path, out: Path) -> tuple[float, float]:
     from flows.pipeline import pipeline
 
     shutil.rmtree(out, ignore_errors=True)
-    (s0, k0), v0, w0 = cpu_split(), server_cpu(), time.perf_counter()
+    (s0, k0), v0, d0, w0 = cpu_split(), server_cpu(), database_cpu(), time.perf_counter()
     pipeline(input=str(videos), out=str(out), config=config(), stages=STAGES, force=True)
     wall = time.perf_counter() - w0
     time.sleep(2.0)  # the server records the last task runs' events after the flow returns
-    s1, k1 = cpu_split()
-    SPLIT[str(out)] = (s1 - s0, k1 - k0, server_cpu() - v0)
-    return (s1 - s0) + (k1 - k0), wall
+    (s1, k1), v1, d1 = cpu_split(), server_cpu(), database_cpu()
+    db = d1 - d0  # the database's processes are not descendants: counted with the server, and in the total
+    SPLIT[str(out)] = (s1 - s0, k1 - k0 + db, v1 - v0 + db)
+    return (s1 - s0) + (k1 - k0) + db, wall
 
 
 PLAIN_SPLIT: dict[str, tuple[float, float]] = {}  # out -> (this process, children)
@@ -139,8 +216,19 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "motionforge-bench-orchestration")
     ap.add_argument("--keep-prefect-home", action="store_true",
                     help="record into the current PREFECT_HOME's database instead of a fresh one under --dir")
+    ap.add_argument("--postgres", action="store_true",
+                    help="give the temporary server a PostgreSQL database (started here, on the same cores; its "
+                         "CPU counts as the server's) instead of SQLite: the production setup of docs/cluster.md")
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    if args.postgres:
+        if os.environ.get("PREFECT_API_URL"):
+            raise SystemExit("--postgres starts its own server's database; unset PREFECT_API_URL")
+        global DATABASE
+        DATABASE = LocalPostgres(args.dir)
+        atexit.register(DATABASE.stop)
+        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = DATABASE.start()
+        print(f"server database: {DATABASE.version()}, port {DATABASE.port}, data {DATABASE.data}")
     if not args.keep_prefect_home and not os.environ.get("PREFECT_API_URL"):
         # a fresh database for the temporary server: the figures do not depend on how many runs an old
         # database already holds, and the benchmark's thousands of task runs do not land in the user's database
