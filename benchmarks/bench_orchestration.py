@@ -10,8 +10,9 @@ Makes N tiny test videos (ffmpeg testsrc, 1 s, 160x90) and, for two sizes N and 
 CPU is user + system time of this process and all its children (the temporary server included), sampled
 with psutil; the tax is also split into the flow process's share (what a worker node pays) and the server's
 (what recording task runs, states and logs costs the Prefect server, on its own host in production; with
-``--postgres`` the server's database is a PostgreSQL cluster started here, whose CPU counts as the server's). A first, uncounted flow run starts the temporary server. The per-task tax is the slope between
-the two sizes, so fixed costs (flow start, report, artifacts) drop out of it and are reported separately:
+``--postgres`` the server's database is a PostgreSQL cluster started here, whose CPU counts as the server's).
+A first, uncounted flow run starts the temporary server. The per-task tax is the slope between the two sizes,
+so fixed costs (flow start, report, artifacts) drop out of it and are reported separately:
 
     tax per task = [(prefect(2N) - prefect(N)) - (plain(2N) - plain(N))] / (tasks(2N) - tasks(N))
 
@@ -50,14 +51,24 @@ def cpu_split() -> tuple[float, float]:
     counted through whoever reaped it, so the figure does not depend on when pools come and go."""
     me = psutil.Process()
     t = me.cpu_times()
-    kids = t.children_user + t.children_system
-    for c in me.children(recursive=True):
+    return t.user + t.system, t.children_user + t.children_system + descendants_cpu(me)
+
+
+def own_and_reaped_cpu(p: psutil.Process) -> float:
+    """User + system CPU seconds of ``p`` and of the children it has reaped."""
+    t = p.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def descendants_cpu(p: psutil.Process) -> float:
+    """:func:`own_and_reaped_cpu` summed over the live descendants of ``p`` (one that exits meanwhile is skipped)."""
+    total = 0.0
+    for c in p.children(recursive=True):
         try:
-            ct = c.cpu_times()
-            kids += ct.user + ct.system + ct.children_user + ct.children_system
+            total += own_and_reaped_cpu(c)
         except psutil.Error:
             pass
-    return t.user + t.system, kids
+    return total
 
 
 class LocalPostgres:
@@ -103,15 +114,7 @@ class LocalPostgres:
     def cpu(self) -> float:
         try:
             p = psutil.Process(self.pid)
-            t = p.cpu_times()
-            total = t.user + t.system + t.children_user + t.children_system
-            for c in p.children(recursive=True):
-                try:
-                    ct = c.cpu_times()
-                    total += ct.user + ct.system
-                except psutil.Error:
-                    pass
-            return total
+            return own_and_reaped_cpu(p) + descendants_cpu(p)
         except psutil.Error:
             return 0.0
 
