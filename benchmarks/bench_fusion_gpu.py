@@ -225,7 +225,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from flows.ablation import METHOD_LABELS, PAPER_METHODS
+    from experts.model_parts.config import METHOD_LABELS, PAPER_METHODS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/bench_fusion", help="built model and default JSON go here")

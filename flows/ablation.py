@@ -28,21 +28,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from experts.model_parts.config import TemporalFusionConfig, TemporalMethod
+from experts.model_parts.config import METHOD_LABELS, PAPER_METHODS, TemporalFusionConfig, TemporalMethod
 from storage.root import OutputRoot
 
-# Names as MotionBench Tables 4 / 7 / 8 print them, in their row order, for our paradigm implementations;
-# post_mlp is ours (Kangaroo's fusion moved after the merger), selectable but not in the paper's grid.
-METHOD_LABELS: dict[str, str] = {
-    "none": "Baseline (no temporal fusion)",
-    "pre_encoder": "Qwen2-VL (pre-encoder fusion)",
-    "qformer": "QFormer (post-encoder)",
-    "post_pool": "PLLaVA (post-encoder pooling)",
-    "kangaroo": "Kangaroo (post-encoder spatial-temporal patchification)",
-    "te_fusion": "TE Fusion (ours in the paper)",
-    "post_mlp": "Post-encoder MLP after the merger (not a paper row)",
-}
-PAPER_METHODS: tuple[str, ...] = ("none", "pre_encoder", "qformer", "post_pool", "kangaroo", "te_fusion")
 DEFAULT_STEP = "flows.ablation:synthetic_motion_probe"
 
 

@@ -37,6 +37,19 @@ class PositionTokensConfig(_Frozen):
 
 TemporalMethod = Literal["none", "pre_encoder", "qformer", "post_pool", "kangaroo", "post_mlp", "te_fusion"]
 
+# Names as MotionBench Tables 4 / 7 / 8 print them, in their row order, for our paradigm implementations;
+# post_mlp is ours (Kangaroo's fusion moved after the merger), selectable but not in the paper's grid.
+METHOD_LABELS: dict[str, str] = {
+    "none": "Baseline (no temporal fusion)",
+    "pre_encoder": "Qwen2-VL (pre-encoder fusion)",
+    "qformer": "QFormer (post-encoder)",
+    "post_pool": "PLLaVA (post-encoder pooling)",
+    "kangaroo": "Kangaroo (post-encoder spatial-temporal patchification)",
+    "te_fusion": "TE Fusion (ours in the paper)",
+    "post_mlp": "Post-encoder MLP after the merger (not a paper row)",
+}
+PAPER_METHODS: tuple[str, ...] = ("none", "pre_encoder", "qformer", "post_pool", "kangaroo", "te_fusion")
+
 
 class TemporalFusionConfig(_Frozen):
     """MotionBench section 4 / appendix 8 video compression paradigms, rate k = encoder time slots per
