@@ -9,8 +9,8 @@ What is checked here without the device machine:
   pinned versions. Only names are compared: the image list (from the device tool's KINDS.md) has no versions;
   the one version floor that matters, transformers' huggingface_hub, is noted in kit.txt. A requirement met by
   another build of the same module (opencv-python by the image's opencv-python-headless) counts as met;
-* both shell scripts parse (bash -n), and the fusion benchmark, like the end-to-end one
-  (tests/test_bench_e2e_gpu.py), imports without Prefect, which the kit does not carry.
+* both shell scripts parse (bash -n) and call flags the benchmarks have, and neither benchmark imports
+  Prefect, which the kit does not carry.
 """
 from __future__ import annotations
 
@@ -130,16 +130,26 @@ def test_gpu_checks_runs_what_exists():
             assert flag in text and f'"{flag}"' in source, f"{bench} has no {flag}"
 
 
-def test_the_fusion_benchmark_does_not_import_prefect():
-    """The labels it prints come from experts.model_parts.config, not flows.ablation (a Prefect flow)."""
+# What each benchmark imports beyond its own module, in the process that does the work.
+BENCH_IMPORTS = {
+    # the config model and every stage module
+    "bench_e2e_gpu.py": "import stages.registry as r, stages.runner, storage.manifest, flows.config; "
+                        "[r.get_stage(n) for n in r.available_stages()]",
+    # the labels it prints (experts.model_parts.config, not flows.ablation: a Prefect flow), and what its
+    # per-cell worker imports: the preload list and the modules measure_cell adds
+    "bench_fusion_gpu.py": "from experts.model_parts.config import METHOD_LABELS, PAPER_METHODS; "
+                           "assert set(PAPER_METHODS) <= set(METHOD_LABELS); "
+                           "import importlib; [importlib.import_module(n) for n in m.PRELOAD]; "
+                           "import stages.training.config, stages.training.data",
+}
+
+
+@pytest.mark.parametrize("bench", sorted(BENCH_IMPORTS))
+def test_the_benchmarks_do_not_import_prefect(bench):
+    """The kit carries no Prefect (nor its server's dependencies), so neither benchmark may import it."""
     code = ("import sys; sys.argv=['x']; import importlib.util as u; "
-            f"s=u.spec_from_file_location('b', {str(ROOT / 'benchmarks' / 'bench_fusion_gpu.py')!r}); "
-            "m=u.module_from_spec(s); s.loader.exec_module(m); "
-            "from experts.model_parts.config import METHOD_LABELS, PAPER_METHODS; "
-            # what its per-cell worker imports: the preload list, and the modules measure_cell adds
-            "import importlib; [importlib.import_module(n) for n in m.PRELOAD]; "
-            "import stages.training.config, stages.training.data; "
-            "assert set(PAPER_METHODS) <= set(METHOD_LABELS); "
+            f"s=u.spec_from_file_location('b', {str(ROOT / 'benchmarks' / bench)!r}); "
+            f"m=u.module_from_spec(s); s.loader.exec_module(m); {BENCH_IMPORTS[bench]}; "
             "print('prefect' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
