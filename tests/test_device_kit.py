@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as norm  # a distribution name the way pip compares them
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "benchmarks" / "device"
@@ -32,11 +32,6 @@ DEVICE_MARKERS = {**default_environment(), "python_version": "3.12", "python_ful
                   "implementation_name": "cpython", "platform_python_implementation": "CPython",
                   "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
                   "os_name": "posix", "extra": ""}
-
-
-def norm(name: str) -> str:
-    """A distribution name the way pip compares them (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def names(path: Path) -> list[str]:
@@ -92,11 +87,10 @@ def device_requirements(dist: str) -> list[Requirement]:
 def test_marker_evaluation_is_for_the_device_not_this_machine():
     """Guard for the closure check: a requirement conditional on the device's Python or platform is kept, one
     only an extra asks for is dropped."""
-    env = dict(DEVICE_MARKERS)
-    assert Requirement('x; python_version >= "3.12"').marker.evaluate(env)
-    assert not Requirement('x; python_version < "3.12"').marker.evaluate(env)
-    assert not Requirement('x; sys_platform == "win32"').marker.evaluate(env)
-    assert not Requirement('x; extra == "dev"').marker.evaluate(env)
+    assert Requirement('x; python_version >= "3.12"').marker.evaluate(DEVICE_MARKERS)
+    assert not Requirement('x; python_version < "3.12"').marker.evaluate(DEVICE_MARKERS)
+    assert not Requirement('x; sys_platform == "win32"').marker.evaluate(DEVICE_MARKERS)
+    assert not Requirement('x; extra == "dev"').marker.evaluate(DEVICE_MARKERS)
 
 
 def test_kit_dependencies_close_over_the_kit_and_the_image():

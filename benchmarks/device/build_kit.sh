@@ -23,28 +23,29 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$KIT" "$WORK/wheels" "$WORK/site"
 
-pinned() {  # pinned NAME -> NAME==VERSION from constraints.txt (names compared the way pip normalises them)
-  "$PY" - "$1" <<'EOF'
-import re, sys
-norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
-want = norm(sys.argv[1])
+# NAME==VERSION for every distribution in kit.txt, from constraints.txt (names compared the way pip does)
+SPECS=$("$PY" - <<'EOF'
+import sys
+from packaging.utils import canonicalize_name
+pins = {}
 for line in open("constraints.txt"):
     name, sep, version = line.split("#")[0].strip().partition("==")
-    if sep and norm(name) == want:
-        print(f"{name}=={version}")
-        break
-else:
-    sys.exit(f"{sys.argv[1]} is not pinned in constraints.txt")
+    if sep:
+        pins[canonicalize_name(name)] = f"{name.strip()}=={version.strip()}"
+kit = [w for w in (line.split("#")[0].split() for line in open("benchmarks/device/kit.txt")) if w]
+unpinned = [w[0] for w in kit if canonicalize_name(w[0]) not in pins]
+if unpinned:
+    sys.exit(f"not pinned in constraints.txt: {', '.join(unpinned)}")
+print("\n".join(pins[canonicalize_name(w[0])] for w in kit))
 EOF
-}
+)
 
 PLATFORMS=""
 for p in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 \
          manylinux_2_17 manylinux2014 manylinux1; do
   PLATFORMS="$PLATFORMS --platform ${p}_x86_64"
 done
-for name in $(sed -e 's/#.*//' benchmarks/device/kit.txt | awk 'NF {print $1}'); do
-  spec=$(pinned "$name")
+for spec in $SPECS; do
   if ! "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp $PLATFORMS -d "$WORK/wheels" "$spec" 2>/dev/null; then
     echo "[kit] no cp312 wheel for $spec on the registry: building one here" >&2

@@ -70,13 +70,14 @@ else
 fi
 
 rc=0
-echo "== bench_e2e_gpu (limit ${E2E_S}s)"
-timeout -k 10 "$E2E_S" "$PY" benchmarks/bench_e2e_gpu.py "${e2e[@]}" --dir /tmp/motionforge-e2e \
-  --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
-status=${PIPESTATUS[0]}; [ "$status" = 0 ] || { echo "bench_e2e_gpu ended with $status (124: time limit)"; rc=1; }
-
-echo "== bench_fusion_gpu (limit ${FUSION_S}s)"
-timeout -k 10 "$FUSION_S" "$PY" benchmarks/bench_fusion_gpu.py "${fusion[@]}" --work /tmp/motionforge-fusion \
-  --json "$OUT/fusion.json" 2>&1 | tee "$OUT/fusion.log"
-status=${PIPESTATUS[0]}; [ "$status" = 0 ] || { echo "bench_fusion_gpu ended with $status (124: time limit)"; rc=1; }
+bench() {  # bench NAME LIMIT_S LOG ARGS...: one benchmark under its own time limit, its output also in $OUT/LOG
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "== $name (limit ${limit}s)"
+  timeout -k 10 "$limit" "$PY" "benchmarks/$name.py" "$@" 2>&1 | tee "$OUT/$log"
+  local status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] || { echo "$name ended with $status (124: time limit)"; rc=1; }
+}
+bench bench_e2e_gpu "$E2E_S" e2e.log "${e2e[@]}" --dir /tmp/motionforge-e2e --json "$OUT/e2e.json"
+bench bench_fusion_gpu "$FUSION_S" fusion.log "${fusion[@]}" --work /tmp/motionforge-fusion --json "$OUT/fusion.json"
 exit $rc
