@@ -206,8 +206,12 @@ class OutputRoot:
         return info.mtime.timestamp() if info.mtime is not None else None
 
     def list_dir(self, path: str) -> list[str]:
+        """Names in ``path``, sorted, without the temp files of this module's atomic writes: one is either still
+        being written (another process's write in flight, renamed away a moment later) or left by a killed
+        writer (:meth:`remove_temp_files`); neither is an entry a reader may open."""
         sel = pafs.FileSelector(path, allow_not_found=True)
-        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+        names = (posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+        return sorted(n for n in names if not _TMP_RE.match(n))
 
     # -- tables ------------------------------------------------------------------------------------------
     def write_table_atomic(self, stage: str, shard: int, table: pa.Table) -> str:

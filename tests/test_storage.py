@@ -494,3 +494,17 @@ def test_report_on_a_full_disk_keeps_the_old_report_whole(tmp_path):
     assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
     assert to.read_bytes() == old
     assert os.listdir(to.parent) == ["index.html"]  # the cut temp file was removed too
+
+
+def test_list_dir_leaves_out_temp_files_of_writes_in_flight(tmp_path):
+    """Another process's atomic write shows its temp file for a moment before the rename; a reader that lists
+    the folder then opens what it found must not get that name (it would open a half-written file, or find it
+    renamed away: FileNotFoundError, seen with two reviewers deciding at once under load)."""
+    root = OutputRoot(tmp_path / "r")
+    done = root.path("notes", "a.jsonl")
+    root.write_bytes_atomic(done, b"{}\n")
+    in_flight = root._tmp_beside(root.path("notes", "b.jsonl"))  # the name write_bytes_atomic gives its temp file
+    Path(in_flight).write_bytes(b'{"half')
+    Path(root.path("notes", ".tmp-notes.jsonl")).write_bytes(b"")  # a user's own dotfile: not one of ours
+    assert sorted(os.listdir(root.path("notes"))) == sorted([".tmp-notes.jsonl", "a.jsonl", Path(in_flight).name])
+    assert root.list_dir(root.path("notes")) == [".tmp-notes.jsonl", "a.jsonl"]

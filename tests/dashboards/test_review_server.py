@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from schemas._base import from_table
 from schemas.reviews import SCHEMA as REVIEW_SCHEMA, Review
 from stages.motionbench import review
 from stages.runner import run_shard, shard_state
+from storage.root import OutputRoot
 from dashboards.server import check_bind, create_app
 from tests._video_fixtures import require_ffmpeg
 from tests.dashboards._roots import MB_QUESTIONS, imove_root, motionbench_root
@@ -248,3 +250,14 @@ def test_decisions_from_review_import_show_in_the_server(mb, tmp_path):
     # and the server's next question skips it
     seen = {client.get("/api/review/next", params={"reviewer": f"r{k}"}).json()["question_id"] for k in range(3)}
     assert pending[0] not in seen
+
+
+def test_a_batch_being_written_is_not_read_yet(tmp_path):
+    """While one reviewer's batch is between its temp file and the rename, another request reads the history:
+    it sees the finished batches only, and the decisions' fingerprint does not change."""
+    root = OutputRoot(tmp_path / "root")
+    (done,) = review.store_decisions(root, {0: [review.Decision("q1", "accept", "ann")]})
+    before = review.decisions_fingerprint(root, 0)
+    Path(root._tmp_beside(done.replace(".jsonl", "-next.jsonl"))).write_bytes(b'{"question_id": "q2", "dec')
+    assert [(d.question_id, d.reviewer) for d in review.decision_history(root, 0)] == [("q1", "ann")]
+    assert review.decisions_fingerprint(root, 0) == before
