@@ -7,8 +7,8 @@ Makes N tiny test videos (ffmpeg testsrc, 1 s, 160x90) and, for two sizes N and 
 * prefect: the ``motionforge-pipeline`` flow (thread-pool task runner, the temporary local Prefect server
            unless PREFECT_API_URL points at one), through ``flows.pipeline.pipeline``.
 
-CPU is user + system time of this process and all its children (the temporary server included), sampled
-with psutil; the tax is also split into the flow process's share (what a worker node pays) and the server's
+CPU is user + system time of this process and all its children (the temporary server included, except while
+the plain loop runs: it is idle then, and none of its CPU is the loop's), sampled with psutil; the tax is also split into the flow process's share (what a worker node pays) and the server's
 (what recording task runs, states and logs costs the Prefect server, on its own host in production; with
 ``--postgres`` the server's database is a PostgreSQL cluster started here, whose CPU counts as the server's).
 A first, uncounted flow run starts the temporary server. The per-task tax is the slope between the two sizes,
@@ -18,6 +18,13 @@ so fixed costs (flow start, report, artifacts) drop out of it and are reported s
 
 It also prints the plain difference over the 2N run alone, (prefect(2N) - plain(2N)) / tasks(2N): fixed costs
 included, but steadier on a shared machine, where the CPU time of the same work varies by a fifth or more.
+
+Prefect's own floor is measured in the same rounds: a flow of empty tasks with the same graph (the two stages'
+N and 2N task runs, each scenes task waiting for its ingest task, a thread pool of the same size, a Completed
+state with a message as ours return), its slope taken the same way. The tax minus that floor, per round, is what
+motionforge's own code adds to each task run (``--no-floor`` skips it). After every flow run the benchmark waits
+until the server has recorded it (:func:`settle`), so no run's server work is counted with the next one (or with
+the plain loop after it); what the idle server spends during that wait is taken off.
 
 Target: <= 20 ms per task. Modest default sizes; the machine may be shared.
 
@@ -154,6 +161,37 @@ def server_cpu() -> float:
     return total
 
 
+def settle(window: float = 1.0, quiet_cpu: float = 0.05, most: float = 60.0) -> float:
+    """Wait until the server has recorded a flow run that just returned, so its CPU is counted with that run and
+    not with the next one: at least the event persister's flush interval plus a second (it writes the last events
+    of a run that far behind; the task-run recorder flushes every second), then until the server and its database
+    use under ``quiet_cpu`` CPU-s in a ``window``. Returns the server's CPU-s over the wait that its idle loops
+    would have spent anyway (:data:`IDLE`), which the caller takes off the run's figures."""
+    from prefect.settings import get_current_settings
+
+    t0 = time.monotonic()
+    time.sleep(get_current_settings().server.services.event_persister.flush_interval + 1.0)
+    last = server_cpu() + database_cpu()
+    while time.monotonic() - t0 < most:
+        time.sleep(window)
+        now = server_cpu() + database_cpu()
+        if now - last < quiet_cpu:
+            break
+        last = now
+    return IDLE[0] * (time.monotonic() - t0)
+
+
+IDLE = [0.0]  # CPU-s per second of the server (and its database) with no flow running; measured after warm-up
+
+
+def measure_idle(seconds: float = 5.0) -> float:
+    settle()
+    c0, t0 = server_cpu() + database_cpu(), time.monotonic()
+    time.sleep(seconds)
+    IDLE[0] = (server_cpu() + database_cpu() - c0) / (time.monotonic() - t0)
+    return IDLE[0]
+
+
 def make_videos(folder: Path, n: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -180,13 +218,15 @@ def plain(videos: Path, out: Path) -> tuple[float, float, int]:
     shutil.rmtree(out, ignore_errors=True)
     root = OutputRoot(str(out))
     plan_inputs.fn(str(videos), str(out), 1, list(pc.ingest.extensions))
-    (s0, k0), w0 = cpu_split(), time.perf_counter()
+    (s0, k0), v0, w0 = cpu_split(), server_cpu(), time.perf_counter()
     tasks = 0
     for name in STAGES:
         for k in plan_shards(root):
             run_shard(get_stage(name), root, pc.stage_config(name), k, force=True)
             tasks += 1
-    s1, k1 = cpu_split()
+    (s1, k1), v1 = cpu_split(), server_cpu()
+    # the temporary server (started by the warm-up) is a child too, idle here: none of its CPU is the loop's work
+    k1 -= v1 - v0
     PLAIN_SPLIT[str(out)] = (s1 - s0, k1 - k0)
     return (s1 - s0) + (k1 - k0), time.perf_counter() - w0, tasks
 
@@ -201,14 +241,63 @@ def prefect(videos: Path, out: Path) -> tuple[float, float]:
     (s0, k0), v0, d0, w0 = cpu_split(), server_cpu(), database_cpu(), time.perf_counter()
     pipeline(input=str(videos), out=str(out), config=config(), stages=STAGES, force=True)
     wall = time.perf_counter() - w0
-    time.sleep(2.0)  # the server records the last task runs' events after the flow returns
+    idle = settle()
     (s1, k1), v1, d1 = cpu_split(), server_cpu(), database_cpu()
-    db = d1 - d0  # the database's processes are not descendants: counted with the server, and in the total
+    # the database's processes are not descendants (added to the server and to the total); less the idle wait
+    db = d1 - d0 - idle
     SPLIT[str(out)] = (s1 - s0, k1 - k0 + db, v1 - v0 + db)
     return (s1 - s0) + (k1 - k0) + db, wall
 
 
 PLAIN_SPLIT: dict[str, tuple[float, float]] = {}  # out -> (this process, children)
+
+
+def empty_graph_flow():
+    """Prefect's floor for our task graph: ``empty(n)`` runs 2n empty task runs shaped like the pipeline's
+    (stage ``ingest`` shards 0..n-1, then ``scenes`` shards each waiting for the same ingest shard), on a thread
+    pool as large as the benchmark's config gives the pipeline, each ending in a Completed state with a message
+    (so one "Finished in state" log line each, as ours). Prefect is imported here, as the pipeline is in
+    :func:`prefect`, so that importing this module imports no Prefect."""
+    from flows.prefect_api import apply_server_defaults
+
+    apply_server_defaults()  # the temporary server gets the pipeline's settings, whichever flow starts it
+    from prefect import flow, task
+    from prefect.cache_policies import NONE
+    from prefect.states import Completed
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    @task(name="empty-shard", task_run_name="{stage} / shard {shard:05d}", cache_policy=NONE, persist_result=False)
+    def empty_shard(stage: str, shard: int):
+        return Completed(message=f"{stage} / shard {shard:05d}: nothing done", data={"outcome": {}})
+
+    @flow(name="motionforge-bench-empty-graph",
+          task_runner=ThreadPoolTaskRunner(max_workers=config().runtime.max_workers))
+    def empty(n: int) -> int:
+        futures = {}
+        for name in STAGES:
+            for k in range(n):
+                waits = [futures[(inp, k)] for inp in STAGES[:STAGES.index(name)]]
+                futures[(name, k)] = empty_shard.submit(name, k, wait_for=waits)
+        for f in futures.values():
+            f.wait()
+        return sum(1 for f in futures.values() if f.state.is_completed())
+
+    return empty
+
+
+FLOOR: list = []  # the empty-graph flow, built once
+
+
+def floor(n: int) -> tuple[float, float, float, int]:
+    """CPU of the empty-task graph for n shards: (all, flow process, server, completed task runs)."""
+    if not FLOOR:
+        FLOOR.append(empty_graph_flow())
+    (s0, k0), v0, d0 = cpu_split(), server_cpu(), database_cpu()
+    done = FLOOR[0](n)
+    idle = settle()
+    (s1, k1), v1, d1 = cpu_split(), server_cpu(), database_cpu()
+    db = d1 - d0 - idle
+    return (s1 - s0) + (k1 - k0) + db, s1 - s0, v1 - v0 + db, done
 
 
 def main() -> None:
@@ -219,6 +308,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "motionforge-bench-orchestration")
     ap.add_argument("--keep-prefect-home", action="store_true",
                     help="record into the current PREFECT_HOME's database instead of a fresh one under --dir")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the empty-task flows that measure Prefect's own floor in each round")
     ap.add_argument("--postgres", action="store_true",
                     help="give the temporary server a PostgreSQL database (started here, on the same cores; its "
                          "CPU counts as the server's) instead of SQLite: the production setup of docs/cluster.md")
@@ -245,8 +336,10 @@ def main() -> None:
     # Warm-up: the first flow run of a process starts the temporary server and imports Prefect's engine; that
     # one-off cost is reported apart, not mixed into the slope.
     w_cpu, w_wall = prefect(args.dir / f"videos-{args.n}", args.dir / "prefect-warmup")
-    print(f"warm-up flow run (server start, imports): cpu {w_cpu:.2f}s wall {w_wall:.2f}s")
+    print(f"warm-up flow run (server start, imports): cpu {w_cpu:.2f}s wall {w_wall:.2f}s; server idle "
+          f"{measure_idle() * 1000:.0f} ms CPU per second (taken off the waits for the server to finish each run)")
     taxes, workers, servers, fixeds = [], [], [], []
+    floors: list[tuple[float, float, float]] = []  # per round, per task: all, flow process, server
     whole_runs: list[tuple[float, float, float]] = []  # per task over the 2N run: all, flow process, server
     for r in range(args.repeats):
         res = {}
@@ -266,6 +359,16 @@ def main() -> None:
             shutil.rmtree(args.dir / f"prefect-{tag}", ignore_errors=True)
         (a, b) = sizes
         d_tasks = res[b][4] - res[a][4]
+        if not args.no_floor:
+            fl = {}
+            for n in sizes:
+                fl[n] = floor(n)
+                all_, own_, srv_, done = fl[n]
+                if done != len(STAGES) * n:
+                    raise SystemExit(f"empty-task flow finished {done} of {len(STAGES) * n} task runs")
+                print(f"[{r + 1}/{args.repeats}] N={n:4d} empty tasks={done:4d}  cpu {all_:7.2f}s (flow process "
+                      f"{own_:.2f}s, server {srv_:.2f}s)")
+            floors.append(tuple((fl[b][i] - fl[a][i]) / (len(STAGES) * (b - a)) for i in range(3)))
         tax = ((res[b][2] - res[a][2]) - (res[b][0] - res[a][0])) / d_tasks
 
         def slope(i: int) -> float:
@@ -292,6 +395,13 @@ def main() -> None:
     print(f"over the whole N={sizes[1]} run (fixed costs included), per task: {show([w[0] for w in whole_runs])} ms; "
           f"flow process against the plain loop's process {show([w[1] for w in whole_runs])} ms, "
           f"server {show([w[2] for w in whole_runs])} ms")
+    if floors:
+        print(f"Prefect's floor, empty tasks in the same graph: {show([f[0] for f in floors])} ms per task "
+              f"(flow process {show([f[1] for f in floors])} ms, server {show([f[2] for f in floors])} ms)")
+        print(f"  motionforge's own share of the tax (tax - floor, per round): "
+              f"{show([t - f[0] for t, f in zip(taxes, floors)])} ms per task; flow process "
+              f"{show([w - f[1] for w, f in zip(workers, floors)])} ms, server "
+              f"{show([v - f[2] for v, f in zip(servers, floors)])} ms")
     loops = {m: importlib.util.find_spec(m) is not None for m in ("uvloop", "httptools")}
     print(f"  server event loop / HTTP parser available to uvicorn: {loops}")
 

@@ -233,3 +233,45 @@ def test_server_defaults_leave_a_users_setting_alone(tmp_path, given):
     # the environment a SubprocessASGIServer hands its server: this process's, then the settings the user set
     assert json.loads(out.splitlines()[-1]) == {"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "7",
                                                 "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1"}
+
+
+def test_orchestration_benchmark_floor_is_the_pipelines_graph_with_empty_tasks(prefect_harness):
+    """bench_orchestration.py subtracts Prefect's own cost per task, measured on a flow of empty tasks, from the
+    pipeline's tax. That flow must have the pipeline's shape for n shards (read back from the server): one task
+    run per (stage, shard) of the benchmark's stages, named as ours, each later stage's shard waiting for the same
+    shard of the one before, no tags, all Completed with a message, on a pool as large as the pipeline's."""
+    import importlib.util
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_orchestration", root / "benchmarks" / "bench_orchestration.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    empty = bench.empty_graph_flow()
+    assert empty.task_runner._max_workers == bench.config().runtime.max_workers == 2
+
+    state = empty(3, return_state=True)
+    assert state.is_completed() and state.result() == 6
+    runs, deadline = [], time.monotonic() + 120
+    with get_client(sync_client=True) as client:
+        # the server records task runs from their events in batches (up to a second apart): wait for all six to
+        # be final there; 120 s only bounds a loaded machine, the loop ends as soon as they are
+        while time.monotonic() < deadline:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            if len(runs) == 6 and all(r.state and r.state.is_final() for r in runs):
+                break
+            time.sleep(0.2)
+    by_name = {r.name: r for r in runs}
+    assert sorted(by_name) == sorted(f"{s} / shard {k:05d}" for s in bench.STAGES for k in range(3))
+    for r in runs:
+        assert r.state.is_completed() and r.state.message.endswith("nothing done") and not r.tags
+        stage, k = r.name.split(" / shard ")
+        waits = {str(i.id) for i in r.task_inputs.get("wait_for", [])}
+        if stage == bench.STAGES[0]:
+            assert waits == set()
+        else:
+            before = bench.STAGES[bench.STAGES.index(stage) - 1]
+            assert waits == {str(by_name[f"{before} / shard {k}"].id)}
