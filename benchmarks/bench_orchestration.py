@@ -7,12 +7,13 @@ Makes N tiny test videos (ffmpeg testsrc, 1 s, 160x90) and, for two sizes N and 
 * prefect: the ``motionforge-pipeline`` flow (thread-pool task runner, the temporary local Prefect server
            unless PREFECT_API_URL points at one), through ``flows.pipeline.pipeline``.
 
-CPU is user + system time of this process and all its children (the temporary server included, except while
-the plain loop runs: it is idle then, and none of its CPU is the loop's), sampled with psutil; the tax is also split into the flow process's share (what a worker node pays) and the server's
-(what recording task runs, states and logs costs the Prefect server, on its own host in production; with
-``--postgres`` the server's database is a PostgreSQL cluster started here, whose CPU counts as the server's).
-A first, uncounted flow run starts the temporary server. The per-task tax is the slope between the two sizes,
-so fixed costs (flow start, report, artifacts) drop out of it and are reported separately:
+CPU is user + system time of this process and all its children (the temporary server included, except while the
+plain loop runs: it is idle then, and none of its CPU is the loop's), sampled with psutil; the tax is also split
+into the flow process's share (what a worker node pays) and the server's (what recording task runs, states and
+logs costs the Prefect server, on its own host in production; with ``--postgres`` the server's database is a
+PostgreSQL cluster started here, whose CPU counts as the server's). A first, uncounted flow run starts the
+temporary server. The per-task tax is the slope between the two sizes, so fixed costs (flow start, report,
+artifacts) drop out of it and are reported separately:
 
     tax per task = [(prefect(2N) - prefect(N)) - (plain(2N) - plain(N))] / (tasks(2N) - tasks(N))
 
@@ -234,19 +235,28 @@ def plain(videos: Path, out: Path) -> tuple[float, float, int]:
 SPLIT: dict[str, tuple[float, float, float]] = {}  # out -> (flow process, children, of which the server)
 
 
+def measure_flow(run):
+    """Call ``run`` (one flow run) and wait until the server has recorded it (:func:`settle`). Returns its result,
+    its wall seconds (the call alone) and the CPU-s of (this process, its children, of which the server). The
+    database's processes are not descendants: they are added to the children and to the server; the idle
+    server's CPU over the wait is taken off both."""
+    (s0, k0), v0, d0, w0 = cpu_split(), server_cpu(), database_cpu(), time.perf_counter()
+    result = run()
+    wall = time.perf_counter() - w0
+    idle = settle()
+    (s1, k1), v1, d1 = cpu_split(), server_cpu(), database_cpu()
+    db = d1 - d0 - idle
+    return result, wall, (s1 - s0, k1 - k0 + db, v1 - v0 + db)
+
+
 def prefect(videos: Path, out: Path) -> tuple[float, float]:
     from flows.pipeline import pipeline
 
     shutil.rmtree(out, ignore_errors=True)
-    (s0, k0), v0, d0, w0 = cpu_split(), server_cpu(), database_cpu(), time.perf_counter()
-    pipeline(input=str(videos), out=str(out), config=config(), stages=STAGES, force=True)
-    wall = time.perf_counter() - w0
-    idle = settle()
-    (s1, k1), v1, d1 = cpu_split(), server_cpu(), database_cpu()
-    # the database's processes are not descendants (added to the server and to the total); less the idle wait
-    db = d1 - d0 - idle
-    SPLIT[str(out)] = (s1 - s0, k1 - k0 + db, v1 - v0 + db)
-    return (s1 - s0) + (k1 - k0) + db, wall
+    _, wall, split = measure_flow(lambda: pipeline(input=str(videos), out=str(out), config=config(), stages=STAGES,
+                                                   force=True))
+    SPLIT[str(out)] = split
+    return split[0] + split[1], wall
 
 
 PLAIN_SPLIT: dict[str, tuple[float, float]] = {}  # out -> (this process, children)
@@ -292,12 +302,8 @@ def floor(n: int) -> tuple[float, float, float, int]:
     """CPU of the empty-task graph for n shards: (all, flow process, server, completed task runs)."""
     if not FLOOR:
         FLOOR.append(empty_graph_flow())
-    (s0, k0), v0, d0 = cpu_split(), server_cpu(), database_cpu()
-    done = FLOOR[0](n)
-    idle = settle()
-    (s1, k1), v1, d1 = cpu_split(), server_cpu(), database_cpu()
-    db = d1 - d0 - idle
-    return (s1 - s0) + (k1 - k0) + db, s1 - s0, v1 - v0 + db, done
+    done, _, (own, kids, srv) = measure_flow(lambda: FLOOR[0](n))
+    return own + kids, own, srv, done
 
 
 def main() -> None:
@@ -368,7 +374,7 @@ def main() -> None:
                     raise SystemExit(f"empty-task flow finished {done} of {len(STAGES) * n} task runs")
                 print(f"[{r + 1}/{args.repeats}] N={n:4d} empty tasks={done:4d}  cpu {all_:7.2f}s (flow process "
                       f"{own_:.2f}s, server {srv_:.2f}s)")
-            floors.append(tuple((fl[b][i] - fl[a][i]) / (len(STAGES) * (b - a)) for i in range(3)))
+            floors.append(tuple((fl[b][i] - fl[a][i]) / d_tasks for i in range(3)))
         tax = ((res[b][2] - res[a][2]) - (res[b][0] - res[a][0])) / d_tasks
 
         def slope(i: int) -> float:

@@ -7,22 +7,17 @@ without Prefect.
 """
 from __future__ import annotations
 
-import importlib.util
 from argparse import Namespace
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_e2e_gpu", ROOT / "benchmarks" / "bench_e2e_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_e2e_gpu")
 
 
 def test_videos_are_made_without_an_ffmpeg_program(bench, tmp_path, monkeypatch):

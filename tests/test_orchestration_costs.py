@@ -240,15 +240,12 @@ def test_orchestration_benchmark_floor_is_the_pipelines_graph_with_empty_tasks(p
     pipeline's tax. That flow must have the pipeline's shape for n shards (read back from the server): one task
     run per (stage, shard) of the benchmark's stages, named as ours, each later stage's shard waiting for the same
     shard of the one before, no tags, all Completed with a message, on a pool as large as the pipeline's."""
-    import importlib.util
-
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("bench_orchestration", root / "benchmarks" / "bench_orchestration.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from tests._benchmarks import load_benchmark
+
+    bench = load_benchmark("bench_orchestration")
     empty = bench.empty_graph_flow()
     assert empty.task_runner._max_workers == bench.config().runtime.max_workers == 2
 
