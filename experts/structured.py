@@ -23,6 +23,36 @@ class StructuredDecodingUnavailable(RuntimeError):
     """xgrammar is not importable here; generation goes unconstrained (validation + repair still apply)."""
 
 
+# The largest bound a repetition in our patterns may carry (see :func:`one_line_text_pattern`).
+MAX_REPEAT = 128
+
+
+def one_line_text_pattern(max_chars: int) -> str:
+    """A JSON-schema ``pattern`` for one line of text: a non-blank first character, then at most ``max_chars - 1``
+    characters other than line breaks; the language of ``^\\S.{0,max_chars-1}$``, spelled so that no repetition
+    is bounded above :data:`MAX_REPEAT`.
+
+    Why the spelling: xgrammar 0.2.8, the version vLLM 0.33 and 0.34 pin, fails to compile ``.{0,n}`` for n of 130
+    or more when its grammar cache is on, as vLLM runs it (an internal check in ``grammar_functor.cc``). Measured
+    with vLLM 0.33.0's own ``XgrammarBackend``: vLLM's "auto" choice takes xgrammar for such a schema, so an
+    in-process engine or a vLLM server fails the request instead of falling back. Longer bounds are written as
+    one alternative per count of whole 128-character blocks (``.{0,127}|(.{128}){1}.{0,127}|...``): a given
+    length matches exactly one branch, so a matcher keeps few live states and masks tokens as fast as with the
+    plain bound."""
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    rest = max_chars - 1
+    if rest == 0:
+        return "^\\S$"
+    if rest <= MAX_REPEAT:
+        return f"^\\S.{{0,{rest}}}$"
+    blocks, tail = divmod(rest, MAX_REPEAT)
+    branches = [f"(.{{{MAX_REPEAT}}}){{{k}}}.{{0,{MAX_REPEAT - 1}}}" if k else f".{{0,{MAX_REPEAT - 1}}}"
+                for k in range(blocks)]
+    branches.append(f"(.{{{MAX_REPEAT}}}){{{blocks}}}.{{0,{tail}}}")
+    return f"^\\S({'|'.join(branches)})$"
+
+
 def schema_key(schema: dict | None) -> str | None:
     return None if schema is None else json.dumps(schema, sort_keys=True, separators=(",", ":"))
 

@@ -7,12 +7,14 @@ the constraint is what makes the difference.
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import numpy as np
 import pytest
 
 from experts.llm import LlmRequest, LlmSpec, load_llm
+from experts.structured import MAX_REPEAT, one_line_text_pattern
 from experts.vlm import VlmRequest, VlmSpec, load_vlm
 from stages.imove_it.check import VERDICT_SCHEMA, parse_verdict
 from stages.motionbench.ffilter import ANSWER_SCHEMA, judge_letter
@@ -130,3 +132,62 @@ def test_qgen_sends_the_decoding_schema_only_where_it_is_enforced(tmp_path, llm_
     assert len(rows) == 1 and rows[0].status == "error"
     expected = decoding_schema(cfg.num_questions, cfg.decode_max_chars) if enforced else GeneratedQuestions.model_json_schema()
     assert seen[0].json_schema == expected
+
+
+# xgrammar 0.2.8 (the version vLLM 0.33 and 0.34 pin) with its grammar cache on, as vLLM runs it, fails to compile
+# a repetition bounded at 130 or more (`.{0,129}` compiles, `.{0,130}` does not: measured 2026-12-02 with vLLM
+# 0.33.0's own XgrammarBackend, its own venv). Our pins carry xgrammar 0.2.9, which has no such limit, so the
+# contract is checked here as the bound itself; tests/test_vllm_backend.py replays vLLM's own code when one is set.
+_BOUND = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def _patterns(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "pattern" and isinstance(v, str):
+                yield v
+            else:
+                yield from _patterns(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _patterns(v)
+
+
+@pytest.mark.parametrize("max_chars", [1, 2, 16, 128, 129, 130, 160, 256, 257, 300, 1000])
+def test_one_line_text_pattern_is_the_plain_bound_spelled_for_vllms_xgrammar(max_chars):
+    ours = re.compile(one_line_text_pattern(max_chars))
+    plain = re.compile(rf"^\S.{{0,{max_chars - 1}}}$")  # the language we mean, in its obvious spelling
+    texts = ["a" * n for n in range(max_chars + 3)]
+    texts += [" " + "a" * (max_chars - 1), "\tab", "a\nb", "ab\n", "é" * max_chars, "x" + " " * (max_chars - 1)]
+    assert [bool(ours.search(t)) for t in texts] == [bool(plain.search(t)) for t in texts]
+    assert bool(ours.search("a" * max_chars)) and not ours.search("a" * (max_chars + 1))
+    assert all(int(b or a) <= MAX_REPEAT for a, b in _BOUND.findall(ours.pattern))
+
+
+def test_one_line_text_pattern_compiles_and_bounds_the_reply_in_xgrammar():
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from experts.base import resolve_local
+
+    tok = AutoTokenizer.from_pretrained(resolve_local("tiny://qwen2_lm", None))
+    info = xgr.TokenizerInfo.from_huggingface(tok)
+    compiler = xgr.GrammarCompiler(info, cache_enabled=True)  # as vLLM builds its compiler
+    schema = {"type": "object", "properties": {"r": {"type": "string", "pattern": one_line_text_pattern(300)}},
+              "required": ["r"]}
+    grammar = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+
+    def accepted(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(grammar)
+        return all(matcher.accept_token(i) for i in tok.encode(json.dumps({"r": text}), add_special_tokens=False))
+
+    assert accepted("a" * 127) and accepted("a" * 128) and accepted("b" * 300)
+    assert not accepted("a" * 301) and not accepted(" leading blank")
+
+
+@pytest.mark.parametrize("num_questions, max_chars", [(1, 8), (6, 300), (20, 4000)])
+def test_schemas_we_decode_against_bound_no_repetition_above_vllms_xgrammar_limit(num_questions, max_chars):
+    schemas = [VERDICT_SCHEMA, ANSWER_SCHEMA, decoding_schema(num_questions, max_chars)]
+    patterns = [p for s in schemas for p in _patterns(s)]
+    assert len(patterns) >= 4  # the verdict's reason; qgen's question, options and explanation
+    assert all(int(b or a) <= MAX_REPEAT for p in patterns for a, b in _BOUND.findall(p)), patterns

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from experts.structured import one_line_text_pattern
 from experts.vlm import VlmRequest, VlmSpec
 from schemas._base import STATUS_ERROR, STATUS_SKIPPED
 from schemas.caption_verdicts import SCHEMA, CaptionVerdict
@@ -51,7 +52,7 @@ VERDICT_SCHEMA: dict = {
     "properties": {"correct": {"type": "string", "enum": ["yes", "no"]},
                    "unique": {"type": "string", "enum": ["yes", "no"]},
                    # a pattern also keeps raw control characters out of the decoded string
-                   "reason": {"type": "string", "pattern": "^\\S.{0,159}$"}},
+                   "reason": {"type": "string", "pattern": one_line_text_pattern(160)}},
     "required": ["correct", "unique", "reason"], "additionalProperties": False,
 }
 

@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 
 from experts.llm import LlmSpec
+from experts.structured import one_line_text_pattern
 from schemas._base import STATUS_ERROR
 from schemas.descriptions import Description
 from schemas.questions import SCHEMA, Question
@@ -217,8 +218,8 @@ def decoding_schema(num_questions: int, max_chars: int) -> dict:
     schema = GeneratedQuestions.model_json_schema()
     q = schema["$defs"]["GeneratedQuestion"]["properties"]
     # A pattern rather than min/maxLength (xgrammar takes one or the other): starts with a non-blank character,
-    # at most max_chars characters, no line breaks.
-    text = {"type": "string", "pattern": f"^\\S.{{0,{max_chars - 1}}}$"}
+    # at most max_chars characters, no line breaks (spelled by one_line_text_pattern so that vLLM's xgrammar takes it).
+    text = {"type": "string", "pattern": one_line_text_pattern(max_chars)}
     q["question"].update(text)
     q["options"].update(minItems=4, maxItems=4, items=dict(text))
     q["answer"].update(enum=list(LETTERS))
