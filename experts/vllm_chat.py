@@ -16,11 +16,15 @@ Throughput comes from handing vLLM every request of a call at once (one ``LLM.ch
 list): its scheduler batches them continuously, instead of the fixed ``batch_size`` chunks of the
 transformers backend.
 
-Not run in this repository's CI: vLLM needs CUDA. ``tests/test_vllm_backend.py`` checks the request /
-response mapping against a stand-in module; ``benchmarks/bench_e2e_gpu.py --backend vllm`` is the GPU check.
+Not run in this repository's CI: vLLM needs CUDA, and its pins clash with ours. ``tests/test_vllm_backend.py``
+checks the request / response mapping against a stand-in module laid out as vLLM is, and, given a Python with
+vLLM in its own venv (``scripts/vllm_venv.sh``, MOTIONFORGE_VLLM_PYTHON), against vLLM's own request
+validation, chat parser and structured-output backends; ``benchmarks/bench_e2e_gpu.py --backend vllm`` is the
+GPU check.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from typing import Any, Sequence
@@ -56,6 +60,17 @@ def _load_engine(spec: ModelSpec) -> Any:
                     limit_mm_per_prompt={"image": 64, "video": 1})
 
 
+def _sampling_params_module(vllm: Any) -> Any:
+    """``vllm.sampling_params``, imported: vLLM's package ``__init__`` exposes ``LLM`` and ``SamplingParams`` lazily
+    and has no ``sampling_params`` attribute until something imports that module, while
+    ``StructuredOutputsParams`` (and the older ``GuidedDecodingParams``) live only there. Falls back to the
+    package itself for a vLLM without that module."""
+    try:
+        return importlib.import_module(f"{vllm.__name__}.sampling_params")
+    except ImportError:
+        return vllm
+
+
 def sampling_params(vllm: Any, max_new_tokens: int, temperature: float, seed: int | None,
                     json_schema: dict | None) -> Any:
     """vLLM SamplingParams for one request; a JSON schema becomes guided decoding."""
@@ -63,7 +78,7 @@ def sampling_params(vllm: Any, max_new_tokens: int, temperature: float, seed: in
     if seed is not None:
         kw["seed"] = int(seed)
     if json_schema is not None:
-        sp_mod = getattr(vllm, "sampling_params", vllm)
+        sp_mod = _sampling_params_module(vllm)
         if hasattr(sp_mod, "StructuredOutputsParams"):
             kw["structured_outputs"] = sp_mod.StructuredOutputsParams(json=json_schema)
         elif hasattr(sp_mod, "GuidedDecodingParams"):

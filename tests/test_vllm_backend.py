@@ -1,10 +1,15 @@
-"""The in-process vLLM backend's request / response mapping, against a stand-in ``vllm`` module (vLLM itself
-needs CUDA and is not installed here; benchmarks/bench_e2e_gpu.py --backend vllm is the real check)."""
+"""The in-process vLLM backend's request / response mapping, against a stand-in ``vllm`` module laid out as vLLM
+0.33 / 0.34 are (vLLM needs CUDA to generate, and its pins clash with ours, so it is not installed here).
+``test_against_vllms_own_code`` runs the mapping and our schemas through vLLM's own code when a Python with vLLM
+is given (MOTIONFORGE_VLLM_PYTHON); benchmarks/bench_e2e_gpu.py --backend vllm is the GPU check."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,8 +46,12 @@ class _StandInVllm(types.ModuleType):
                 mod.calls.append((messages, params))
                 return [_Out(mod.reply(m, p)) for m, p in zip(messages, params)]
 
+        # vLLM's layout (0.33 / 0.34 read): the package exposes LLM and SamplingParams, and has no
+        # ``sampling_params`` attribute until that module is imported; StructuredOutputsParams lives only there
         self.SamplingParams, self.LLM = SamplingParams, LLM
-        self.sampling_params = types.SimpleNamespace(StructuredOutputsParams=StructuredOutputsParams)
+        self.submodule = types.ModuleType("vllm.sampling_params")
+        self.submodule.SamplingParams = SamplingParams
+        self.submodule.StructuredOutputsParams = StructuredOutputsParams
 
 
 @pytest.fixture()
@@ -50,6 +59,7 @@ def stand_in(monkeypatch):
     def install(reply):
         mod = _StandInVllm(reply)
         monkeypatch.setitem(sys.modules, "vllm", mod)
+        monkeypatch.setitem(sys.modules, "vllm.sampling_params", mod.submodule)
         clear_expert_cache()
         return mod
 
@@ -116,3 +126,55 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
     clear_expert_cache()
     with pytest.raises(VllmUnavailableError, match="optional extra"):
         load_llm(LlmSpec(model_id="x", backend="vllm"))
+
+
+VLLM_PYTHON = os.environ.get("MOTIONFORGE_VLLM_PYTHON")
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="vLLM's pins clash with ours, so it lives in its own venv: "
+                    "bash scripts/vllm_venv.sh DIR, then MOTIONFORGE_VLLM_PYTHON=DIR/bin/python")
+def test_against_vllms_own_code(tmp_path):
+    """Our backend's sampling params, engine arguments, chat messages and every schema we decode against, run
+    through vLLM's own code in its own venv (tests/_vllm_contract.py; CPU is enough, no engine is built)."""
+    import jsonschema
+
+    from stages.imove_it.check import VERDICT_SCHEMA
+    from stages.motionbench.ffilter import ANSWER_SCHEMA
+    from stages.motionbench.qgen import decoding_schema
+
+    question = {"question": "Which way does the car turn?", "options": ["Left", "Right", "Straight", "Back"],
+                "answer": "A", "content_dimensions": ["1.1"], "logic_dimension": 2, "explanation": None}
+    long = "The car slows, signals and then turns left " + "slowly " * 30  # past one 128-character block
+    cases = {
+        "ffilter": (ANSWER_SCHEMA, {"answer": "B"}, {"answer": "E"}),
+        "check": (VERDICT_SCHEMA, {"correct": "yes", "unique": "no", "reason": long[:160]},
+                  {"correct": "yes", "unique": "no", "reason": long[:161]}),
+        "qgen": (decoding_schema(6, 300), {"questions": [{**question, "question": long[:300]}]},
+                 {"questions": [{**question, "question": " leading blank"}]}),
+    }
+    spec = {"schemas": {}}
+    for name, (schema, good, bad) in cases.items():
+        jsonschema.validate(good, schema)  # the samples, judged by an independent validator first
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        spec["schemas"][name] = {"schema": schema, "good": good, "bad": bad}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    script = Path(__file__).with_name("_vllm_contract.py")
+    proc = subprocess.run([VLLM_PYTHON, str(script), str(tmp_path / "in.json"), str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900, cwd=script.parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["sampling_params"] == {"type": "vllm.sampling_params.SamplingParams", "max_tokens": 16, "seed": 3,
+                                      "json": {"type": "object", "properties": {"a": {"type": "string"}},
+                                               "required": ["a"]}}
+    assert out["replies"] == [["ok", None], ["ok", None]]
+    assert out["mm_limits"] == {"image": 64, "video": 1}
+    assert out["lm_engine_kwargs"]["model"].endswith("qwen2_lm")  # the text model's engine built from ours too
+    video, still = out["parsed"]
+    assert video["roles"] == ["user"] and len(video["images"]) == 3 and video["texts"][-1] == "How does it move?"
+    assert "3 images are frames of one video" in video["texts"][0]
+    assert still["roles"] == ["system", "user"] and still["images"] == [[64, 48]]
+    for name, res in out["schemas"].items():
+        assert res["auto_backend"] == "xgrammar", (name, res)  # what vLLM picks by itself for our schemas
+        for backend in ("xgrammar", "guidance"):
+            assert res[backend] == {"good_accepted": True, "ends": True, "bad_accepted": False}, (name, backend, res)

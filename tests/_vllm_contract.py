@@ -1,0 +1,119 @@
+"""Run by tests/test_vllm_backend.py::test_against_vllms_own_code with a Python that has vLLM (its own venv:
+vLLM's pins clash with ours). Checks our vLLM backend against vLLM's own code, on CPU:
+
+* ``experts.vllm_chat.sampling_params`` right after a plain ``import vllm`` gives vLLM's SamplingParams with the
+  schema as ``structured_outputs.json``;
+* the engine arguments our backend passes build a vLLM ``ModelConfig`` for a tiny Qwen2-VL checkpoint (its
+  multimodal limits taken) and for a tiny Qwen2 text model, and the chat messages it sends parse with vLLM's own chat parser into the images
+  we sent;
+* every JSON schema we decode against (passed in, built on our side) passes vLLM's request validation, which
+  names the backend vLLM's "auto" choice takes, and compiles in that backend, in xgrammar and in guidance, each
+  accepting a valid reply up to its end and refusing an invalid one.
+
+``vllm.LLM`` is the one thing replaced: building an engine needs a GPU. Prints one JSON line of results.
+
+    python tests/_vllm_contract.py IN.json WORKDIR
+"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    spec, work = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+    import numpy as np
+    import vllm
+
+    from experts.base import clear_expert_cache
+    from experts.llm import LlmSpec, build_tiny_qwen2_lm, load_llm
+    from experts.vlm import VlmRequest, VlmSpec, build_tiny_qwen2_vl, load_vlm
+    from experts.vllm_chat import sampling_params
+
+    out: dict = {"vllm": vllm.__version__}
+    probe = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    p = sampling_params(vllm, 16, 0.0, 3, probe)  # before anything imported vllm.sampling_params
+    out["sampling_params"] = {"type": f"{type(p).__module__}.{type(p).__name__}", "max_tokens": p.max_tokens,
+                              "seed": p.seed, "json": p.structured_outputs.json if p.structured_outputs else None}
+
+    calls: dict = {"engines": [], "chats": []}
+
+    class RecordingLLM:
+        def __init__(self, **kw):
+            calls["engines"].append(kw)
+
+        def chat(self, messages, params, use_tqdm=True):
+            calls["chats"].append((messages, params))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="ok", finish_reason="stop")])
+                    for _ in messages]
+
+    vllm.LLM = RecordingLLM
+    vl_dir, lm_dir = work / "qwen2_vl", work / "qwen2_lm"
+    for d, build in ((vl_dir, build_tiny_qwen2_vl), (lm_dir, build_tiny_qwen2_lm)):
+        d.mkdir(parents=True, exist_ok=True)
+        build(d)
+    clear_expert_cache()
+    vlm = load_vlm(VlmSpec(model_id=str(vl_dir), backend="vllm", max_new_tokens=16))
+    frame = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    replies = vlm.generate([VlmRequest("How does it move?", images=(frame,) * 3, as_video=True),
+                            VlmRequest("Is it there?", images=(frame,), json_schema=probe, system="Be brief.")])
+    out["replies"] = [[r.text, r.error] for r in replies]
+    load_llm(LlmSpec(model_id=str(lm_dir), backend="vllm"))  # a text-only model: its engine arguments too
+
+    from vllm.config import ModelConfig, StructuredOutputsConfig
+    from vllm.renderers.chat_utils.chat_message import parse_chat_messages
+    from vllm.tokenizers import get_tokenizer
+
+    kw = dict(calls["engines"][0])
+    out["engine_kwargs"] = kw
+    mc = ModelConfig(**kw)
+    out["mm_limits"] = {m: o.count for m, o in mc.multimodal_config.limit_per_prompt.items()}
+    parsed = []
+    for conversation in calls["chats"][0][0]:
+        conv, mm, _ = parse_chat_messages(conversation, mc, "openai")
+        texts = [part["text"] for c in conv for part in (c["content"] if isinstance(c["content"], list) else
+                                                         [{"type": "text", "text": c["content"]}])
+                 if isinstance(part, dict) and part.get("type") == "text"]
+        parsed.append({"roles": [c["role"] for c in conv], "images": [list(im.size) for im in (mm or {}).get("image", [])],
+                       "texts": texts})
+    out["parsed"] = parsed
+
+    from vllm.v1.structured_output.backend_guidance import GuidanceBackend
+    from vllm.v1.structured_output.backend_types import StructuredOutputOptions
+    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
+
+    lm = ModelConfig(**calls["engines"][1])
+    out["lm_engine_kwargs"] = calls["engines"][1]
+    tok = get_tokenizer(str(lm_dir))
+    results = {}
+    for name, case in spec["schemas"].items():
+        schema = case["schema"]
+        params = sampling_params(vllm, 64, 0.0, 1, schema)
+        params._validate_structured_outputs(lm, StructuredOutputsConfig(), tok)
+        res = {"auto_backend": params.structured_outputs._backend}
+        for backend_name, cls in (("xgrammar", XgrammarBackend), ("guidance", GuidanceBackend)):
+            # a VllmConfig needs a device; these backends read only these three fields of it
+            cfg = types.SimpleNamespace(model_config=lm, speculative_config=None,
+                                        structured_outputs_config=StructuredOutputsConfig(backend=backend_name))
+            try:
+                backend = cls(cfg, tokenizer=tok, vocab_size=lm.get_vocab_size())
+                good = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(schema))
+                bad = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(schema))
+                res[backend_name] = {
+                    "good_accepted": good.accept_tokens("good", tok.encode(json.dumps(case["good"]), add_special_tokens=False)),
+                    "ends": good.accept_tokens("good", [tok.eos_token_id]) and good.is_terminated(),
+                    "bad_accepted": bad.accept_tokens("bad", tok.encode(json.dumps(case["bad"]), add_special_tokens=False)),
+                }
+            except Exception as exc:  # noqa: BLE001 -- reported, the test names it
+                res[backend_name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        results[name] = res
+    out["schemas"] = results
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
