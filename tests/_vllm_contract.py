@@ -7,7 +7,8 @@ vLLM's pins clash with ours). Checks our vLLM backend against vLLM's own code, o
   multimodal limits taken) and for a tiny Qwen2 text model, and the chat messages it sends parse with vLLM's own chat parser into the images
   we sent;
 * every JSON schema we decode against (passed in, built on our side) passes vLLM's request validation, which
-  names the backend vLLM's "auto" choice takes, and compiles in that backend, in xgrammar and in guidance, each
+  names the backend vLLM's "auto" choice takes, both as our in-process backend hands it over and as the request
+  body our OpenAI-compatible backend posts (``response_format``) reaches a vLLM server's protocol, and compiles in that backend, in xgrammar and in guidance, each
   accepting a valid reply up to its end and refusing an invalid one.
 
 ``vllm.LLM`` is the one thing replaced: building an engine needs a GPU. Prints one JSON line of results.
@@ -65,6 +66,7 @@ def main() -> None:
     load_llm(LlmSpec(model_id=str(lm_dir), backend="vllm"))  # a text-only model: its engine arguments too
 
     from vllm.config import ModelConfig, StructuredOutputsConfig
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.renderers.chat_utils.chat_message import parse_chat_messages
     from vllm.tokenizers import get_tokenizer
 
@@ -95,6 +97,12 @@ def main() -> None:
         params = sampling_params(vllm, 64, 0.0, 1, schema)
         params._validate_structured_outputs(lm, StructuredOutputsConfig(), tok)
         res = {"auto_backend": params.structured_outputs._backend}
+        # the body our OpenAI-compatible backend posts, as a vLLM server reads it
+        served = ChatCompletionRequest.model_validate(case["openai_body"]).to_sampling_params(
+            case["openai_body"]["max_tokens"], {})
+        served._validate_structured_outputs(lm, StructuredOutputsConfig(), tok)
+        res["served"] = {"json_is_schema": served.structured_outputs.json == schema, "seed": served.seed,
+                         "max_tokens": served.max_tokens, "backend": served.structured_outputs._backend}
         for backend_name, cls in (("xgrammar", XgrammarBackend), ("guidance", GuidanceBackend)):
             # a VllmConfig needs a device; these backends read only these three fields of it
             cfg = types.SimpleNamespace(model_config=lm, speculative_config=None,

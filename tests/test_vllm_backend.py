@@ -152,12 +152,17 @@ def test_against_vllms_own_code(tmp_path):
         "qgen": (decoding_schema(6, 300), {"questions": [{**question, "question": long[:300]}]},
                  {"questions": [{**question, "question": " leading blank"}]}),
     }
+    from experts.llm import LlmSpec, openai_params
+
+    served = LlmSpec(model_id="served", backend="openai", supports_json_schema=True, seed=5)
     spec = {"schemas": {}}
     for name, (schema, good, bad) in cases.items():
         jsonschema.validate(good, schema)  # the samples, judged by an independent validator first
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
-        spec["schemas"][name] = {"schema": schema, "good": good, "bad": bad}
+        body = {**openai_params(served, 64, 0.0, schema), "model": "served",
+                "messages": [{"role": "user", "content": "Reply."}]}
+        spec["schemas"][name] = {"schema": schema, "good": good, "bad": bad, "openai_body": body}
     (tmp_path / "in.json").write_text(json.dumps(spec))
     script = Path(__file__).with_name("_vllm_contract.py")
     proc = subprocess.run([VLLM_PYTHON, str(script), str(tmp_path / "in.json"), str(tmp_path / "work")],
@@ -176,5 +181,6 @@ def test_against_vllms_own_code(tmp_path):
     assert still["roles"] == ["system", "user"] and still["images"] == [[64, 48]]
     for name, res in out["schemas"].items():
         assert res["auto_backend"] == "xgrammar", (name, res)  # what vLLM picks by itself for our schemas
+        assert res["served"] == {"json_is_schema": True, "seed": 5, "max_tokens": 64, "backend": "xgrammar"}, res
         for backend in ("xgrammar", "guidance"):
             assert res[backend] == {"good_accepted": True, "ends": True, "bad_accepted": False}, (name, backend, res)
