@@ -153,7 +153,7 @@ def _patterns(node):
             yield from _patterns(v)
 
 
-@pytest.mark.parametrize("max_chars", [1, 2, 16, 128, 129, 130, 160, 256, 257, 300, 1000])
+@pytest.mark.parametrize("max_chars", [1, 2, 16, 128, 129, 130, 160, 256, 257, 258, 300, 385, 1000, 4000])
 def test_one_line_text_pattern_is_the_plain_bound_spelled_for_vllms_xgrammar(max_chars):
     ours = re.compile(one_line_text_pattern(max_chars))
     plain = re.compile(rf"^\S.{{0,{max_chars - 1}}}$")  # the language we mean, in its obvious spelling
@@ -162,6 +162,13 @@ def test_one_line_text_pattern_is_the_plain_bound_spelled_for_vllms_xgrammar(max
     assert [bool(ours.search(t)) for t in texts] == [bool(plain.search(t)) for t in texts]
     assert bool(ours.search("a" * max_chars)) and not ours.search("a" * (max_chars + 1))
     assert all(int(b or a) <= MAX_REPEAT for a, b in _BOUND.findall(ours.pattern))
+
+
+def test_one_line_text_pattern_refuses_lengths_it_cannot_spell_within_the_limit():
+    assert one_line_text_pattern(MAX_REPEAT * (MAX_REPEAT + 1)).count("{") > 1
+    for bad in (0, MAX_REPEAT * (MAX_REPEAT + 1) + 1):
+        with pytest.raises(ValueError):
+            one_line_text_pattern(bad)
 
 
 def test_one_line_text_pattern_compiles_and_bounds_the_reply_in_xgrammar():

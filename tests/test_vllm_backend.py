@@ -151,6 +151,8 @@ def test_against_vllms_own_code(tmp_path):
                   {"correct": "yes", "unique": "no", "reason": long[:161]}),
         "qgen": (decoding_schema(6, 300), {"questions": [{**question, "question": long[:300]}]},
                  {"questions": [{**question, "question": " leading blank"}]}),
+        "qgen-4000": (decoding_schema(20, 4000), {"questions": [{**question, "question": (long * 20)[:4000]}]},
+                      {"questions": [{**question, "question": (long * 20)[:4001]}]}),  # its largest setting
     }
     from experts.llm import LlmSpec, openai_params
 
