@@ -4,7 +4,8 @@ vLLM's pins clash with ours). Checks our vLLM backend against vLLM's own code, o
 * ``experts.vllm_chat.sampling_params`` right after a plain ``import vllm`` gives vLLM's SamplingParams with the
   schema as ``structured_outputs.json``;
 * the engine arguments our backend passes build a vLLM ``ModelConfig`` for a tiny Qwen2-VL checkpoint (its
-  multimodal limits taken) and for a tiny Qwen2 text model, and the chat messages it sends parse with vLLM's own chat parser into the images
+  multimodal limits taken), for tiny Qwen2.5-VL and InternVL (HF layout) checkpoints and for a tiny Qwen2 text
+  model, and the chat messages it sends parse with vLLM's own chat parser into the images
   we sent;
 * every JSON schema we decode against (passed in, built on our side) passes vLLM's request validation, which
   names the backend vLLM's "auto" choice takes, both as our in-process backend hands it over and as the request
@@ -32,7 +33,8 @@ def main() -> None:
 
     from experts.base import clear_expert_cache
     from experts.llm import LlmSpec, build_tiny_qwen2_lm, load_llm
-    from experts.vlm import VlmRequest, VlmSpec, build_tiny_qwen2_vl, load_vlm
+    from experts.vlm import (VlmRequest, VlmSpec, build_tiny_internvl, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl,
+                             load_vlm)
     from experts.vllm_chat import sampling_params
 
     out: dict = {"vllm": vllm.__version__}
@@ -64,6 +66,14 @@ def main() -> None:
                             VlmRequest("Is it there?", images=(frame,), json_schema=probe, system="Be brief.")])
     out["replies"] = [[r.text, r.error] for r in replies]
     load_llm(LlmSpec(model_id=str(lm_dir), backend="vllm"))  # a text-only model: its engine arguments too
+    others = {}  # the other VLM architectures we build: engine arguments and a video request each
+    for name, build in (("qwen2_5_vl", build_tiny_qwen2_5_vl), ("internvl", build_tiny_internvl)):
+        (work / name).mkdir(parents=True, exist_ok=True)
+        build(work / name)
+        clear_expert_cache()
+        load_vlm(VlmSpec(model_id=str(work / name), backend="vllm")).generate(
+            [VlmRequest("How does it move?", images=(frame,) * 2, as_video=True)])
+        others[name] = (calls["engines"][-1], calls["chats"][-1][0][0])
 
     from vllm.config import ModelConfig, StructuredOutputsConfig
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -83,6 +93,12 @@ def main() -> None:
         parsed.append({"roles": [c["role"] for c in conv], "images": [list(im.size) for im in (mm or {}).get("image", [])],
                        "texts": texts})
     out["parsed"] = parsed
+    out["other_vlms"] = {}
+    for name, (engine_kw, conversation) in others.items():
+        other = ModelConfig(**engine_kw)
+        _, mm, _ = parse_chat_messages(conversation, other, "openai")
+        out["other_vlms"][name] = {"architectures": list(other.hf_config.architectures),
+                                   "images": len((mm or {}).get("image", []))}
 
     from vllm.v1.structured_output.backend_guidance import GuidanceBackend
     from vllm.v1.structured_output.backend_types import StructuredOutputOptions

@@ -181,6 +181,9 @@ def test_against_vllms_own_code(tmp_path):
     assert video["roles"] == ["user"] and len(video["images"]) == 3 and video["texts"][-1] == "How does it move?"
     assert "3 images are frames of one video" in video["texts"][0]
     assert still["roles"] == ["system", "user"] and still["images"] == [[64, 48]]
+    assert out["other_vlms"] == {
+        "qwen2_5_vl": {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "images": 2},
+        "internvl": {"architectures": ["InternVLForConditionalGeneration"], "images": 2}}
     for name, res in out["schemas"].items():
         assert res["auto_backend"] == "xgrammar", (name, res)  # what vLLM picks by itself for our schemas
         assert res["served"] == {"json_is_schema": True, "seed": 5, "max_tokens": 64, "backend": "xgrammar"}, res
