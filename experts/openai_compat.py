@@ -72,7 +72,7 @@ class ChatSpec(ModelSpec):
     retry_initial_s: float = Field(1.0, ge=0)
     retry_max_s: float = Field(60.0, ge=0)
     supports_json_schema: bool = False  # send response_format={"type": "json_schema", ...}
-    json_schema_strict: bool = False
+    json_schema_strict: bool = False  # OpenAI strict structured outputs: the schema goes out in its strict form
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     # -- generation defaults (both backends); temperature 0 means greedy --
     max_new_tokens: int = Field(512, ge=1)
@@ -181,8 +181,41 @@ def encode_image_data_url(image: Any, *, quality: int = 90, max_side_px: int | N
 
 
 def response_format_for(schema: dict, *, strict: bool) -> dict:
+    """OpenAI's ``response_format`` for a JSON schema; with ``strict`` the schema is sent in the strict form
+    (:func:`strict_json_schema`), which OpenAI requires for strict structured outputs."""
     name = re.sub(r"[^A-Za-z0-9_-]", "_", str(schema.get("title") or "response"))[:64] or "response"
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}
+    return {"type": "json_schema",
+            "json_schema": {"name": name, "schema": strict_json_schema(schema) if strict else schema, "strict": strict}}
+
+
+def strict_json_schema(schema: dict) -> dict:
+    """A copy of ``schema`` in the form OpenAI documents for strict structured outputs: every object lists all its
+    properties as required and is closed (``additionalProperties: false``, unless it says otherwise), through
+    ``$defs`` / ``definitions``, properties, array items and ``anyOf`` / ``allOf`` branches. A ``default`` of null is
+    dropped: a required property that admits null says the same. Optional properties therefore become required,
+    so the model writes each of them (ours that may be absent, such as qgen's explanation, admit null). Replies still
+    validate against the original schema. ``$ref`` targets are made strict where they are defined."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        for key in ("$defs", "definitions", "properties"):
+            if isinstance(out.get(key), dict):
+                out[key] = {k: walk(v) for k, v in out[key].items()}
+        for key in ("items", "anyOf", "allOf"):
+            if key in out:
+                out[key] = walk(out[key])
+        if out.get("type") == "object" and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        if isinstance(out.get("properties"), dict):
+            out["required"] = list(out["properties"])
+        if "default" in out and out["default"] is None:
+            del out["default"]
+        return out
+
+    return walk(schema)
 
 
 # ----------------------------------------------------------------------------------------------------------

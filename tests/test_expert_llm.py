@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, Field
@@ -187,6 +189,7 @@ def test_native_json_schema_response_format():
     rf = body["response_format"]
     assert rf["type"] == "json_schema" and rf["json_schema"]["name"] == "Question" and rf["json_schema"]["strict"] is True
     assert rf["json_schema"]["schema"]["required"] == ["question", "options", "answer"]
+    assert rf["json_schema"]["schema"]["additionalProperties"] is False  # strict: the schema's strict form
     assert body["messages"][0]["content"] == "You write MotionBench questions."  # no schema text needed
     assert "max_completion_tokens" in body and "max_tokens" not in body
 
@@ -213,3 +216,39 @@ def test_generate_json_rerun_is_served_from_cache(tmp_path):
                 llm.close()
             assert res.value is not None and res.attempts == 2
         assert len(srv.requests) == 2  # the re-run, repair included, paid nothing
+
+
+def test_strict_schema_form_is_the_openai_sdks(tmp_path):
+    """With ``json_schema_strict`` the schema goes out in the form OpenAI requires for strict structured outputs.
+    The oracle is the OpenAI SDK's own routine (tests/_openai_strict_schema.py, in .venv-consumers), run on every
+    schema we decode against and on a plain pydantic model's schema."""
+    import jsonschema
+
+    from experts.openai_compat import strict_json_schema
+    from stages.imove_it.check import VERDICT_SCHEMA
+    from stages.motionbench.ffilter import ANSWER_SCHEMA
+    from stages.motionbench.qgen import GeneratedQuestions, decoding_schema
+
+    schemas = {"verdict": VERDICT_SCHEMA, "answer": ANSWER_SCHEMA, "qgen": decoding_schema(6, 300),
+               "qgen_model": GeneratedQuestions.model_json_schema(), "question": Question.model_json_schema()}
+    repo = Path(__file__).resolve().parents[1]
+    consumers_py = repo / ".venv-consumers" / "bin" / "python"
+    if not consumers_py.exists():
+        pytest.fail(f"{consumers_py} missing: run scripts/setup_consumers.sh (scripts/setup.sh calls it)")
+    src = tmp_path / "schemas.json"
+    src.write_text(json.dumps(schemas))
+    proc = subprocess.run([str(consumers_py), str(repo / "tests" / "_openai_strict_schema.py"), str(src)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sdk = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sdk["openai"] == "3.54.0"
+    for name, schema in schemas.items():
+        ours = strict_json_schema(schema)
+        assert ours == sdk["strict"][name], name
+        assert schema == json.loads(json.dumps(schemas[name]))  # the original is left as it was
+    # what strictness changes for qgen: closed objects, every property required (explanation admits null)
+    q = strict_json_schema(schemas["qgen"])["$defs"]["GeneratedQuestion"]
+    assert q["additionalProperties"] is False and "explanation" in q["required"] and "default" not in q["properties"]["explanation"]
+    good = {"questions": [{"question": "What does the man do first?", "options": ["Waves", "Sits", "Runs", "Jumps"],
+                           "answer": "A", "content_dimensions": ["1.1"], "logic_dimension": 3, "explanation": None}]}
+    jsonschema.validate(good, strict_json_schema(schemas["qgen"]))
