@@ -3,14 +3,13 @@ vLLM's pins clash with ours). Checks our vLLM backend against vLLM's own code, o
 
 * ``experts.vllm_chat.sampling_params`` right after a plain ``import vllm`` gives vLLM's SamplingParams with the
   schema as ``structured_outputs.json``;
-* the engine arguments our backend passes build a vLLM ``ModelConfig`` for a tiny Qwen2-VL checkpoint (its
-  multimodal limits taken), for tiny Qwen2.5-VL and InternVL (HF layout) checkpoints and for a tiny Qwen2 text
-  model, and the chat messages it sends parse with vLLM's own chat parser into the images
-  we sent;
+* the engine arguments our backend passes go through vLLM's ``EngineArgs`` (as ``vllm.LLM`` hands them on) to a
+  ``ModelConfig`` for tiny Qwen2-VL (our multimodal limits taken), Qwen2.5-VL, InternVL (HF layout) and Qwen2
+  text checkpoints, and the chat messages it sends parse with vLLM's own chat parser into the images we sent;
 * every JSON schema we decode against (passed in, built on our side) passes vLLM's request validation, which
   names the backend vLLM's "auto" choice takes, both as our in-process backend hands it over and as the request
-  body our OpenAI-compatible backend posts (``response_format``) reaches a vLLM server's protocol, and compiles in that backend, in xgrammar and in guidance, each
-  accepting a valid reply up to its end and refusing an invalid one.
+  body our OpenAI-compatible backend posts (``response_format``) reaches a vLLM server's request model; and it
+  compiles in xgrammar and in guidance, each accepting a valid reply up to its end and refusing an invalid one.
 
 ``vllm.LLM`` is the one thing replaced: building an engine needs a GPU. Prints one JSON line of results.
 
@@ -75,14 +74,15 @@ def main() -> None:
             [VlmRequest("How does it move?", images=(frame,) * 2, as_video=True)])
         others[name] = (calls["engines"][-1], calls["chats"][-1][0][0])
 
-    from vllm.config import ModelConfig, StructuredOutputsConfig
+    from vllm.config import StructuredOutputsConfig
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.renderers.chat_utils.chat_message import parse_chat_messages
     from vllm.tokenizers import get_tokenizer
 
     kw = dict(calls["engines"][0])
     out["engine_kwargs"] = kw
-    mc = ModelConfig(**kw)
+    mc = EngineArgs(**kw).create_model_config()
     out["mm_limits"] = {m: o.count for m, o in mc.multimodal_config.limit_per_prompt.items()}
     parsed = []
     for conversation in calls["chats"][0][0]:
@@ -95,7 +95,7 @@ def main() -> None:
     out["parsed"] = parsed
     out["other_vlms"] = {}
     for name, (engine_kw, conversation) in others.items():
-        other = ModelConfig(**engine_kw)
+        other = EngineArgs(**engine_kw).create_model_config()
         _, mm, _ = parse_chat_messages(conversation, other, "openai")
         out["other_vlms"][name] = {"architectures": list(other.hf_config.architectures),
                                    "images": len((mm or {}).get("image", []))}
@@ -104,7 +104,7 @@ def main() -> None:
     from vllm.v1.structured_output.backend_types import StructuredOutputOptions
     from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
 
-    lm = ModelConfig(**calls["engines"][1])
+    lm = EngineArgs(**calls["engines"][1]).create_model_config()
     out["lm_engine_kwargs"] = calls["engines"][1]
     tok = get_tokenizer(str(lm_dir))
     results = {}
