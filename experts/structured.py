@@ -32,12 +32,12 @@ def one_line_text_pattern(max_chars: int) -> str:
     characters other than line breaks; the language of ``^\\S.{0,max_chars-1}$``, spelled so that no repetition
     is bounded above :data:`MAX_REPEAT`.
 
-    Why the spelling: xgrammar 0.2.8, the version vLLM 0.33 and 0.34 pin, fails to compile ``.{0,n}`` for n of 130
-    or more when its grammar cache is on, as vLLM runs it (an internal check in ``grammar_functor.cc``). Measured
-    with vLLM 0.33.0's own ``XgrammarBackend``: vLLM's "auto" choice takes xgrammar for such a schema, so an
-    in-process engine or a vLLM server cannot compile the request's grammar. xgrammar 0.2.7, which SGLang 0.5.23
-    pins, has the same limit. Past 129 characters the rest is
-    written as whole 128-character blocks then a shorter tail, ``(.{128}){0,q-1}.{0,127}``, with a second branch,
+    Why the spelling: xgrammar 0.2.8, the version vLLM 0.33 and 0.34 pin, fails to compile ``.{0,n}`` for n of 129
+    or more (``.{0,128}`` compiles) when its grammar cache is on, as vLLM runs it (an internal check in
+    ``grammar_functor.cc``). Measured with vLLM 0.33.0's own ``XgrammarBackend``: vLLM's "auto" choice takes
+    xgrammar for such a schema, so an in-process engine or a vLLM server cannot compile the request's grammar.
+    xgrammar 0.2.7, which SGLang 0.5.23 pins, has the same limit. Past 129 characters the rest is written as whole
+    128-character blocks then a shorter tail, ``(.{128}){0,q-1}.{0,127}``, with a second branch,
     ``(.{128}){q}.{0,r}``, for the lengths of the last, partial block. Each length splits into blocks and tail one
     way only, so a matcher keeps few live states, and the grammar grows linearly with ``max_chars`` (4,000
     characters: 0.75 s to compile one field, 5 us per token to mask, in xgrammar 0.2.7, 0.2.8 and 0.2.9 alike)."""
