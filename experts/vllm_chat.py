@@ -18,8 +18,8 @@ transformers backend.
 
 Not run in this repository's CI: vLLM needs CUDA, and its pins clash with ours. ``tests/test_vllm_backend.py``
 checks the request / response mapping against a stand-in module laid out as vLLM is, and, given a Python with
-vLLM in its own venv (``scripts/vllm_venv.sh``, MOTIONFORGE_VLLM_PYTHON), against vLLM's own request
-validation, chat parser and structured-output backends; ``benchmarks/bench_e2e_gpu.py --backend vllm`` is the
+vLLM in its own venv (``scripts/engine_venv.sh vllm``, MOTIONFORGE_VLLM_PYTHON), against vLLM's own
+request validation, chat parser and structured-output backends; ``benchmarks/bench_e2e_gpu.py --backend vllm`` is the
 GPU check.
 """
 from __future__ import annotations

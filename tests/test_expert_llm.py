@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from experts.llm import (
     validate_json,
 )
 from storage.response_cache import ResponseCache
+
+try:
+    from tests._engine_contract import run_contract, schema_cases, skip_reason
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from _engine_contract import run_contract, schema_cases, skip_reason
 
 try:
     from tests._fake_openai_server import FakeOpenAIServer, Reply
@@ -248,7 +254,23 @@ def test_strict_schema_form_is_the_openai_sdks(tmp_path):
         assert schema == json.loads(json.dumps(schemas[name]))  # the original is left as it was
     # what strictness changes for qgen: closed objects, every property required (explanation admits null)
     q = strict_json_schema(schemas["qgen"])["$defs"]["GeneratedQuestion"]
-    assert q["additionalProperties"] is False and "explanation" in q["required"] and "default" not in q["properties"]["explanation"]
+    assert q["additionalProperties"] is False and "explanation" in q["required"]
+    assert "default" not in q["properties"]["explanation"]
     good = {"questions": [{"question": "What does the man do first?", "options": ["Waves", "Sits", "Runs", "Jumps"],
                            "answer": "A", "content_dimensions": ["1.1"], "logic_dimension": 3, "explanation": None}]}
     jsonschema.validate(good, strict_json_schema(schemas["qgen"]))
+
+
+SGLANG_PYTHON = os.environ.get("MOTIONFORGE_SGLANG_PYTHON")
+
+
+@pytest.mark.skipif(not SGLANG_PYTHON, reason=skip_reason("MOTIONFORGE_SGLANG_PYTHON", "SGLang"))
+def test_against_sglangs_own_code(tmp_path):
+    """The body our OpenAI-compatible backend posts with a JSON schema, read by an SGLang server's own request
+    model, and every schema we decode against compiled by SGLang's default grammar backend with the xgrammar it
+    pins (tests/_sglang_contract.py, in SGLang's own venv; CPU is enough, no server is started)."""
+    out = run_contract(SGLANG_PYTHON, "_sglang_contract.py", {"schemas": schema_cases()}, tmp_path)
+    assert out["schemas"], out
+    for name, res in out["schemas"].items():
+        assert res == {"json_is_schema": True, "seed": 5, "max_new_tokens": 64, "good_accepted": True,
+                       "ends": True, "bad_accepted": False}, (name, out["sglang"], out["xgrammar"], res)

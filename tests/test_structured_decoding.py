@@ -137,7 +137,8 @@ def test_qgen_sends_the_decoding_schema_only_where_it_is_enforced(tmp_path, llm_
 # xgrammar 0.2.8 (the version vLLM 0.33 and 0.34 pin) with its grammar cache on, as vLLM runs it, fails to compile
 # a repetition bounded at 129 or more (`.{0,128}` compiles, `.{0,129}` does not: measured 2026-12-02 with vLLM
 # 0.33.0's own XgrammarBackend, its own venv). Our pins carry xgrammar 0.2.9, which has no such limit, so the
-# contract is checked here as the bound itself; tests/test_vllm_backend.py replays vLLM's own code when one is set.
+# contract is checked here as the bound itself; the tests that use tests/_engine_contract.py replay vLLM's and
+# SGLang's own code when given one.
 _BOUND = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experts.base import clear_expert_cache
+
+try:
+    from tests._engine_contract import run_contract, schema_cases, skip_reason
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from _engine_contract import run_contract, schema_cases, skip_reason
 
 
 class _Out:
@@ -131,46 +134,11 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
 VLLM_PYTHON = os.environ.get("MOTIONFORGE_VLLM_PYTHON")
 
 
-@pytest.mark.skipif(not VLLM_PYTHON, reason="vLLM's pins clash with ours, so it lives in its own venv: "
-                    "bash scripts/vllm_venv.sh DIR, then MOTIONFORGE_VLLM_PYTHON=DIR/bin/python")
+@pytest.mark.skipif(not VLLM_PYTHON, reason=skip_reason("MOTIONFORGE_VLLM_PYTHON", "vLLM"))
 def test_against_vllms_own_code(tmp_path):
     """Our backend's sampling params, engine arguments, chat messages and every schema we decode against, run
     through vLLM's own code in its own venv (tests/_vllm_contract.py; CPU is enough, no engine is built)."""
-    import jsonschema
-
-    from stages.imove_it.check import VERDICT_SCHEMA
-    from stages.motionbench.ffilter import ANSWER_SCHEMA
-    from stages.motionbench.qgen import decoding_schema
-
-    question = {"question": "Which way does the car turn?", "options": ["Left", "Right", "Straight", "Back"],
-                "answer": "A", "content_dimensions": ["1.1"], "logic_dimension": 2, "explanation": None}
-    long = "The car slows, signals and then turns left " + "slowly " * 30  # past one 128-character block
-    cases = {
-        "ffilter": (ANSWER_SCHEMA, {"answer": "B"}, {"answer": "E"}),
-        "check": (VERDICT_SCHEMA, {"correct": "yes", "unique": "no", "reason": long[:160]},
-                  {"correct": "yes", "unique": "no", "reason": long[:161]}),
-        "qgen": (decoding_schema(6, 300), {"questions": [{**question, "question": long[:300]}]},
-                 {"questions": [{**question, "question": " leading blank"}]}),
-        "qgen-4000": (decoding_schema(20, 4000), {"questions": [{**question, "question": (long * 20)[:4000]}]},
-                      {"questions": [{**question, "question": (long * 20)[:4001]}]}),  # its largest setting
-    }
-    from experts.llm import LlmSpec, openai_params
-
-    served = LlmSpec(model_id="served", backend="openai", supports_json_schema=True, seed=5)
-    spec = {"schemas": {}}
-    for name, (schema, good, bad) in cases.items():
-        jsonschema.validate(good, schema)  # the samples, judged by an independent validator first
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(bad, schema)
-        body = {**openai_params(served, 64, 0.0, schema), "model": "served",
-                "messages": [{"role": "user", "content": "Reply."}]}
-        spec["schemas"][name] = {"schema": schema, "good": good, "bad": bad, "openai_body": body}
-    (tmp_path / "in.json").write_text(json.dumps(spec))
-    script = Path(__file__).with_name("_vllm_contract.py")
-    proc = subprocess.run([VLLM_PYTHON, str(script), str(tmp_path / "in.json"), str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=900, cwd=script.parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_contract(VLLM_PYTHON, "_vllm_contract.py", {"schemas": schema_cases()}, tmp_path)
     assert out["sampling_params"] == {"type": "vllm.sampling_params.SamplingParams", "max_tokens": 16, "seed": 3,
                                       "json": {"type": "object", "properties": {"a": {"type": "string"}},
                                                "required": ["a"]}}
