@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, Field
 
-from experts.base import WeightsNotFoundError
+from experts.base import WeightsNotFoundError, clear_expert_cache
 from experts.llm import (
     JsonResult,
     LlmRequest,
@@ -93,8 +93,13 @@ def test_tiny_lm_sampling_and_greedy_in_one_call(tiny_llm):
 
 def test_tiny_lm_through_tiny_scheme(tmp_path, monkeypatch):
     monkeypatch.setenv("MOTIONFORGE_TINY_CACHE", str(tmp_path))
-    llm = load_llm(LlmSpec(model_id="tiny://qwen2_lm", max_new_tokens=4, device="cpu"))
-    [r] = llm.generate([LlmRequest("hi")])
+    # an earlier test in this process may hold tiny://qwen2_lm in the expert cache: that one was built elsewhere
+    clear_expert_cache()
+    try:
+        llm = load_llm(LlmSpec(model_id="tiny://qwen2_lm", max_new_tokens=4, device="cpu"))
+        [r] = llm.generate([LlmRequest("hi")])
+    finally:
+        clear_expert_cache()
     assert r.error is None and isinstance(r.text, str)
     assert (tmp_path / "qwen2_lm" / "config.json").is_file()
 
