@@ -90,8 +90,8 @@ def main() -> None:
         texts = [part["text"] for c in conv for part in (c["content"] if isinstance(c["content"], list) else
                                                          [{"type": "text", "text": c["content"]}])
                  if isinstance(part, dict) and part.get("type") == "text"]
-        parsed.append({"roles": [c["role"] for c in conv], "images": [list(im.size) for im in (mm or {}).get("image", [])],
-                       "texts": texts})
+        images = [list(im.size) for im in (mm or {}).get("image", [])]
+        parsed.append({"roles": [c["role"] for c in conv], "images": images, "texts": texts})
     out["parsed"] = parsed
     out["other_vlms"] = {}
     for name, (engine_kw, conversation) in others.items():
@@ -107,6 +107,10 @@ def main() -> None:
     lm = EngineArgs(**calls["engines"][1]).create_model_config()
     out["lm_engine_kwargs"] = calls["engines"][1]
     tok = get_tokenizer(str(lm_dir))
+
+    def encode(reply) -> list[int]:
+        return tok.encode(json.dumps(reply), add_special_tokens=False)
+
     results = {}
     for name, case in spec["schemas"].items():
         schema = case["schema"]
@@ -128,9 +132,9 @@ def main() -> None:
                 good = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(schema))
                 bad = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(schema))
                 res[backend_name] = {
-                    "good_accepted": good.accept_tokens("good", tok.encode(json.dumps(case["good"]), add_special_tokens=False)),
+                    "good_accepted": good.accept_tokens("good", encode(case["good"])),
                     "ends": good.accept_tokens("good", [tok.eos_token_id]) and good.is_terminated(),
-                    "bad_accepted": bad.accept_tokens("bad", tok.encode(json.dumps(case["bad"]), add_special_tokens=False)),
+                    "bad_accepted": bad.accept_tokens("bad", encode(case["bad"])),
                 }
             except Exception as exc:  # noqa: BLE001 -- reported, the test names it
                 res[backend_name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
