@@ -1,7 +1,8 @@
 """Shared by the tests that run our requests through a serving engine's own code in that engine's venv
 (test_vllm_backend.py::test_against_vllms_own_code, test_expert_llm.py::test_against_sglangs_own_code): the
 schemas we decode against with a valid and an invalid reply each (both judged first by ``jsonschema``, an
-independent validator), the request body our OpenAI-compatible backend posts for each, and the subprocess call."""
+independent validator), the request body our OpenAI-compatible backend posts for each, and the subprocess call
+(also used to run the OpenAI SDK's strict-schema routine in .venv-consumers)."""
 from __future__ import annotations
 
 import json

@@ -4,7 +4,9 @@
 ``strict: true``. The SDK has no public entry point for a plain dict schema, so this calls that routine,
 ``openai.lib._pydantic._ensure_strict_json_schema``, directly.
 
-    python tests/_openai_strict_schema.py SCHEMAS.json
+    python tests/_openai_strict_schema.py SCHEMAS.json [WORKDIR]
+
+(WORKDIR, which tests/_engine_contract.run_contract passes, is not used.)
 """
 from __future__ import annotations
 

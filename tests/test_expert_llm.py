@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, Field
@@ -23,9 +21,9 @@ from experts.llm import (
 from storage.response_cache import ResponseCache
 
 try:
-    from tests._engine_contract import run_contract, schema_cases, skip_reason
+    from tests._engine_contract import REPO, run_contract, schema_cases, skip_reason
 except ImportError:  # tests/ on sys.path instead of the repository root
-    from _engine_contract import run_contract, schema_cases, skip_reason
+    from _engine_contract import REPO, run_contract, schema_cases, skip_reason
 
 try:
     from tests._fake_openai_server import FakeOpenAIServer, Reply
@@ -242,16 +240,10 @@ def test_strict_schema_form_is_the_openai_sdks(tmp_path):
 
     schemas = {"verdict": VERDICT_SCHEMA, "answer": ANSWER_SCHEMA, "qgen": decoding_schema(6, 300),
                "qgen_model": GeneratedQuestions.model_json_schema(), "question": Question.model_json_schema()}
-    repo = Path(__file__).resolve().parents[1]
-    consumers_py = repo / ".venv-consumers" / "bin" / "python"
+    consumers_py = REPO / ".venv-consumers" / "bin" / "python"
     if not consumers_py.exists():
         pytest.fail(f"{consumers_py} missing: run scripts/setup_consumers.sh (scripts/setup.sh calls it)")
-    src = tmp_path / "schemas.json"
-    src.write_text(json.dumps(schemas))
-    proc = subprocess.run([str(consumers_py), str(repo / "tests" / "_openai_strict_schema.py"), str(src)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sdk = json.loads(proc.stdout.strip().splitlines()[-1])
+    sdk = run_contract(str(consumers_py), "_openai_strict_schema.py", schemas, tmp_path)
     assert sdk["openai"] == "3.54.0"
     for name, schema in schemas.items():
         before = json.loads(json.dumps(schema))
