@@ -36,6 +36,7 @@ def main() -> None:
     spec, work = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     from importlib.metadata import version
 
+    from sglang.srt.constrained.base_grammar_backend import InvalidGrammarObject
     from sglang.srt.constrained.xgrammar_backend import XGrammarGrammarBackend
     from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
     from transformers import AutoTokenizer
@@ -54,7 +55,7 @@ def main() -> None:
         res = {"json_is_schema": json.loads(params["json_schema"]) == case["schema"],
                "seed": params["sampling_seed"], "max_new_tokens": params["max_new_tokens"]}
         grammar = backend.dispatch_json(params["json_schema"])
-        if type(grammar).__name__ == "InvalidGrammarObject":
+        if isinstance(grammar, InvalidGrammarObject):
             res["error"] = grammar.error_message[:300]
         else:
             res["good_accepted"] = feed(grammar, tok.encode(json.dumps(case["good"]), add_special_tokens=False))
