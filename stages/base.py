@@ -38,8 +38,9 @@ class StageConfig(BaseModel):
     RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json", exclude=set(self.RUN_ONLY_FIELDS)), sort_keys=True,
-                          separators=(",", ":"))
+        # context: nested expert specs leave out their own run-only parts (ChatSpec's vLLM engine options)
+        data = self.model_dump(mode="json", exclude=set(self.RUN_ONLY_FIELDS), context={"config_hash": True})
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -5,11 +5,15 @@ vLLM's pins clash with ours). Checks our vLLM backend against vLLM's own code, o
   schema as ``structured_outputs.json``;
 * the engine arguments our backend passes go through vLLM's ``EngineArgs`` (as ``vllm.LLM`` hands them on) to a
   ``ModelConfig`` for tiny Qwen2-VL (our multimodal limits taken), Qwen2.5-VL, InternVL (HF layout) and Qwen2
-  text checkpoints, and the chat messages it sends parse with vLLM's own chat parser into the images we sent;
+  text checkpoints (the last with every ``vllm_engine`` option set), our structured-output settings make vLLM's
+  ``StructuredOutputsConfig``, and the chat messages it sends parse with vLLM's own chat parser into the images
+  we sent;
 * every JSON schema we decode against (passed in, built on our side) passes vLLM's request validation, which
   names the backend vLLM's "auto" choice takes, both as our in-process backend hands it over and as the request
   body our OpenAI-compatible backend posts (``response_format``) reaches a vLLM server's request model; and it
-  compiles in xgrammar and in guidance, each accepting a valid reply up to its end and refusing an invalid one.
+  compiles in xgrammar and in guidance, each accepting a valid reply up to its end and refusing an invalid one,
+  both as our engines set them up (compact output: the reply with blanks between tokens refused too) and as a
+  vLLM server does by default.
 
 ``vllm.LLM`` is the one thing replaced: building an engine needs a GPU. Prints one JSON line of results.
 
@@ -64,7 +68,8 @@ def main() -> None:
     replies = vlm.generate([VlmRequest("How does it move?", images=(frame,) * 3, as_video=True),
                             VlmRequest("Is it there?", images=(frame,), json_schema=probe, system="Be brief.")])
     out["replies"] = [[r.text, r.error] for r in replies]
-    load_llm(LlmSpec(model_id=str(lm_dir), backend="vllm"))  # a text-only model: its engine arguments too
+    # a text-only model: its engine arguments too, with every engine option a spec can set
+    load_llm(LlmSpec(model_id=str(lm_dir), backend="vllm", vllm_engine=spec["engine_options"]))
     others = {}  # the other VLM architectures we build: engine arguments and a video request each
     for name, build in (("qwen2_5_vl", build_tiny_qwen2_5_vl), ("internvl", build_tiny_internvl)):
         (work / name).mkdir(parents=True, exist_ok=True)
@@ -106,10 +111,14 @@ def main() -> None:
 
     lm = EngineArgs(**calls["engines"][1]).create_model_config()
     out["lm_engine_kwargs"] = calls["engines"][1]
+    out["lm_max_model_len"] = lm.max_model_len
+    # vllm.LLM turns this dict into its config object itself (EngineArgs above took it as it came); so do we
+    so = StructuredOutputsConfig(**calls["engines"][1]["structured_outputs_config"])
+    out["structured_outputs_config"] = {"backend": so.backend, "disable_any_whitespace": so.disable_any_whitespace}
     tok = get_tokenizer(str(lm_dir))
 
-    def encode(reply) -> list[int]:
-        return tok.encode(json.dumps(reply), add_special_tokens=False)
+    def encode(reply, compact: bool) -> list[int]:
+        return tok.encode(json.dumps(reply, separators=(",", ":") if compact else None), add_special_tokens=False)
 
     results = {}
     for name, case in spec["schemas"].items():
@@ -123,21 +132,26 @@ def main() -> None:
         served._validate_structured_outputs(lm, StructuredOutputsConfig(), tok)
         res["served"] = {"json_is_schema": served.structured_outputs.json == schema, "seed": served.seed,
                          "max_tokens": served.max_tokens, "backend": served.structured_outputs._backend}
+        # each grammar engine as our in-process engines set it up (compact: the good reply without blanks, and
+        # the same reply with ", " / ": " refused) and as a vLLM server does by default (free whitespace)
         for backend_name, cls in (("xgrammar", XgrammarBackend), ("guidance", GuidanceBackend)):
-            # a VllmConfig needs a device; these backends read only these three fields of it
-            cfg = types.SimpleNamespace(model_config=lm, speculative_config=None,
-                                        structured_outputs_config=StructuredOutputsConfig(backend=backend_name))
-            try:
-                backend = cls(cfg, tokenizer=tok, vocab_size=lm.get_vocab_size())
-                good = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(schema))
-                bad = backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(schema))
-                res[backend_name] = {
-                    "good_accepted": good.accept_tokens("good", encode(case["good"])),
-                    "ends": good.accept_tokens("good", [tok.eos_token_id]) and good.is_terminated(),
-                    "bad_accepted": bad.accept_tokens("bad", encode(case["bad"])),
-                }
-            except Exception as exc:  # noqa: BLE001 -- reported, the test names it
-                res[backend_name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            for setup, compact in (("ours", True), ("server", False)):
+                # a VllmConfig needs a device; these backends read only these three fields of it
+                so_cfg = StructuredOutputsConfig(backend=backend_name, disable_any_whitespace=compact)
+                cfg = types.SimpleNamespace(model_config=lm, speculative_config=None, structured_outputs_config=so_cfg)
+                try:
+                    backend = cls(cfg, tokenizer=tok, vocab_size=lm.get_vocab_size())
+                    good, bad, spaced = (backend.compile_grammar(StructuredOutputOptions.JSON, json.dumps(schema))
+                                         for _ in range(3))
+                    r = {"good_accepted": good.accept_tokens("good", encode(case["good"], compact)),
+                         "ends": good.accept_tokens("good", [tok.eos_token_id]) and good.is_terminated(),
+                         "bad_accepted": bad.accept_tokens("bad", encode(case["bad"], compact))}
+                    if compact:
+                        r["spaced_accepted"] = spaced.accept_tokens("spaced", encode(case["good"], False))
+                    res[f"{backend_name}/{setup}"] = r
+                except Exception as exc:  # noqa: BLE001 -- reported, the test names it
+                    first_line = str(exc).splitlines()[0][:300]
+                    res[f"{backend_name}/{setup}"] = {"error": f"{type(exc).__name__}: {first_line}"}
         results[name] = res
     out["schemas"] = results
     print(json.dumps(out))

@@ -88,7 +88,8 @@ def test_llm_json_batches_the_whole_call_with_guided_decoding_and_repairs(stand_
     res = llm.generate_json([LlmRequest("q1"), LlmRequest("bad q2"), LlmRequest("q3")], Answer, repair_retries=1)
     assert [r.value.answer for r in res] == ["B", "B", "B"] and [r.attempts for r in res] == [1, 2, 1]
     assert mod.engines == [{"model": "Qwen/Qwen2.5-7B-Instruct", "revision": None, "dtype": "auto",
-                            "limit_mm_per_prompt": {"image": 64, "video": 1}}]
+                            "limit_mm_per_prompt": {"image": 64, "video": 1},
+                            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}]
     first_messages, first_params = mod.calls[0]
     assert len(first_messages) == 3  # every request of the call in one engine call
     assert len(mod.calls) == 2 and len(mod.calls[1][0]) == 1  # the repair re-ask, for the bad one only
@@ -138,13 +139,26 @@ VLLM_PYTHON = os.environ.get("MOTIONFORGE_VLLM_PYTHON")
 def test_against_vllms_own_code(tmp_path):
     """Our backend's sampling params, engine arguments, chat messages and every schema we decode against, run
     through vLLM's own code in its own venv (tests/_vllm_contract.py; CPU is enough, no engine is built)."""
-    out = run_contract(VLLM_PYTHON, "_vllm_contract.py", {"schemas": schema_cases()}, tmp_path)
+    options = {"gpu_memory_utilization": 0.3, "max_model_len": 2048, "tensor_parallel_size": 1, "max_num_seqs": 64,
+               "enforce_eager": True, "quantization": None, "max_images_per_prompt": 32,
+               "structured_outputs_backend": "guidance"}
+    from experts.vllm_chat import VllmEngineOptions
+
+    assert set(options) == set(VllmEngineOptions.model_fields)  # every option a spec can set goes through vLLM
+    out = run_contract(VLLM_PYTHON, "_vllm_contract.py", {"schemas": schema_cases(), "engine_options": options},
+                       tmp_path)
     assert out["sampling_params"] == {"type": "vllm.sampling_params.SamplingParams", "max_tokens": 16, "seed": 3,
                                       "json": {"type": "object", "properties": {"a": {"type": "string"}},
                                                "required": ["a"]}}
     assert out["replies"] == [["ok", None], ["ok", None]]
     assert out["mm_limits"] == {"image": 64, "video": 1}
     assert out["lm_engine_kwargs"]["model"].endswith("qwen2_lm")  # the text model's engine built from ours too
+    kw = out["lm_engine_kwargs"]
+    assert {k: kw[k] for k in ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size", "max_num_seqs",
+                               "enforce_eager")} == {k: options[k] for k in kw if k in options}
+    assert "quantization" not in kw and kw["limit_mm_per_prompt"] == {"image": 32, "video": 1}  # None: vLLM's own
+    assert out["lm_max_model_len"] == 2048
+    assert out["structured_outputs_config"] == {"backend": "guidance", "disable_any_whitespace": True}
     video, still = out["parsed"]
     assert video["roles"] == ["user"] and len(video["images"]) == 3 and video["texts"][-1] == "How does it move?"
     assert "3 images are frames of one video" in video["texts"][0]
@@ -156,4 +170,43 @@ def test_against_vllms_own_code(tmp_path):
         assert res["auto_backend"] == "xgrammar", (name, res)  # what vLLM picks by itself for our schemas
         assert res["served"] == {"json_is_schema": True, "seed": 5, "max_tokens": 64, "backend": "xgrammar"}, res
         for backend in ("xgrammar", "guidance"):
-            assert res[backend] == {"good_accepted": True, "ends": True, "bad_accepted": False}, (name, backend, res)
+            assert res[f"{backend}/ours"] == {"good_accepted": True, "ends": True, "bad_accepted": False,
+                                              "spaced_accepted": False}, (name, backend, res)
+            assert res[f"{backend}/server"] == {"good_accepted": True, "ends": True, "bad_accepted": False}, (
+                name, backend, res)
+
+
+def test_engine_options_reach_vllm_and_only_quantization_is_in_the_config_hash(stand_in):
+    """``vllm_engine`` options become ``vllm.LLM`` keyword arguments (a key of the engine: the same model with other
+    options is another engine); a spec that leaves them alone dumps as before they existed, and only options that
+    change replies (quantization) change a stage's config hash: memory shares are tuning."""
+    from experts.vlm import VlmRequest, VlmSpec, load_vlm
+    from stages.imove_it.check import CheckConfig
+    from experts.vllm_chat import VllmEngineOptions
+    from stages.motionbench.ffilter import FfilterConfig
+
+    mod = stand_in(lambda messages, params: "yes")
+    spec = VlmSpec(model_id="Qwen/Qwen2-VL-7B-Instruct", backend="vllm",
+                   vllm_engine={"gpu_memory_utilization": 0.3, "max_model_len": 8192, "tensor_parallel_size": 2})
+    load_vlm(spec).generate([VlmRequest("describe")])
+    load_vlm(spec.model_copy(update={"seed": 4})).generate([VlmRequest("describe")])  # generation only: same engine
+    assert len(mod.engines) == 1
+    assert mod.engines[0] == {"model": "Qwen/Qwen2-VL-7B-Instruct", "revision": None, "dtype": "auto",
+                              "limit_mm_per_prompt": {"image": 64, "video": 1},
+                              "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+                              "gpu_memory_utilization": 0.3, "max_model_len": 8192, "tensor_parallel_size": 2}
+    load_vlm(VlmSpec(model_id="Qwen/Qwen2-VL-7B-Instruct", backend="vllm")).generate([VlmRequest("describe")])
+    assert len(mod.engines) == 2 and "gpu_memory_utilization" not in mod.engines[1]  # vLLM's default there
+
+    base = CheckConfig()
+    assert "vllm_engine" not in base.model_dump()["vlm"]  # configs written before the field dump as they did
+    assert CheckConfig.model_validate(base.model_dump()) == base
+    tuned = CheckConfig(vlm=base.vlm.model_copy(update={"vllm_engine": spec.vllm_engine}))
+    assert CheckConfig.model_validate(tuned.model_dump()) == tuned  # set options survive a dump and reload
+    assert tuned.config_hash() == base.config_hash()
+    quantized = CheckConfig(vlm=base.vlm.model_copy(update={"vllm_engine": VllmEngineOptions(quantization="fp8")}))
+    assert quantized.config_hash() != base.config_hash()
+    judges = FfilterConfig().judges
+    shared = FfilterConfig(judges=tuple(j.model_copy(update={"vlm": j.vlm.model_copy(update={
+        "vllm_engine": VllmEngineOptions(gpu_memory_utilization=0.9 / len(judges))})}) for j in judges))
+    assert shared.config_hash() == FfilterConfig().config_hash()  # the judges' shares of one GPU: tuning too
