@@ -13,6 +13,8 @@ Models, full size, random weights (no hub needed):
   which needs ~150 GB in bf16), Qwen2.5-7B-Instruct for qgen (GPT-4o's architecture is not public). The
   tokenizer is the in-memory tiny one (vocabulary padded to the real size); EOS is disabled so unconstrained
   replies run to max_new_tokens (an upper bound), while JSON-constrained ones stop when the grammar ends.
+  With ``--backend vllm`` the VLM's engine (shared by its four stages) and the LLM's live side by side in this
+  process, each within its share of GPU memory (``--vllm-shares``, default 0.45 and 0.3).
 * the vision experts, likewise random and full size, in their released layouts and loaded through the
   stages' own loaders (:func:`build_vision`): RAM++ Swin-L at 384 px with the released 4,585-tag vocabulary,
   Grounding DINO with the Swin-B backbone of ``IDEA-Research/grounding-dino-base`` (BERT-base text encoder,
@@ -410,16 +412,34 @@ def pipeline_config(args, vlm_dir: Path | None, llm_dir: Path | None, vision: di
         return load_pipeline_config("tiny", overrides=deep_merge(overrides, parse_sets(args.set)))
     if vision:
         overrides = deep_merge(overrides, vision)
+    # in-process vLLM: one engine per model, living side by side in this process (caption, check, describe and the
+    # judges share the VLM's; qgen has the LLM's), each within its share of the GPU (vLLM's default, 0.9, would
+    # leave the second engine nothing)
+    vlm_engine, llm_engine = ({"vllm_engine": {"gpu_memory_utilization": share}} if args.backend == "vllm" else {}
+                              for share in vllm_shares(args.vllm_shares))
     if vlm_dir is not None:
         chat = {"backend": args.backend, "device": args.device, "dtype": "bf16", "batch_size": args.batch_size}
-        vlm = {"model_id": str(vlm_dir), **chat}
+        vlm = {"model_id": str(vlm_dir), **chat, **vlm_engine}
         judges = [{"name": f"judge-{i}", "vlm": {**vlm, "max_new_tokens": 16}} for i in range(args.judges)]
         overrides.update({"caption": {"vlm": vlm}, "check": {"vlm": vlm}, "describe": {"vlm": vlm},
                           "ffilter": {"judges": judges}})
     if llm_dir is not None:
         overrides["qgen"] = {"llm": {"model_id": str(llm_dir), "backend": args.backend, "device": args.device,
-                                     "dtype": "bf16", "batch_size": args.batch_size, "max_new_tokens": 2048}}
+                                     "dtype": "bf16", "batch_size": args.batch_size, "max_new_tokens": 2048,
+                                     **llm_engine}}
     return load_pipeline_config("paper", overrides=deep_merge(overrides, parse_sets(args.set)))
+
+
+def vllm_shares(text: str) -> tuple[float, float]:
+    """``--vllm-shares VLM,LLM``: each engine's gpu_memory_utilization; together at most 0.9, so the vision
+    models loaded beside them keep room."""
+    try:
+        vlm, llm = (float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--vllm-shares takes two fractions, VLM,LLM (got {text!r})") from None
+    if min(vlm, llm) <= 0 or vlm + llm > 0.9:
+        raise SystemExit(f"--vllm-shares: each above 0 and together at most 0.9 (got {text!r})")
+    return vlm, llm
 
 
 def plan_inputs(video_dir: Path, root, shard_size: int, extensions: list[str]) -> int:
@@ -442,6 +462,8 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=16)
     ap.add_argument("--shard-size", type=int, default=4)
     ap.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    ap.add_argument("--vllm-shares", default="0.45,0.3", metavar="VLM,LLM",
+                    help="with --backend vllm: the VLM's and the LLM's engine shares of GPU memory")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--judges", type=int, default=2, help="first-frame judges (all the same random VLM shape)")
     ap.add_argument("--vlm-shape", choices=["7b", "72b"], default="7b")

@@ -94,7 +94,7 @@ def test_config_points_the_stages_at_the_random_checkpoints(bench, tmp_path):
         "trackfilter": bench.random_volume(3)["trackfilter"],
     }
     args = Namespace(tiny=False, shard_size=2, batch_size=4, backend="transformers", device="cuda", judges=2,
-                     set=["track.max_frames=5", "caption.num_frames=4"])
+                     set=["track.max_frames=5", "caption.num_frames=4"], vllm_shares="0.45,0.3")
     pc = bench.pipeline_config(args, tmp_path / "vlm", tmp_path / "llm", vision)
     assert pc.tag.ram_plus.model_id == str(tmp_path / "ram") and pc.tag.max_tags == 3
     assert pc.detect.box_threshold == 0.0 and pc.detect.max_instances_per_clip == 3
@@ -104,6 +104,18 @@ def test_config_points_the_stages_at_the_random_checkpoints(bench, tmp_path):
     assert pc.caption.num_frames == 4 and pc.caption.vlm.model_id == str(tmp_path / "vlm")
     assert pc.qgen.llm.model_id == str(tmp_path / "llm") and pc.ingest.shard_size == 2
     assert [j.name for j in pc.ffilter.judges] == ["judge-0", "judge-1"]
+    assert pc.caption.vlm.vllm_engine.gpu_memory_utilization is None  # transformers: no engine options
+
+    args.backend = "vllm"  # one engine per model in this process, each within its share of the GPU
+    pc = bench.pipeline_config(args, tmp_path / "vlm", tmp_path / "llm", vision)
+    vlms = [pc.caption.vlm, pc.check.vlm, pc.describe.vlm] + [j.vlm for j in pc.ffilter.judges]
+    assert {(v.backend, v.model_id, v.vllm_engine.gpu_memory_utilization) for v in vlms} == {
+        ("vllm", str(tmp_path / "vlm"), 0.45)}  # the same engine options: one shared VLM engine
+    assert (pc.qgen.llm.backend, pc.qgen.llm.vllm_engine.gpu_memory_utilization) == ("vllm", 0.3)
+    assert bench.vllm_shares("0.5,0.4") == (0.5, 0.4)
+    for bad in ("0.6,0.4", "0.5", "0,0.3", "a,b"):
+        with pytest.raises(SystemExit):
+            bench.vllm_shares(bad)
 
 
 def test_set_parses_json_values_and_nested_keys(bench):
