@@ -220,6 +220,17 @@ def get_expert(spec: ModelSpec, loader: Callable[[Any], T], extra_key: str = "")
     return inst
 
 
+def drop_expert(spec: ModelSpec, instance: Any, extra_key: str = "") -> bool:
+    """Forget ``instance`` as the process-wide one for ``spec`` if it still is, so the next :func:`get_expert`
+    loads anew: for an instance that can no longer serve (a vLLM engine whose process died). True if dropped."""
+    key = spec.cache_key() + ("|" + extra_key if extra_key else "")
+    with _CACHE_LOCK:
+        if _CACHE.get(key) is instance:
+            del _CACHE[key]
+            return True
+    return False
+
+
 def loaded_experts() -> list[str]:
     return sorted(_CACHE)
 

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from experts.base import ModelSpec, get_expert, resolve_local
+from experts.base import ModelSpec, drop_expert, get_expert, resolve_local
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,21 @@ INSTALL_HINT = ("backend='vllm' needs the optional extra: pip install 'motionfor
 
 class VllmUnavailableError(ImportError):
     """vLLM is not installed (or cannot initialise here)."""
+
+
+class VllmEngineDeadError(RuntimeError):
+    """The engine's process died (killed, crashed, out of memory). Every later request to it would fail at once,
+    so this is raised rather than written as error rows: the (stage, shard) task fails, nothing of the shard is
+    committed, and the task's retry builds a new engine (the dead one is dropped from the process's experts)."""
+
+
+def _engine_died(exc: BaseException) -> bool:
+    """Whether ``exc`` is vLLM's word that the engine process is gone (``EngineDeadError``, vLLM V1)."""
+    try:
+        dead = importlib.import_module("vllm.v1.engine.exceptions").EngineDeadError
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(exc, dead)
 
 
 def import_vllm() -> Any:
@@ -162,9 +177,9 @@ class VllmChat:
         self.cache = cache
         self.model_name = spec.model_id + (f"@{spec.revision}" if spec.revision else "")
         self.vllm = import_vllm()
-        key = _VllmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device, dtype=spec.dtype,
-                           engine=spec.vllm_engine)
-        self.engine = get_expert(key, _load_engine)
+        self.key = _VllmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device,
+                                dtype=spec.dtype, engine=spec.vllm_engine)
+        self.engine = get_expert(self.key, _load_engine)
 
     def run(self, requests: Sequence[tuple[list[dict], int, float, dict | None]]) -> list[tuple[str | None, str | None, bool]]:
         out: list[tuple[str | None, str | None, bool] | None] = [None] * len(requests)
@@ -187,6 +202,10 @@ class VllmChat:
             try:
                 results = self.engine.chat([requests[i][0] for i in todo], params, use_tqdm=False)
             except Exception as exc:  # noqa: BLE001 -- e.g. one unreadable image fails the call: isolate it
+                if _engine_died(exc):
+                    drop_expert(self.key, self.engine)
+                    raise VllmEngineDeadError(f"the vLLM engine of {self.model_name} died ({exc}); it is dropped, "
+                                              "so a retry of this task builds a new one") from exc
                 if len(todo) == 1:
                     out[todo[0]] = (None, f"{type(exc).__name__}: {exc}", False)
                     results = None

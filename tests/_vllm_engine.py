@@ -10,7 +10,10 @@ checkpoints the test wrote, and they generate.
 * a sampled request gives the same text twice under the spec's seed and another under another seed (specs that
   differ only in generation settings share one engine);
 * a prompt longer than the engine's ``max_model_len`` fails alone: the requests beside it are answered, and the
-  engine answers the next call.
+  engine answers the next call;
+* SIGKILL the text engine's processes: its next call raises VllmEngineDeadError (the task fails, instead of every
+  later item of the run becoming an error row), the dead engine leaves the process's experts, the VLM engine
+  still answers, and loading the text model again (what the task's retry does) builds a new engine that answers.
 
 Prints one JSON line of results.
 
@@ -31,12 +34,14 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # stdout carries our one JSON line (engine inherits)
     import numpy as np
+    import psutil
     import vllm
     from vllm.platforms import current_platform
 
     from experts.base import loaded_experts
     from experts.llm import LlmRequest, LlmSpec, load_llm
     from experts.vlm import VlmRequest, VlmSpec, load_vlm
+    from experts.vllm_chat import VllmEngineDeadError
 
     def rows(responses) -> list:
         return [[r.text, r.error] for r in responses]
@@ -44,7 +49,9 @@ def main() -> None:
     out: dict = {"vllm": vllm.__version__, "platform": current_platform.device_type}
     schemas, engine, n = spec["schemas"], spec["engine"], spec["max_new_tokens"]
     t0 = time.perf_counter()
-    llm = load_llm(LlmSpec(model_id=spec["lm"], backend="vllm", seed=11, max_new_tokens=n, vllm_engine=engine))
+    lm_spec = LlmSpec(model_id=spec["lm"], backend="vllm", seed=11, max_new_tokens=n, vllm_engine=engine)
+    llm = load_llm(lm_spec)
+    lm_procs = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")]
     vlm = load_vlm(VlmSpec(model_id=spec["vl"], backend="vllm", seed=11, max_new_tokens=n, vllm_engine=engine))
     out["load_s"] = round(time.perf_counter() - t0, 1)
     out["engines"] = [k for k in loaded_experts() if "_VllmWeights" in k]
@@ -68,6 +75,21 @@ def main() -> None:
     too_long = LlmRequest("word " * spec["too_long_words"])
     out["isolated"] = rows(llm.generate([LlmRequest("Say hello."), too_long, LlmRequest("Say goodbye.")]))
     out["after"] = rows(llm.generate([LlmRequest("Say hello again.")]))
+
+    # SIGKILL the text engine's processes (its EngineCore and worker), as the OOM killer would
+    out["killed"] = sorted(p.name() for p in lm_procs)
+    for p in lm_procs:
+        p.kill()
+    psutil.wait_procs(lm_procs, timeout=30)
+    try:
+        out["after_kill"] = rows(llm.generate([LlmRequest("Say hello."), LlmRequest("Say goodbye.")]))
+    except VllmEngineDeadError as exc:
+        out["after_kill"] = f"{type(exc).__name__}: {exc}"
+    out["engines_after_kill"] = len([k for k in loaded_experts() if "_VllmWeights" in k])
+    out["vl_after_kill"] = rows(vlm.generate([VlmRequest("Is it there?", images=(frame,))]))
+    t0 = time.perf_counter()
+    out["rebuilt"] = rows(load_llm(lm_spec).generate([LlmRequest("Say hello.")]))  # what the task's retry does
+    out["rebuild_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out))
 
 

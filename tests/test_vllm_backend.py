@@ -123,6 +123,45 @@ def test_vlm_messages_cache_and_per_item_failures(stand_in, tmp_path):
     assert [r.cached for r in again] == [True, True] and len(mod.calls) == 1  # served from the response cache
 
 
+def test_a_dead_engine_fails_the_call_and_the_next_load_builds_a_new_one(stand_in, monkeypatch):
+    """vLLM's EngineDeadError (its engine process is gone) is raised as VllmEngineDeadError, not written as every
+    item's error row; the dead engine leaves the process's experts, so the task's retry gets a new one."""
+    from experts.base import loaded_experts
+    from experts.llm import LlmRequest, LlmSpec, load_llm
+    from experts.vllm_chat import VllmEngineDeadError
+
+    class EngineDeadError(Exception):  # where vLLM V1 keeps it: vllm.v1.engine.exceptions
+        pass
+
+    exceptions = types.ModuleType("vllm.v1.engine.exceptions")
+    exceptions.EngineDeadError = EngineDeadError
+    for name in ("vllm.v1", "vllm.v1.engine"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.exceptions", exceptions)
+    dead = {"now": False}
+
+    def reply(messages, params):
+        if dead["now"]:
+            raise EngineDeadError("EngineCore encountered an issue. See stack trace (above) for the root cause.")
+        if "unreadable" in messages[-1]["content"]:
+            raise ValueError("cannot read that")
+        return "ok"
+
+    mod = stand_in(reply)
+    spec = LlmSpec(model_id="Qwen/Qwen2.5-7B-Instruct", backend="vllm")
+    llm = load_llm(spec)
+    ok, bad = llm.generate([LlmRequest("a"), LlmRequest("unreadable")])  # another failure: still that item alone
+    assert ok.text == "ok" and bad.error and "cannot read" in bad.error
+    dead["now"] = True
+    calls = len(mod.calls)
+    with pytest.raises(VllmEngineDeadError, match="died.*builds a new one"):
+        llm.generate([LlmRequest("a"), LlmRequest("b")])
+    assert len(mod.calls) == calls + 1  # no one-by-one retries against a dead engine
+    assert not [k for k in loaded_experts() if "_VllmWeights" in k]
+    dead["now"] = False
+    assert load_llm(spec).generate([LlmRequest("a")])[0].text == "ok" and len(mod.engines) == 2
+
+
 def test_missing_vllm_is_a_clear_error(monkeypatch):
     from experts.llm import LlmSpec, load_llm
     from experts.vllm_chat import VllmUnavailableError
@@ -213,7 +252,7 @@ def test_a_vllm_engine_generates(tmp_path):
     """Real vLLM engines, built by our production path from tiny checkpoints, generate (tests/_vllm_engine.py):
     replies in order, the constrained ones valid under ``jsonschema`` (an independent validator) and compact,
     seeded sampling repeatable, an over-long prompt an error of its own, two engines side by side in one
-    process within their memory shares."""
+    process within their memory shares; a SIGKILLed engine fails its next call and is rebuilt on the next load."""
     import jsonschema
 
     from stages.imove_it.check import VERDICT_SCHEMA
@@ -254,6 +293,11 @@ def test_a_vllm_engine_generates(tmp_path):
     assert hello[1] is None and goodbye[1] is None and None not in (hello[0], goodbye[0]), out["isolated"]
     assert too_long[0] is None and "4096" in too_long[1], too_long  # vLLM names the limit it broke
     assert out["after"][0][1] is None and out["after"][0][0] is not None, out["after"]
+    assert out["killed"] == ["VLLM::EngineCore", "VLLM::Worker"], out["killed"]
+    assert isinstance(out["after_kill"], str) and out["after_kill"].startswith("VllmEngineDeadError"), out["after_kill"]
+    assert out["engines_after_kill"] == 1  # the dead text engine dropped, the VLM's kept
+    assert out["vl_after_kill"][0][1] is None and out["vl_after_kill"][0][0] is not None, out["vl_after_kill"]
+    assert out["rebuilt"][0][1] is None and out["rebuilt"][0][0] is not None, out["rebuilt"]
 
 
 def test_engine_options_reach_vllm_and_only_quantization_is_in_the_config_hash(stand_in):
