@@ -39,9 +39,9 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Iterable, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, field_serializer
 
-from experts.base import ModelSpec
+from experts.base import HASH_CONTEXT, OMIT_FROM_HASH, ModelSpec
 from experts.vllm_chat import VllmEngineOptions
 
 log = logging.getLogger(__name__)
@@ -82,23 +82,16 @@ class ChatSpec(ModelSpec):
     # -- in-process transformers --
     batch_size: int = Field(8, ge=1)
     # -- in-process vLLM (experts.vllm_chat): engine arguments, e.g. each engine's share of GPU memory --
-    vllm_engine: VllmEngineOptions = VllmEngineOptions()
+    # Dumped only when set, so configs written before the field existed dump (and hash) as they did.
+    vllm_engine: VllmEngineOptions = Field(VllmEngineOptions(), exclude_if=lambda v: v == VllmEngineOptions())
 
-    @model_serializer(mode="wrap")
-    def _omit_default_engine(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
-        """``vllm_engine`` is dumped only when set, so configs written before it existed dump (and hash) as they
-        did; a stage's config hash (context ``config_hash``) keeps only the options that change replies."""
-        data = handler(self)
-        if isinstance(data, dict) and "vllm_engine" in data:
-            if (info.context or {}).get("config_hash"):
-                kept = self.vllm_engine.hashed()
-            else:
-                kept = data["vllm_engine"] if self.vllm_engine != VllmEngineOptions() else None
-            if kept:
-                data["vllm_engine"] = kept
-            else:
-                del data["vllm_engine"]
-        return data
+    @field_serializer("vllm_engine", mode="wrap")
+    def _engine_for_hash(self, value: VllmEngineOptions, handler: SerializerFunctionWrapHandler,
+                         info: SerializationInfo) -> dict[str, Any] | str:
+        """In a stage's config hash only the options that change replies count (``OMIT_FROM_HASH`` when none)."""
+        if (info.context or {}).get(HASH_CONTEXT):
+            return value.hashed() or OMIT_FROM_HASH
+        return handler(value)
 
     @property
     def enforces_json_schema(self) -> bool:

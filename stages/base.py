@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, TypeVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from experts.base import HASH_CONTEXT, without_unhashed
 from schemas._base import STATUS_OK, Record, from_table
 from storage.root import OutputRoot
 
@@ -38,9 +39,9 @@ class StageConfig(BaseModel):
     RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def config_hash(self) -> str:
-        # context: nested expert specs leave out their own run-only parts (ChatSpec's vLLM engine options)
-        data = self.model_dump(mode="json", exclude=set(self.RUN_ONLY_FIELDS), context={"config_hash": True})
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        # the context lets nested expert specs mark their own run-only parts (ChatSpec's vLLM engine options)
+        data = self.model_dump(mode="json", exclude=set(self.RUN_ONLY_FIELDS), context={HASH_CONTEXT: True})
+        blob = json.dumps(without_unhashed(data), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

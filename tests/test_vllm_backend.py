@@ -324,6 +324,8 @@ def test_engine_options_reach_vllm_and_only_quantization_is_in_the_config_hash(s
 
     base = CheckConfig()
     assert "vllm_engine" not in base.model_dump()["vlm"]  # configs written before the field dump as they did
+    dumped = VlmSpec.model_json_schema(mode="serialization")["properties"]
+    assert dumped.keys() == VlmSpec.model_json_schema()["properties"].keys()  # the dump's schema keeps its fields
     assert CheckConfig.model_validate(base.model_dump()) == base
     tuned = CheckConfig(vlm=base.vlm.model_copy(update={"vllm_engine": spec.vllm_engine}))
     assert CheckConfig.model_validate(tuned.model_dump()) == tuned  # set options survive a dump and reload
