@@ -29,21 +29,6 @@ class WeightsNotFoundError(RuntimeError):
     """Raised when a checkpoint is neither a local path nor in the Hugging Face cache."""
 
 
-# A stage's config hash dumps its config with context {HASH_CONTEXT: True}; a spec field that only tunes how a model
-# runs (not what it replies) serializes as OMIT_FROM_HASH there, and the hash leaves that key out.
-HASH_CONTEXT = "config_hash"
-OMIT_FROM_HASH = "<not hashed>"
-
-
-def without_unhashed(data: Any) -> Any:
-    """``data`` (a JSON dump) less every mapping entry whose value is OMIT_FROM_HASH, at any depth."""
-    if isinstance(data, dict):
-        return {k: without_unhashed(v) for k, v in data.items() if not (isinstance(v, str) and v == OMIT_FROM_HASH)}
-    if isinstance(data, list):
-        return [without_unhashed(v) for v in data]
-    return data
-
-
 class ModelSpec(BaseModel):
     """What to load and where. Hashable and frozen, so it keys the per-process cache.
 

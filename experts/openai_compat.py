@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Iterable, Literal, Protocol, TypeVar, runtime
 
 from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, field_serializer
 
-from experts.base import HASH_CONTEXT, OMIT_FROM_HASH, ModelSpec
+from experts.base import ModelSpec
 from experts.vllm_chat import VllmEngineOptions
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,11 @@ class ChatSpec(ModelSpec):
     @field_serializer("vllm_engine", mode="wrap")
     def _engine_for_hash(self, value: VllmEngineOptions, handler: SerializerFunctionWrapHandler,
                          info: SerializationInfo) -> dict[str, Any] | str:
-        """In a stage's config hash only the options that change replies count (``OMIT_FROM_HASH`` when none)."""
-        if (info.context or {}).get(HASH_CONTEXT):
-            return value.hashed() or OMIT_FROM_HASH
+        """In a stage's config hash only the options that change replies count. The protocol is
+        stages.base.StageConfig.config_hash's (experts do not import stages): it dumps with the context
+        {"config_hash": True} and leaves out every key whose value is "<not hashed>"."""
+        if (info.context or {}).get("config_hash"):
+            return value.hashed() or "<not hashed>"
         return handler(value)
 
     @property

@@ -22,12 +22,26 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, TypeVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from experts.base import HASH_CONTEXT, without_unhashed
 from schemas._base import STATUS_OK, Record, from_table
 from storage.root import OutputRoot
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Record)
+
+
+# The protocol between a stage's config hash and the expert specs inside its config (experts do not import stages,
+# so experts/openai_compat.py spells the same two values): the dump's context, and the value of a key to leave out.
+CONFIG_HASH_CONTEXT = "config_hash"
+NOT_HASHED = "<not hashed>"
+
+
+def _without_unhashed(data: Any) -> Any:
+    """``data`` (a JSON dump) less every mapping entry whose value is NOT_HASHED, at any depth."""
+    if isinstance(data, dict):
+        return {k: _without_unhashed(v) for k, v in data.items() if not (isinstance(v, str) and v == NOT_HASHED)}
+    if isinstance(data, list):
+        return [_without_unhashed(v) for v in data]
+    return data
 
 
 class StageConfig(BaseModel):
@@ -39,9 +53,10 @@ class StageConfig(BaseModel):
     RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def config_hash(self) -> str:
-        # the context lets nested expert specs mark their own run-only parts (ChatSpec's vLLM engine options)
-        data = self.model_dump(mode="json", exclude=set(self.RUN_ONLY_FIELDS), context={HASH_CONTEXT: True})
-        blob = json.dumps(without_unhashed(data), sort_keys=True, separators=(",", ":"))
+        # the context lets nested expert specs mark their own run-only parts as NOT_HASHED (ChatSpec's vLLM
+        # engine options): those keys are left out
+        data = self.model_dump(mode="json", exclude=set(self.RUN_ONLY_FIELDS), context={CONFIG_HASH_CONTEXT: True})
+        blob = json.dumps(_without_unhashed(data), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
