@@ -72,9 +72,15 @@ class Resources:
         return self.gpus > 0
 
 
+def chat_expert_name(kind: str, spec: Any) -> str:
+    """Provenance of one chat model: "<kind>:<backend>:<model id>" ("vlm:openai:gpt-4o", "llm:vllm:Qwen/...");
+    the backend is named because the same weights decode differently in-process, on vLLM or behind an endpoint."""
+    return f"{kind}:{spec.backend}:{spec.model_id}"
+
+
 def vlm_expert_name(cfg: Any) -> tuple[str, str | None]:
     """Provenance of a stage whose config carries one ``vlm`` spec: ("vlm:<backend>:<model id>", revision)."""
-    return (f"vlm:{cfg.vlm.backend}:{cfg.vlm.model_id}", cfg.vlm.revision)
+    return (chat_expert_name("vlm", cfg.vlm), cfg.vlm.revision)
 
 
 def chat_resources(gpu: "Resources", *specs: Any) -> "Resources":

@@ -380,6 +380,7 @@ def test_both_branches_with_the_chat_stages_on_vllm_engines(tmp_path):
         assert stages[stage]["rows_error"] == 0, (stage, stages[stage])
     for r in rows("caption"):  # free text: a random model may end a reply at once, which the stage refuses
         assert r["status"] == "ok" or r["error"].endswith("failed: empty reply"), r["error"]
-    assert {r["expert"] for r in rows("caption") + rows("check")} == {f"vlm:vllm:{vl}"}
+    assert {r["expert"] for r in rows("caption") + rows("check") + rows("describe")} == {f"vlm:vllm:{vl}"}
     assert {r["attempts"] for r in rows("qgen")} == {1}  # every reply valid at once: no repair re-asks
-    assert {r["expert"] for r in rows("qgen")} == {lm}
+    assert {r["expert"] for r in rows("qgen")} == {f"llm:vllm:{lm}"}
+    assert {r["expert"] for r in rows("ffilter")} == {f"vlm:vllm:{vl}+vlm:vllm:{vl}"}

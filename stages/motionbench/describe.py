@@ -31,7 +31,7 @@ from schemas._base import STATUS_ERROR, STATUS_SKIPPED
 from schemas.clips import Clip
 from schemas.descriptions import SCHEMA, Description
 from stages.shared.prompts import DATA_DIR as SHARED_DATA_DIR
-from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources
+from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources, vlm_expert_name
 from storage.root import OutputRoot
 
 DATA_DIR = SHARED_DATA_DIR / "motionbench"
@@ -329,7 +329,7 @@ def process(ctx: ShardContext) -> Iterable[Description]:
 
 STAGE = Stage(
     name="describe", schema=SCHEMA, inputs=("scenes",), config_cls=DescribeConfig, process=process,
-    expert=lambda cfg: (cfg.vlm.model_id, cfg.vlm.revision), resources=Resources(cpus=1, gpus=1.0),
+    expert=vlm_expert_name, resources=Resources(cpus=1, gpus=1.0),
     resources_fn=lambda cfg: chat_resources(Resources(cpus=1, gpus=1.0), cfg.vlm),
     branch="motionbench", external_inputs=imported_fingerprint,
     description="dynamic-information description per clip (VLM, or imported human notes)",

@@ -20,7 +20,7 @@ from experts.vlm import VlmSpec
 from schemas._base import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
 from schemas.ffilter_verdicts import ALL_JUDGES, ROW_DECISION, ROW_VERDICT, SCHEMA, FilterVerdict
 from schemas.questions import Question
-from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources
+from stages.base import Resources, ShardContext, Stage, StageConfig, chat_expert_name, chat_resources
 from stages.shared.motionbench_format import LETTERS, extract_letter, format_question, prompt_for
 
 
@@ -218,7 +218,7 @@ def process(ctx: ShardContext) -> list[FilterVerdict]:
 
 STAGE = Stage(
     name="ffilter", schema=SCHEMA, inputs=("qgen",), config_cls=FfilterConfig, process=process,
-    expert=lambda cfg: ("+".join(j.vlm.model_id for j in cfg.judges), None),
+    expert=lambda cfg: ("+".join(chat_expert_name("vlm", j.vlm) for j in cfg.judges), None),
     resources=Resources(cpus=1, gpus=1.0), branch="motionbench",
     resources_fn=lambda cfg: chat_resources(Resources(cpus=1, gpus=1.0), *(j.vlm for j in cfg.judges)),
     description="first-frame filter: drop questions every image VLM answers from the first frame (9.3)",

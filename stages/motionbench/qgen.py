@@ -43,7 +43,7 @@ from schemas._base import STATUS_ERROR
 from schemas.descriptions import Description
 from schemas.questions import SCHEMA, Question
 from stages.shared.prompts import DATA_DIR as SHARED_DATA_DIR
-from stages.base import Resources, ShardContext, Stage, StageConfig, chat_resources
+from stages.base import Resources, ShardContext, Stage, StageConfig, chat_expert_name, chat_resources
 from stages.shared.motionbench_questions import failure_id, leaked_phrase, normalise, question_id
 
 log = logging.getLogger(__name__)
@@ -356,7 +356,8 @@ def process(ctx: ShardContext) -> list[Question]:
 
 STAGE = Stage(
     name="qgen", schema=SCHEMA, inputs=("describe",), config_cls=QgenConfig, process=process,
-    expert=lambda cfg: (cfg.llm.model_id, cfg.llm.revision), resources=Resources(cpus=1, gpus=1.0), branch="motionbench",
+    expert=lambda cfg: (chat_expert_name("llm", cfg.llm), cfg.llm.revision), resources=Resources(cpus=1, gpus=1.0),
+    branch="motionbench",
     resources_fn=lambda cfg: chat_resources(Resources(cpus=1, gpus=1.0), cfg.llm),
     description="LLM question generation from dynamic descriptions (MotionBench 9.2)",
 )

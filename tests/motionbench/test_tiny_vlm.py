@@ -32,7 +32,7 @@ def test_describe_and_ffilter_with_tiny_qwen2_vl(tmp_path):
     [row] = from_table(table, Description)
     assert out.rows == 1 and row.status == "ok", row.error
     assert row.source == "vlm" and row.num_frames == 2 and isinstance(row.dynamic_description, str)
-    assert row.expert == "tiny://qwen2_vl"
+    assert row.expert == "vlm:transformers:tiny://qwen2_vl"  # the backend named, as caption and check do
 
     q = Question(question_id="q1", clip_id=clip.clip_id, video_id="vid", video_path=str(video), start_s=0.0,
                  end_s=1.0, source="generated", question="What moves?", options=["a", "b", "c", "d"], answer="B",
