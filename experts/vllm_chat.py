@@ -108,6 +108,12 @@ class _VllmWeights(ModelSpec):
     """Cache key for one loaded vLLM engine (independent of generation defaults)."""
 
     engine: VllmEngineOptions = VllmEngineOptions()
+    video_fps: float | None = None  # a VLM's: the rate its frame lists were sampled at (vLLM reads it per engine)
+
+
+# Architectures whose vLLM model takes a frame list as one video (``video_url``), as their transformers
+# processors do; other VLMs get the frames as images, with the line saying they are one video.
+VIDEO_ARCHITECTURES = frozenset({"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"})
 
 
 def engine_kwargs(key: _VllmWeights) -> dict[str, Any]:
@@ -121,9 +127,12 @@ def engine_kwargs(key: _VllmWeights) -> dict[str, Any]:
     options = key.engine.model_dump(exclude_none=True)
     images = options.pop("max_images_per_prompt")
     grammar = options.pop("structured_outputs_backend")
-    return {"model": resolve_local(key.model_id, key.revision), "revision": key.revision, "dtype": dtype,
-            "limit_mm_per_prompt": {"image": images, "video": 1},
-            "structured_outputs_config": {"backend": grammar, "disable_any_whitespace": True}, **options}
+    kw = {"model": resolve_local(key.model_id, key.revision), "revision": key.revision, "dtype": dtype,
+          "limit_mm_per_prompt": {"image": images, "video": 1},
+          "structured_outputs_config": {"backend": grammar, "disable_any_whitespace": True}, **options}
+    if key.video_fps is not None:  # every frame we send (they are sampled already), at the VLM spec's rate
+        kw["media_io_kwargs"] = {"video": {"num_frames": -1, "fps": key.video_fps}}
+    return kw
 
 
 def _load_engine(key: _VllmWeights) -> Any:
@@ -178,8 +187,13 @@ class VllmChat:
         self.model_name = spec.model_id + (f"@{spec.revision}" if spec.revision else "")
         self.vllm = import_vllm()
         self.key = _VllmWeights(model_id=spec.model_id, revision=spec.revision, device=spec.device,
-                                dtype=spec.dtype, engine=spec.vllm_engine)
+                                dtype=spec.dtype, engine=spec.vllm_engine, video_fps=getattr(spec, "video_fps", None))
         self.engine = get_expert(self.key, _load_engine)
+
+    def takes_video(self) -> bool:
+        """Whether this engine's model takes a frame list as one video (its architecture, as vLLM loaded it)."""
+        hf_config = getattr(getattr(self.engine, "model_config", None), "hf_config", None)
+        return bool(set(getattr(hf_config, "architectures", None) or ()) & VIDEO_ARCHITECTURES)
 
     def run(self, requests: Sequence[tuple[list[dict], int, float, dict | None]]) -> list[tuple[str | None, str | None, bool]]:
         out: list[tuple[str | None, str | None, bool] | None] = [None] * len(requests)

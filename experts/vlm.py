@@ -344,16 +344,34 @@ class _TransformersVlm:
 # ----------------------------------------------------------------------------------------------------------
 # OpenAI-compatible backend
 # ----------------------------------------------------------------------------------------------------------
-def openai_messages(spec: VlmSpec, req: VlmRequest, schema_in_prompt: bool) -> list[dict]:
+def openai_messages(spec: VlmSpec, req: VlmRequest, schema_in_prompt: bool, native_video: bool = False) -> list[dict]:
     """OpenAI-format chat messages of a request (images as JPEG data URLs; a frame list preceded by the line
-    saying it is one video), shared by the endpoint and the in-process vLLM backends."""
+    saying it is one video), shared by the endpoint and the in-process vLLM backends.
+
+    ``native_video`` (in-process vLLM on a model that takes video): a frame list becomes one ``video_url`` part,
+    the frames as comma-separated base64 JPEGs in a ``data:video/jpeg`` URL (vLLM's own frame-list form), so the
+    model sees one video as the transformers backend gives it (Qwen2-VL: 3D patches over pairs of frames, about
+    half the tokens of the same frames as images)."""
     content: list[dict] = []
+    if native_video and req.as_video and len(req.images) > 1:
+        frames = [as_rgb_uint8(im) for im in req.images]
+        if len({f.shape for f in frames}) != 1:
+            raise ValueError(f"video frames must share one size, got {sorted({f.shape for f in frames})}")
+        urls = [encode_image_data_url(f, quality=spec.jpeg_quality, max_side_px=spec.max_image_side_px) for f in frames]
+        jpegs = [u.split(",", 1)[1] for u in urls]  # the base64 part of each data:image/jpeg URL
+        content.append({"type": "video_url", "video_url": {"url": "data:video/jpeg;base64," + ",".join(jpegs)}})
+        content.append({"type": "text", "text": req.text})
+        return _with_system(content, req, schema_in_prompt)
     if req.as_video and len(req.images) > 1:
         content.append({"type": "text", "text": f"The following {len(req.images)} images are frames of one video, in temporal order."})
     for im in req.images:
         url = encode_image_data_url(as_rgb_uint8(im), quality=spec.jpeg_quality, max_side_px=spec.max_image_side_px)
         content.append({"type": "image_url", "image_url": {"url": url}})
     content.append({"type": "text", "text": req.text})
+    return _with_system(content, req, schema_in_prompt)
+
+
+def _with_system(content: list[dict], req: VlmRequest, schema_in_prompt: bool) -> list[dict]:
     system = req.system
     if req.json_schema is not None and schema_in_prompt:
         system = f"{system}\n\n{schema_instruction(req.json_schema)}" if system else schema_instruction(req.json_schema)
@@ -362,7 +380,8 @@ def openai_messages(spec: VlmSpec, req: VlmRequest, schema_in_prompt: bool) -> l
 
 class _VllmVlm:
     """In-process vLLM (experts.vllm_chat): every request of the call in one engine call (continuous batching),
-    images as data URLs in the checkpoint's chat template, guided JSON decoding."""
+    images as data URLs in the checkpoint's chat template (a frame list as one video where the model takes
+    video), guided JSON decoding."""
 
     def __init__(self, spec: VlmSpec, cache: ResponseCacheLike | None) -> None:
         from experts.vllm_chat import VllmChat
@@ -373,10 +392,12 @@ class _VllmVlm:
     def run(self, requests: list[VlmRequest]) -> list[VlmResponse]:
         out: list[VlmResponse | None] = [None] * len(requests)
         index, calls = [], []
+        video = self.chat.takes_video()
         for i, req in enumerate(requests):
             try:
                 n, temp = generation_params(self.spec, req.max_new_tokens, req.temperature)
-                calls.append((openai_messages(self.spec, req, schema_in_prompt=True), n, temp, req.json_schema))
+                calls.append((openai_messages(self.spec, req, schema_in_prompt=True, native_video=video), n, temp,
+                              req.json_schema))
                 index.append(i)
             except Exception as exc:  # an unreadable image fails its own item only
                 out[i] = VlmResponse(None, describe_exception(exc), False, self.chat.model_name)

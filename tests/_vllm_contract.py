@@ -7,7 +7,8 @@ vLLM's pins clash with ours). Checks our vLLM backend against vLLM's own code, o
   ``ModelConfig`` for tiny Qwen2-VL (our multimodal limits taken), Qwen2.5-VL, InternVL (HF layout) and Qwen2
   text checkpoints (the last with every ``vllm_engine`` option set), our structured-output settings make vLLM's
   ``StructuredOutputsConfig``, and the chat messages it sends parse with vLLM's own chat parser into the images
-  we sent;
+  and videos we sent (a frame list as one video on the Qwen models, whose architecture our backend reads from the
+  ``model_config`` vLLM builds; as images on InternVL);
 * every JSON schema we decode against (passed in, built on our side) passes vLLM's request validation, which
   names the backend vLLM's "auto" choice takes, both as our in-process backend hands it over and as the request
   body our OpenAI-compatible backend posts (``response_format``) reaches a vLLM server's request model; and it
@@ -29,6 +30,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _video(item) -> dict:
+    """A video as vLLM's chat parser hands it on (a MediaWithBytes around frames and metadata): its frames' shape
+    and the fps in its metadata."""
+    frames, meta = getattr(item, "media", item)
+    return {"shape": list(frames.shape), "fps": (meta or {}).get("fps")}
+
+
 def main() -> None:
     spec, work = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     import numpy as np
@@ -47,10 +55,12 @@ def main() -> None:
                               "seed": p.seed, "json": p.structured_outputs.json if p.structured_outputs else None}
 
     calls: dict = {"engines": [], "chats": []}
+    from vllm.engine.arg_utils import EngineArgs
 
     class RecordingLLM:
         def __init__(self, **kw):
             calls["engines"].append(kw)
+            self.model_config = EngineArgs(**kw).create_model_config()  # what vllm.LLM exposes, vLLM's own
 
         def chat(self, messages, params, use_tqdm=True):
             calls["chats"].append((messages, params))
@@ -80,7 +90,6 @@ def main() -> None:
         others[name] = (calls["engines"][-1], calls["chats"][-1][0][0])
 
     from vllm.config import StructuredOutputsConfig
-    from vllm.engine.arg_utils import EngineArgs
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.renderers.chat_utils.chat_message import parse_chat_messages
     from vllm.tokenizers import get_tokenizer
@@ -96,14 +105,16 @@ def main() -> None:
                                                          [{"type": "text", "text": c["content"]}])
                  if isinstance(part, dict) and part.get("type") == "text"]
         images = [list(im.size) for im in (mm or {}).get("image", [])]
-        parsed.append({"roles": [c["role"] for c in conv], "images": images, "texts": texts})
+        parsed.append({"roles": [c["role"] for c in conv], "images": images, "texts": texts,
+                       "videos": [_video(v) for v in (mm or {}).get("video", [])]})
     out["parsed"] = parsed
     out["other_vlms"] = {}
     for name, (engine_kw, conversation) in others.items():
         other = EngineArgs(**engine_kw).create_model_config()
         _, mm, _ = parse_chat_messages(conversation, other, "openai")
         out["other_vlms"][name] = {"architectures": list(other.hf_config.architectures),
-                                   "images": len((mm or {}).get("image", []))}
+                                   "images": len((mm or {}).get("image", [])),
+                                   "videos": [_video(v) for v in (mm or {}).get("video", [])]}
 
     from vllm.v1.structured_output.backend_guidance import GuidanceBackend
     from vllm.v1.structured_output.backend_types import StructuredOutputOptions

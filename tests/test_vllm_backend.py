@@ -32,6 +32,7 @@ class _StandInVllm(types.ModuleType):
     def __init__(self, reply):
         super().__init__("vllm")
         self.reply, self.engines, self.calls = reply, [], []
+        self.architectures: list[str] = []  # what the loaded model says it is (LLM.model_config.hf_config)
         mod = self
 
         class SamplingParams:
@@ -45,6 +46,8 @@ class _StandInVllm(types.ModuleType):
         class LLM:
             def __init__(self, **kw):
                 mod.engines.append(kw)
+                self.model_config = types.SimpleNamespace(
+                    hf_config=types.SimpleNamespace(architectures=list(mod.architectures)))
 
             def chat(self, messages, params, use_tqdm=True):
                 mod.calls.append((messages, params))
@@ -121,6 +124,40 @@ def test_vlm_messages_cache_and_per_item_failures(stand_in, tmp_path):
     assert "structured_outputs" not in params[0].kw and params[1].kw["structured_outputs"].json == {"type": "object"}
     again = vlm.generate([reqs[0], reqs[2]])
     assert [r.cached for r in again] == [True, True] and len(mod.calls) == 1  # served from the response cache
+
+
+def test_a_qwen_vlm_gets_a_frame_list_as_one_video(stand_in):
+    """On a model vLLM feeds video (Qwen2-VL / Qwen2.5-VL, by the architecture the engine loaded), a frame list is
+    one ``video_url`` of base64 JPEG frames (vLLM's data:video/jpeg form) at the spec's video_fps, as the
+    transformers backend gives it as one video; a single image stays an image; frames of two sizes are that
+    item's error."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from experts.vlm import VlmRequest, VlmSpec, load_vlm
+
+    mod = stand_in(lambda messages, params: "it moves")
+    mod.architectures = ["Qwen2VLForConditionalGeneration"]
+    vlm = load_vlm(VlmSpec(model_id="Qwen/Qwen2-VL-7B-Instruct", backend="vllm", video_fps=4.0))
+    frames = tuple(np.full((16, 24, 3), 40 * i, np.uint8) for i in range(3))
+    video, still, mixed = vlm.generate([
+        VlmRequest("How does it move?", images=frames, as_video=True),
+        VlmRequest("Is it there?", images=frames[:1], as_video=True),
+        VlmRequest("And this?", images=(frames[0], np.zeros((8, 8, 3), np.uint8)), as_video=True)])
+    assert video.text == still.text == "it moves" and mixed.error and "share one size" in mixed.error
+    assert mod.engines[0]["media_io_kwargs"] == {"video": {"num_frames": -1, "fps": 4.0}}
+    (video_msgs, still_msgs), _ = mod.calls[0]
+    part, text = video_msgs[-1]["content"]
+    assert part["type"] == "video_url" and text == {"type": "text", "text": "How does it move?"}
+    head, payload = part["video_url"]["url"].split(",", 1)
+    assert head == "data:video/jpeg;base64"
+    decoded = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in payload.split(",")]
+    assert [d.shape for d in decoded] == [(16, 24, 3)] * 3
+    # JPEG is lossy: flat frames come back within a few levels of 0, 40, 80
+    assert [round(float(d.mean())) for d in decoded] == pytest.approx([0, 40, 80], abs=3)
+    assert [p["type"] for p in still_msgs[-1]["content"]] == ["image_url", "text"]
 
 
 def test_a_dead_engine_fails_the_call_and_the_next_load_builds_a_new_one(stand_in, monkeypatch):
@@ -200,12 +237,14 @@ def test_against_vllms_own_code(tmp_path):
     assert out["lm_max_model_len"] == 2048
     assert out["structured_outputs_config"] == {"backend": "guidance", "disable_any_whitespace": True}
     video, still = out["parsed"]
-    assert video["roles"] == ["user"] and len(video["images"]) == 3 and video["texts"][-1] == "How does it move?"
-    assert "3 images are frames of one video" in video["texts"][0]
-    assert still["roles"] == ["system", "user"] and still["images"] == [[64, 48]]
-    assert out["other_vlms"] == {
-        "qwen2_5_vl": {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "images": 2},
-        "internvl": {"architectures": ["InternVLForConditionalGeneration"], "images": 2}}
+    # Qwen2-VL: the 3 frames reach vLLM as one video (frames x height x width x RGB) at the spec's video_fps
+    assert video["roles"] == ["user"] and video["images"] == [] and video["texts"] == ["How does it move?"]
+    assert video["videos"] == [{"shape": [3, 48, 64, 3], "fps": 2.0}]
+    assert still["roles"] == ["system", "user"] and still["images"] == [[64, 48]] and still["videos"] == []
+    assert out["other_vlms"] == {  # Qwen2.5-VL takes video too; InternVL gets the frames as images
+        "qwen2_5_vl": {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "images": 0,
+                       "videos": [{"shape": [2, 48, 64, 3], "fps": 2.0}]},
+        "internvl": {"architectures": ["InternVLForConditionalGeneration"], "images": 2, "videos": []}}
     for name, res in out["schemas"].items():
         assert res["auto_backend"] == "xgrammar", (name, res)  # what vLLM picks by itself for our schemas
         assert res["served"] == {"json_is_schema": True, "seed": 5, "max_tokens": 64, "backend": "xgrammar"}, res
@@ -318,7 +357,8 @@ def test_engine_options_reach_vllm_and_only_quantization_is_in_the_config_hash(s
     assert mod.engines[0] == {"model": "Qwen/Qwen2-VL-7B-Instruct", "revision": None, "dtype": "auto",
                               "limit_mm_per_prompt": {"image": 64, "video": 1},
                               "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-                              "gpu_memory_utilization": 0.3, "max_model_len": 8192, "tensor_parallel_size": 2}
+                              "gpu_memory_utilization": 0.3, "max_model_len": 8192, "tensor_parallel_size": 2,
+                              "media_io_kwargs": {"video": {"num_frames": -1, "fps": 2.0}}}  # VlmSpec.video_fps
     load_vlm(VlmSpec(model_id="Qwen/Qwen2-VL-7B-Instruct", backend="vllm")).generate([VlmRequest("describe")])
     assert len(mod.engines) == 2 and "gpu_memory_utilization" not in mod.engines[1]  # vLLM's default there
 
