@@ -19,6 +19,7 @@ requests/s on the same model and GPU; a CPU run gives a CPU figure, which says n
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -130,7 +131,7 @@ def child(args) -> dict:
            "walls_s": [round(w, 2) for w in walls], "requests_per_s": round(len(reqs) / wall, 3),
            "new_tokens_per_s": round(len(reqs) * args.new_tokens / wall, 1)}
     if args.child == "vllm":  # every reply should have run to --new-tokens
-        out["finish_reasons"] = {r: finish.reasons.count(r) for r in sorted(set(map(str, finish.reasons)))}
+        out["finish_reasons"] = dict(sorted(collections.Counter(map(str, finish.reasons)).items()))
     return out
 
 

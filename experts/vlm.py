@@ -253,6 +253,15 @@ class _Prepared:
     json_schema: dict | None = None
 
 
+def video_frames(images: Any) -> list[np.ndarray]:
+    """A frame list as RGB uint8 frames of one size (a video has one frame size; both in-process backends
+    refuse a list that mixes sizes, which makes it that item's error)."""
+    frames = [as_rgb_uint8(im) for im in images]
+    if len({f.shape for f in frames}) > 1:
+        raise ValueError(f"video frames must share one size, got {sorted({f.shape for f in frames})}")
+    return frames
+
+
 class _TransformersVlm:
     def __init__(self, spec: VlmSpec, loaded: tuple[Any, Any] | None = None, name: str | None = None) -> None:
         self.spec = spec
@@ -264,18 +273,15 @@ class _TransformersVlm:
             self.model, self.processor = loaded
 
     def _prepare(self, req: VlmRequest) -> _Prepared:
-        frames = [as_rgb_uint8(im) for im in req.images]
         content: list[dict] = []
         images: list[np.ndarray] = []
         video = None
-        if req.as_video and frames:
-            if len({f.shape for f in frames}) != 1:
-                raise ValueError(f"video frames must share one size, got {sorted({f.shape for f in frames})}")
-            video = np.stack(frames)
+        if req.as_video and req.images:
+            video = np.stack(video_frames(req.images))
             content.append({"type": "video"})
         else:
-            images = frames
-            content.extend({"type": "image"} for _ in frames)
+            images = [as_rgb_uint8(im) for im in req.images]
+            content.extend({"type": "image"} for _ in images)
         content.append({"type": "text", "text": req.text})
         system = req.system
         if req.json_schema is not None:
@@ -354,24 +360,18 @@ def openai_messages(spec: VlmSpec, req: VlmRequest, schema_in_prompt: bool, nati
     half the tokens of the same frames as images)."""
     content: list[dict] = []
     if native_video and req.as_video and len(req.images) > 1:
-        frames = [as_rgb_uint8(im) for im in req.images]
-        if len({f.shape for f in frames}) != 1:
-            raise ValueError(f"video frames must share one size, got {sorted({f.shape for f in frames})}")
-        urls = [encode_image_data_url(f, quality=spec.jpeg_quality, max_side_px=spec.max_image_side_px) for f in frames]
+        urls = [encode_image_data_url(f, quality=spec.jpeg_quality, max_side_px=spec.max_image_side_px)
+                for f in video_frames(req.images)]
         jpegs = [u.split(",", 1)[1] for u in urls]  # the base64 part of each data:image/jpeg URL
         content.append({"type": "video_url", "video_url": {"url": "data:video/jpeg;base64," + ",".join(jpegs)}})
-        content.append({"type": "text", "text": req.text})
-        return _with_system(content, req, schema_in_prompt)
-    if req.as_video and len(req.images) > 1:
-        content.append({"type": "text", "text": f"The following {len(req.images)} images are frames of one video, in temporal order."})
-    for im in req.images:
-        url = encode_image_data_url(as_rgb_uint8(im), quality=spec.jpeg_quality, max_side_px=spec.max_image_side_px)
-        content.append({"type": "image_url", "image_url": {"url": url}})
+    else:
+        if req.as_video and len(req.images) > 1:
+            line = f"The following {len(req.images)} images are frames of one video, in temporal order."
+            content.append({"type": "text", "text": line})
+        for im in req.images:
+            url = encode_image_data_url(as_rgb_uint8(im), quality=spec.jpeg_quality, max_side_px=spec.max_image_side_px)
+            content.append({"type": "image_url", "image_url": {"url": url}})
     content.append({"type": "text", "text": req.text})
-    return _with_system(content, req, schema_in_prompt)
-
-
-def _with_system(content: list[dict], req: VlmRequest, schema_in_prompt: bool) -> list[dict]:
     system = req.system
     if req.json_schema is not None and schema_in_prompt:
         system = f"{system}\n\n{schema_instruction(req.json_schema)}" if system else schema_instruction(req.json_schema)

@@ -38,7 +38,7 @@ NOT_HASHED = "<not hashed>"
 def _without_unhashed(data: Any) -> Any:
     """``data`` (a JSON dump) less every mapping entry whose value is NOT_HASHED, at any depth."""
     if isinstance(data, dict):
-        return {k: _without_unhashed(v) for k, v in data.items() if not (isinstance(v, str) and v == NOT_HASHED)}
+        return {k: _without_unhashed(v) for k, v in data.items() if v != NOT_HASHED}
     if isinstance(data, list):
         return [_without_unhashed(v) for v in data]
     return data

