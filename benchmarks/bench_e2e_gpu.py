@@ -63,6 +63,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_chat_backends, however this script is started
 
 COMMON = ("ingest", "scenes")
 BRANCHES = {
@@ -75,9 +76,7 @@ SHAPES = {
                                   num_key_value_heads=4), vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16)),
     "qwen2_vl_72b": dict(text=dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
                                    num_key_value_heads=8), vision=dict(depth=32, embed_dim=1280, hidden_size=8192, num_heads=16)),
-    "qwen2_5_7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4),
-}
+}  # qgen's LLM: Qwen2.5-7B-Instruct, bench_chat_backends' "7b" shape
 VOCAB = 152064
 
 
@@ -190,14 +189,13 @@ def build_vlm(out: Path, shape: str, device: str = "cuda") -> None:
 
 def build_llm(out: Path, device: str = "cuda") -> None:
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from bench_chat_backends import config as qwen2_5_config  # the published Qwen2.5 shapes, in one place
+    from transformers import Qwen2ForCausalLM
 
     if (out / "config.json").exists():
         return
     tok = _tokenizer()
-    ids = tok.convert_tokens_to_ids
-    cfg = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, rope_theta=1e6, **SHAPES["qwen2_5_7b"],
-                      bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    cfg = qwen2_5_config("7b", tok)
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     model.generation_config.eos_token_id = None
