@@ -194,6 +194,42 @@ def encode_image_data_url(image: Any, *, quality: int = 90, max_side_px: int | N
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def encode_video_data_url(frames: Any, fps: float, *, crf: int = 18, max_side_px: int | None = None) -> str:
+    """Encode frames of one size (RGB uint8, in order) as an H.264 MP4 in a ``data:video/mp4`` URL: constant frame
+    rate ``fps`` (so a server's decoder reads the frames' times from the container), yuv420p (what every decoder
+    takes; it needs an even width and height, so an odd last row or column is cropped), ``crf`` 18 (near lossless).
+    With ``max_side_px`` the frames are first downscaled so their longer side fits it."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+    from PIL import Image
+
+    arrs = [np.asarray(f) for f in frames]
+    if not arrs:
+        raise ValueError("a video needs at least one frame")
+    if len({a.shape for a in arrs}) != 1 or arrs[0].ndim != 3 or arrs[0].shape[2] != 3 or arrs[0].dtype != np.uint8:
+        raise ValueError(f"video frames must be RGB uint8 arrays of one size, got {sorted({(a.shape, str(a.dtype)) for a in arrs})}")
+    h, w = arrs[0].shape[:2]
+    if max_side_px and max(h, w) > max_side_px:
+        scale = max_side_px / max(h, w)
+        size = (max(2, round(w * scale)), max(2, round(h * scale)))
+        arrs = [np.asarray(Image.fromarray(a).resize(size, Image.BICUBIC)) for a in arrs]
+        h, w = arrs[0].shape[:2]
+    h, w = h - h % 2, w - w % 2
+    if h < 2 or w < 2:
+        raise ValueError(f"video frames of {arrs[0].shape[1]}x{arrs[0].shape[0]} px are too small to encode")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for a in arrs:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a[:h, :w]), format="rgb24")))
+        out.mux(stream.encode())
+    return "data:video/mp4;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def response_format_for(schema: dict, *, strict: bool) -> dict:
     """OpenAI's ``response_format`` for a JSON schema; with ``strict`` the schema is sent in the strict form
     (:func:`strict_json_schema`), which OpenAI requires for strict structured outputs."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -35,7 +35,8 @@ from experts.llm import (
     schema_instruction,
     tiny_text_config_kwargs,
 )
-from experts.openai_compat import ChatCall, ChatSpec, OpenAICompatClient, ResponseCacheLike, encode_image_data_url
+from experts.openai_compat import (ChatCall, ChatSpec, OpenAICompatClient, ResponseCacheLike, encode_image_data_url,
+                                   encode_video_data_url)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,14 @@ class VlmSpec(ChatSpec):
 
     jpeg_quality: int = Field(90, ge=1, le=100)  # openai: data-URL encoding
     max_image_side_px: int | None = Field(None, ge=16)  # openai: downscale before encoding (cost control)
-    video_fps: float = Field(2.0, gt=0)  # transformers: sampling rate of the frames given as a video
+    video_fps: float = Field(2.0, gt=0)  # the rate of frame lists given as a video (their metadata / the MP4's rate)
+    # openai: how a frame list given as a video reaches the endpoint. "images": one image part per frame, after a line
+    # saying they are frames of one video (any endpoint that takes images: GPT-4o, ...). "mp4": one video_url part, an
+    # H.264 MP4 at video_fps (experts.openai_compat.encode_video_data_url), which vLLM and SGLang servers decode as one
+    # video, so a Qwen2-VL served there sees what the in-process backends give it (3D patches over pairs of frames).
+    # Those servers keep at most 2 frames a second of a Qwen-VL's video: leave video_fps at 2 or below for them.
+    # Dumped only when set, so configs written before the field existed dump (and hash) as they did.
+    endpoint_video: Literal["images", "mp4"] = Field("images", exclude_if=lambda v: v == "images")
 
 
 @dataclass(frozen=True)
@@ -350,22 +358,37 @@ class _TransformersVlm:
 # ----------------------------------------------------------------------------------------------------------
 # OpenAI-compatible backend
 # ----------------------------------------------------------------------------------------------------------
-def openai_messages(spec: VlmSpec, req: VlmRequest, schema_in_prompt: bool, native_video: bool = False) -> list[dict]:
-    """OpenAI-format chat messages of a request (images as JPEG data URLs; a frame list preceded by the line
-    saying it is one video), shared by the endpoint and the in-process vLLM backends.
+def openai_messages(spec: VlmSpec, req: VlmRequest, schema_in_prompt: bool,
+                    video: Literal["images", "jpeg_frames", "mp4"] = "images") -> list[dict]:
+    """OpenAI-format chat messages of a request, shared by the endpoint and the in-process vLLM backends. Images go
+    as JPEG data URLs; a frame list given as a video goes in the ``video`` form:
 
-    ``native_video`` (in-process vLLM on a model that takes video): a frame list becomes one ``video_url`` part,
-    the frames as comma-separated base64 JPEGs in a ``data:video/jpeg`` URL (vLLM's own frame-list form), so the
-    model sees one video as the transformers backend gives it (Qwen2-VL: 3D patches over pairs of frames, about
-    half the tokens of the same frames as images)."""
+    * ``images``: one image part per frame, after a line saying they are frames of one video;
+    * ``jpeg_frames`` (in-process vLLM on a model that takes video): one ``video_url`` part, the frames as
+      comma-separated base64 JPEGs in a ``data:video/jpeg`` URL, vLLM's own frame-list form, the rate from the
+      engine's ``media_io_kwargs``;
+    * ``mp4`` (``VlmSpec.endpoint_video``, for vLLM / SGLang servers): one ``video_url`` part, an H.264 MP4 at
+      ``spec.video_fps``. vLLM and SGLang sample a decoded video for a Qwen-VL by Qwen's rule (at most 2 frames a
+      second, an even number), so an odd frame list gets its last frame repeated, as Qwen-VL's processor pads it
+      in the transformers backend; at the default 2 fps every frame sent reaches the model.
+
+    In both video forms the model sees one video as the transformers backend gives it (Qwen2-VL: 3D patches over
+    pairs of frames, about half the tokens of the same frames as images)."""
     content: list[dict] = []
-    if native_video and req.as_video and len(req.images) > 1:
+    as_video = req.as_video and len(req.images) > 1
+    if as_video and video == "jpeg_frames":
         urls = [encode_image_data_url(f, quality=spec.jpeg_quality, max_side_px=spec.max_image_side_px)
                 for f in video_frames(req.images)]
         jpegs = [u.split(",", 1)[1] for u in urls]  # the base64 part of each data:image/jpeg URL
         content.append({"type": "video_url", "video_url": {"url": "data:video/jpeg;base64," + ",".join(jpegs)}})
+    elif as_video and video == "mp4":
+        frames = video_frames(req.images)
+        if len(frames) % 2:  # as Qwen-VL's processor pads: the servers' Qwen-VL sampling would drop the last frame
+            frames.append(frames[-1])
+        url = encode_video_data_url(frames, spec.video_fps, max_side_px=spec.max_image_side_px)
+        content.append({"type": "video_url", "video_url": {"url": url}})
     else:
-        if req.as_video and len(req.images) > 1:
+        if as_video:
             line = f"The following {len(req.images)} images are frames of one video, in temporal order."
             content.append({"type": "text", "text": line})
         for im in req.images:
@@ -392,11 +415,11 @@ class _VllmVlm:
     def run(self, requests: list[VlmRequest]) -> list[VlmResponse]:
         out: list[VlmResponse | None] = [None] * len(requests)
         index, calls = [], []
-        video = self.chat.takes_video()
+        video = "jpeg_frames" if self.chat.takes_video() else "images"
         for i, req in enumerate(requests):
             try:
                 n, temp = generation_params(self.spec, req.max_new_tokens, req.temperature)
-                calls.append((openai_messages(self.spec, req, schema_in_prompt=True, native_video=video), n, temp,
+                calls.append((openai_messages(self.spec, req, schema_in_prompt=True, video=video), n, temp,
                               req.json_schema))
                 index.append(i)
             except Exception as exc:  # an unreadable image fails its own item only
@@ -412,7 +435,8 @@ class _OpenAIVlm:
         self.client = OpenAICompatClient(spec, cache)
 
     def messages_for(self, req: VlmRequest) -> list[dict]:
-        return openai_messages(self.spec, req, schema_in_prompt=not self.spec.supports_json_schema)
+        return openai_messages(self.spec, req, schema_in_prompt=not self.spec.supports_json_schema,
+                               video=self.spec.endpoint_video)
 
     def run(self, requests: list[VlmRequest]) -> list[VlmResponse]:
         calls: list[ChatCall] = []

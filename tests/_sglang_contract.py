@@ -7,7 +7,10 @@ on CPU:
   as a string;
 * SGLang's default grammar backend (``XGrammarGrammarBackend``, with the xgrammar release SGLang pins) compiles
   that string for a tiny Qwen2 tokenizer, and its grammar object accepts a valid reply up to EOS and refuses an
-  invalid one.
+  invalid one;
+* a frame list our endpoint backend posts as one MP4 (``endpoint_video="mp4"``; the request built on our side) is
+  read by SGLang's request model, its ``video_url`` decoded by SGLang's own ``load_video`` and sampled by its
+  Qwen-VL video preprocessing, which picks frames by the video's rate: every frame we sent is kept.
 
 Prints one JSON line of results.
 
@@ -16,6 +19,7 @@ Prints one JSON line of results.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +67,25 @@ def main() -> None:
             res["bad_accepted"] = feed(backend.dispatch_json(params["json_schema"]),
                                        tok.encode(json.dumps(case["bad"]), add_special_tokens=False))
         out["schemas"][name] = res
+
+    import asyncio
+
+    from sglang.srt.multimodal.processors.qwen_vl import preprocess_video
+    from sglang.srt.utils.common import is_cpu, load_video
+
+    # SGLang's video decode pins its frames for a GPU (a driver needed) unless it runs as its CPU engine, and its
+    # multi-threaded decode pins them regardless: so the CPU engine's setting (taken here after the grammar checks,
+    # whose imports it would send to the CPU kernels; is_cpu caches its answer) and one decoding thread
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    is_cpu.cache_clear()
+
+    request = ChatCompletionRequest.model_validate(spec["mp4_body"])
+    [video_part] = [p for p in request.messages[0].content if p.type == "video_url"]
+    decoded = load_video(video_part.video_url.url, use_gpu=False)
+    decoded._num_decode_threads = 1
+    frames, meta = asyncio.run(preprocess_video(decoded, video_config={}))
+    out["mp4"] = {"decoded_frames": len(decoded), "fps": float(decoded.avg_fps), "kept_frames": int(frames.shape[0]),
+                  "metadata_fps": float(meta["fps"])}
     print(json.dumps(out))
 
 

@@ -8,7 +8,9 @@ vLLM's pins clash with ours). Checks our vLLM backend against vLLM's own code, o
   text checkpoints (the last with every ``vllm_engine`` option set), our structured-output settings make vLLM's
   ``StructuredOutputsConfig``, and the chat messages it sends parse with vLLM's own chat parser into the images
   and videos we sent (a frame list as one video on the Qwen models, whose architecture our backend reads from the
-  ``model_config`` vLLM builds; as images on InternVL);
+  ``model_config`` vLLM builds; as images on InternVL), and the MP4 our OpenAI-compatible backend posts for a frame
+  list (``endpoint_video="mp4"``) reads, as a server with vLLM's default media settings reads it, into every frame
+  at the spec's rate;
 * every JSON schema we decode against (passed in, built on our side) passes vLLM's request validation, which
   names the backend vLLM's "auto" choice takes, both as our in-process backend hands it over and as the request
   body our OpenAI-compatible backend posts (``response_format``) reaches a vLLM server's request model; and it
@@ -108,6 +110,13 @@ def main() -> None:
         parsed.append({"roles": [c["role"] for c in conv], "images": images, "texts": texts,
                        "videos": [_video(v) for v in (mm or {}).get("video", [])]})
     out["parsed"] = parsed
+    # what our endpoint backend posts for a frame list with endpoint_video="mp4", as a vLLM server started without
+    # media options reads it (an engine with vLLM's defaults: no media_io_kwargs of ours)
+    # (built on our side: PyAV, which encodes it, is not in this venv)
+    served_mc = EngineArgs(model=str(vl_dir)).create_model_config()
+    _, mm, _ = parse_chat_messages(spec["mp4_messages"], served_mc, "openai")
+    out["served_mp4"] = {"images": len((mm or {}).get("image", [])),
+                         "videos": [_video(v) for v in (mm or {}).get("video", [])]}
     out["other_vlms"] = {}
     for name, (engine_kw, conversation) in others.items():
         other = EngineArgs(**engine_kw).create_model_config()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from pydantic import BaseModel, Field
 
@@ -266,8 +267,20 @@ SGLANG_PYTHON = os.environ.get("MOTIONFORGE_SGLANG_PYTHON")
 def test_against_sglangs_own_code(tmp_path):
     """The body our OpenAI-compatible backend posts with a JSON schema, read by an SGLang server's own request
     model, and every schema we decode against compiled by SGLang's default grammar backend with the xgrammar it
-    pins (tests/_sglang_contract.py, in SGLang's own venv; CPU is enough, no server is started)."""
-    out = run_contract(SGLANG_PYTHON, "_sglang_contract.py", {"schemas": schema_cases()}, tmp_path)
+    pins; a frame list posted as one MP4 decoded and sampled by SGLang's own video code (tests/_sglang_contract.py,
+    in SGLang's own venv; CPU is enough, no server is started)."""
+    from experts.vlm import VlmRequest, VlmSpec, openai_messages
+
+    frames = tuple(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(7))
+    mp4_spec = VlmSpec(model_id="tiny-vl", backend="openai", endpoint_video="mp4")
+    mp4_body = {"model": "tiny-vl", "max_tokens": 8, "messages": openai_messages(
+        mp4_spec, VlmRequest("How does it move?", images=frames, as_video=True), False, video="mp4")}
+    out = run_contract(SGLANG_PYTHON, "_sglang_contract.py", {"schemas": schema_cases(), "mp4_body": mp4_body},
+                       tmp_path)
+    # 7 frames, sent as 8 (the last repeated) at the spec's video_fps (2): SGLang's Qwen-VL sampling (an even count,
+    # at most 2 frames a second of the video) keeps them all; as 7 it would keep 6, and the same frames written at
+    # 25 fps would be cut to its minimum of 4
+    assert out["mp4"] == {"decoded_frames": 8, "fps": 2.0, "kept_frames": 8, "metadata_fps": 2.0}, out["mp4"]
     assert out["schemas"], out
     for name, res in out["schemas"].items():
         assert res == {"json_is_schema": True, "seed": 5, "max_new_tokens": 64, "good_accepted": True,

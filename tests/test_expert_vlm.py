@@ -147,6 +147,83 @@ def test_openai_images_and_video_frames(key):
     assert "3 images are frames of one video" in vparts[0]["text"]
 
 
+def _moving_square(n: int, h: int, w: int) -> tuple[np.ndarray, ...]:
+    """Smooth frames (a horizontal gradient) with a white 8x8 square moving 5 px right per frame."""
+    base = np.repeat(np.linspace(40, 160, w, dtype=np.float32)[None, :, None], 3, axis=2)
+    frames = []
+    for i in range(n):
+        f = np.repeat(base, h, axis=0)
+        f[10:18, 4 + 5 * i:12 + 5 * i] = 255
+        frames.append(f.astype(np.uint8))
+    return tuple(frames)
+
+
+def _read_mp4(url: str, tmp_path) -> tuple[float, list[np.ndarray]]:
+    """An MP4 data URL read as vLLM's OpenAI server reads a video by default (OpenCV): its rate and frames (RGB)."""
+    import cv2
+
+    assert url.startswith("data:video/mp4;base64,")
+    path = tmp_path / "sent.mp4"
+    path.write_bytes(base64.b64decode(url.split(",", 1)[1]))
+    cap = cv2.VideoCapture(str(path))
+    fps, frames = cap.get(cv2.CAP_PROP_FPS), []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(bgr[:, :, ::-1])
+    cap.release()
+    return fps, frames
+
+
+def test_openai_video_as_one_mp4(key, tmp_path):
+    """endpoint_video="mp4": a frame list goes as one video_url part (for vLLM / SGLang servers, which decode it as a
+    video), an H.264 MP4 at the spec's video_fps, read back with OpenCV (vLLM's default video reader): every frame in
+    order at that rate, an odd height cropped to even, the motion where it was, and an odd count padded with the
+    last frame (Qwen-VL's rule, which the servers apply). A single frame stays an image, and frames of different
+    sizes fail their own item."""
+    frames = _moving_square(5, 41, 50)
+    rng = np.random.default_rng(5)
+    with FakeOpenAIServer() as srv:
+        vlm = openai_vlm(srv, endpoint_video="mp4", video_fps=3.0)
+        small = openai_vlm(srv, endpoint_video="mp4", max_image_side_px=24)
+        try:
+            res = vlm.generate([VlmRequest("How does it move?", images=frames, as_video=True),
+                                VlmRequest("One frame.", images=frames[:1], as_video=True),
+                                VlmRequest("Bad.", images=(frames[0], _img(rng, 20, 20)), as_video=True)])
+            [shrunk] = small.generate([VlmRequest("Smaller.", images=frames, as_video=True)])
+        finally:
+            vlm.close()
+            small.close()
+    assert res[0].error is None and res[1].error is None and shrunk.error is None
+    assert res[2].text is None and "one size" in res[2].error
+    sent = {r["messages"][0]["content"][-1]["text"]: r["messages"][0]["content"] for r in srv.requests}
+    assert sorted(sent) == ["How does it move?", "One frame.", "Smaller."]  # the bad item never went out
+    parts = sent["How does it move?"]
+    assert [p["type"] for p in parts] == ["video_url", "text"]  # no "frames of one video" line: it is a video
+    fps, got = _read_mp4(parts[0]["video_url"]["url"], tmp_path)
+    assert fps == 3.0 and len(got) == 6 and got[0].shape == (40, 50, 3)  # 5 frames and a repeat of the last
+    for sent_frame, read in zip(frames + frames[-1:], got):
+        # H.264 at crf 18 on smooth frames: a few levels of error on average, far below the square's contrast
+        assert np.abs(read.astype(int) - sent_frame[:40].astype(int)).mean() < 4
+    assert [int(np.argmax(f[14].mean(axis=1) > 230)) for f in got] == [4, 9, 14, 19, 24, 24]  # the square's left edge
+    assert [p["type"] for p in sent["One frame."]] == ["image_url", "text"]
+    _, got = _read_mp4(sent["Smaller."][0]["video_url"]["url"], tmp_path)
+    assert len(got) == 6 and got[0].shape == (20, 24, 3)  # max_image_side_px: 50x41 -> 24x20
+
+
+def test_openai_video_form_is_in_the_config_hash_only_when_set():
+    """Configs written before endpoint_video existed dump and hash as before; "mp4" changes what the model is sent,
+    so it changes a stage's config hash."""
+    from stages.imove_it.check import CheckConfig
+
+    base = CheckConfig()
+    assert "endpoint_video" not in base.model_dump()["vlm"]
+    mp4 = CheckConfig(vlm=base.vlm.model_copy(update={"endpoint_video": "mp4"}))
+    assert CheckConfig.model_validate(mp4.model_dump()) == mp4 and mp4.config_hash() != base.config_hash()
+    assert CheckConfig(vlm=base.vlm.model_copy(update={"endpoint_video": "images"})).config_hash() == base.config_hash()
+
+
 def test_openai_json_schema_and_cache(key, tmp_path):
     schema = {"title": "Verdict", "type": "object", "properties": {"correct": {"type": "boolean"}}, "required": ["correct"]}
     cache = ResponseCache(str(tmp_path))

