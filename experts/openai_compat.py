@@ -198,7 +198,10 @@ def encode_video_data_url(frames: Any, fps: float, *, crf: int = 18, max_side_px
     """Encode frames of one size (RGB uint8, in order) as an H.264 MP4 in a ``data:video/mp4`` URL: constant frame
     rate ``fps`` (so a server's decoder reads the frames' times from the container), yuv420p (what every decoder
     takes; it needs an even width and height, so an odd last row or column is cropped), ``crf`` 18 (near lossless).
-    With ``max_side_px`` the frames are first downscaled so their longer side fits it."""
+    With ``max_side_px`` the frames are first downscaled so their longer side fits it.
+
+    x264's ``ultrafast`` preset: the worker encodes one MP4 per request, and for 16 frames of 640x272 it took 24 ms
+    of CPU (228 kB) against 62 ms with ``veryfast`` (113 kB); 16 JPEGs of the same frames took 9 ms (319 kB)."""
     from fractions import Fraction
 
     import av
@@ -223,7 +226,7 @@ def encode_video_data_url(frames: Any, fps: float, *, crf: int = 18, max_side_px
     with av.open(buf, "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        stream.options = {"crf": str(crf), "preset": "ultrafast"}
         for a in arrs:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a[:h, :w]), format="rgb24")))
         out.mux(stream.encode())

@@ -86,3 +86,30 @@ def test_child_reports_vllms_finish_reasons_and_never_serves_from_cache(bench, t
     assert [len(messages) for messages, _ in mod.calls] == [2, 5, 5]  # warm-up, then two full timed calls
     assert out["finish_reasons"] == {"stop": 10}  # the stand-in's replies, both timed calls
     assert mod.engines[0]["gpu_memory_utilization"] == 0.3 and mod.engines[0]["max_model_len"] == 2048
+
+
+def test_child_serves_through_our_endpoint_backend_with_the_engine_flags(bench, tmp_path, monkeypatch):
+    """The ``server`` child: the launcher gets the in-process engine's settings as vLLM server flags, and our
+    endpoint backend sends every request of every timed call (here to the loopback stand-in server,
+    tests/_fake_openai_server.py, in place of vLLM's), each reply's finish reason in the report."""
+    import contextlib
+
+    try:
+        from tests._fake_openai_server import FakeOpenAIServer
+    except ImportError:
+        from _fake_openai_server import FakeOpenAIServer
+
+    launched = []
+    with FakeOpenAIServer() as srv:
+        @contextlib.contextmanager
+        def stand_in(python, model, name, flags, log_path):
+            launched.append((model, name, flags))
+            yield srv.base_url
+
+        monkeypatch.setattr(bench, "vllm_server", stand_in)
+        out = bench.child(_args(child="server", model=tmp_path, enforce_eager=True))
+    assert launched == [(str(tmp_path), "bench", ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.3",
+                                                  "--max-model-len", "2048", "--enforce-eager"])]
+    assert len(srv.requests) == 2 + 2 * 5  # warm-up, then two full timed calls: nothing served from a cache
+    assert {r["model"] for r in srv.requests} == {"bench"} and {r["max_tokens"] for r in srv.requests} == {4}
+    assert out["errors"] == 0 and out["finish_reasons"] == {"stop": 10} and len(out["walls_s"]) == 2

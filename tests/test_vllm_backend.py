@@ -436,43 +436,21 @@ def test_both_branches_with_the_chat_stages_on_vllm_engines(tmp_path):
 
 @contextlib.contextmanager
 def _vllm_server(model: str, tmp_path):
-    """vLLM's own OpenAI-compatible server (vLLM's CPU build, in its venv) serving ``model`` as "tiny-vl" on a free
-    loopback port, started as docs/gpu_stages.md says (compact structured output); yields its base URL, and is
-    stopped (its whole process group) on the way out."""
-    import signal
-    import socket
-    import subprocess
-    import time
-    import urllib.request
+    """vLLM's own OpenAI-compatible server (vLLM's CPU build, in its venv) serving ``model`` as "tiny-vl", started
+    as docs/gpu_stages.md says (compact structured output), by benchmarks/bench_chat_backends.py's launcher; yields
+    its base URL."""
+    try:
+        from tests._benchmarks import load_benchmark
+    except ImportError:
+        from _benchmarks import load_benchmark
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    opts, log_path = _cpu_engine_options(), tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [VLLM_ENGINE_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
-             "tiny-vl", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(opts["max_model_len"]),
-             "--enforce-eager", "--gpu-memory-utilization", str(opts["gpu_memory_utilization"]),
-             "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 600  # about 45 s on an idle 2-core host; much more under load
-            while True:
-                assert server.poll() is None, log_path.read_text()[-4000:]
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, log_path.read_text()[-4000:]
-                    time.sleep(2)
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+    opts = _cpu_engine_options()
+    flags = ["--max-model-len", str(opts["max_model_len"]), "--enforce-eager", "--gpu-memory-utilization",
+             str(opts["gpu_memory_utilization"]),
+             "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
+    with load_benchmark("bench_chat_backends").vllm_server(VLLM_ENGINE_PYTHON, model, "tiny-vl", flags,
+                                                           tmp_path / "server.log") as url:
+        yield url
 
 
 @pytest.mark.skipif(not VLLM_ENGINE_PYTHON, reason=(
