@@ -102,12 +102,23 @@ class _FinishReasons:
         self.reasons.append(value.get("finish_reason"))
 
 
+def server_flags(engine: dict) -> list[str]:
+    """vLLM engine arguments (the keyword arguments of ``vllm.LLM``, as a spec's ``vllm_engine`` holds them) as the
+    OpenAI server's command-line flags: ``max_model_len=2048`` is ``--max-model-len 2048``, ``True`` a bare flag, a
+    dict its JSON."""
+    flags = []
+    for key, value in engine.items():
+        flags.append("--" + key.replace("_", "-"))
+        if value is not True:
+            flags.append(json.dumps(value) if isinstance(value, dict) else str(value))
+    return flags
+
+
 @contextlib.contextmanager
-def vllm_server(python: str, model: str, name: str, engine_args: list[str], log_path: Path,
-                startup_s: float = 600):
+def vllm_server(python: str, model: str, name: str, engine: dict, log_path: Path, startup_s: float = 600):
     """vLLM's own OpenAI-compatible server (``python`` has vLLM) serving ``model`` as ``name`` on a free loopback
-    port, with ``engine_args`` (its command-line flags); yields its base URL and stops its whole process group on
-    the way out. The server's output goes to ``log_path``, whose tail a failed start raises with."""
+    port, with the engine arguments ``engine`` (:func:`server_flags`); yields its base URL and stops its whole
+    process group on the way out. The server's output goes to ``log_path``, whose tail a failed start raises with."""
     import signal
     import socket
     import urllib.request
@@ -118,7 +129,7 @@ def vllm_server(python: str, model: str, name: str, engine_args: list[str], log_
     with open(log_path, "w") as log:
         server = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                                    "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-                                   *engine_args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   *server_flags(engine)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + startup_s
             while True:
@@ -155,9 +166,7 @@ def child(args) -> dict:
     elif args.child == "vllm":
         spec["vllm_engine"] = engine
     else:  # the same engine settings, as the server's flags
-        flags = ["--dtype", "bfloat16", "--gpu-memory-utilization", str(engine["gpu_memory_utilization"]),
-                 "--max-model-len", str(engine["max_model_len"])] + (["--enforce-eager"] if args.enforce_eager else [])
-        url = stack.enter_context(vllm_server(sys.executable, str(args.model), "bench", flags,
+        url = stack.enter_context(vllm_server(sys.executable, str(args.model), "bench", {"dtype": "bfloat16", **engine},
                                               Path(tempfile.gettempdir()) / "bench_chat_backends_server.log"))
         spec.update(model_id="bench", backend="openai", base_url=url, api_key_env=None,
                     max_concurrency=max(1, args.requests), timeout_s=3600)

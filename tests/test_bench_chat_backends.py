@@ -102,8 +102,8 @@ def test_child_serves_through_our_endpoint_backend_with_the_engine_flags(bench, 
     launched = []
     with FakeOpenAIServer() as srv:
         @contextlib.contextmanager
-        def stand_in(python, model, name, flags, log_path):
-            launched.append((model, name, flags))
+        def stand_in(python, model, name, engine, log_path):
+            launched.append((model, name, bench.server_flags(engine)))
             yield srv.base_url
 
         monkeypatch.setattr(bench, "vllm_server", stand_in)
@@ -113,3 +113,12 @@ def test_child_serves_through_our_endpoint_backend_with_the_engine_flags(bench, 
     assert len(srv.requests) == 2 + 2 * 5  # warm-up, then two full timed calls: nothing served from a cache
     assert {r["model"] for r in srv.requests} == {"bench"} and {r["max_tokens"] for r in srv.requests} == {4}
     assert out["errors"] == 0 and out["finish_reasons"] == {"stop": 10} and len(out["walls_s"]) == 2
+
+
+def test_server_flags_are_the_engine_arguments_as_vllms_command_line(bench):
+    """An engine argument ``a_b=v`` is vLLM's ``--a-b v``; ``True`` a bare switch; a dict (a config group such as
+    ``structured_outputs_config``) its JSON, as vLLM's server parses those."""
+    assert bench.server_flags({"max_model_len": 4096, "enforce_eager": True, "gpu_memory_utilization": 0.1,
+                               "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}) \
+        == ["--max-model-len", "4096", "--enforce-eager", "--gpu-memory-utilization", "0.1",
+            "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']

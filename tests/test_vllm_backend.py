@@ -444,11 +444,9 @@ def _vllm_server(model: str, tmp_path):
     except ImportError:
         from _benchmarks import load_benchmark
 
-    opts = _cpu_engine_options()
-    flags = ["--max-model-len", str(opts["max_model_len"]), "--enforce-eager", "--gpu-memory-utilization",
-             str(opts["gpu_memory_utilization"]),
-             "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
-    with load_benchmark("bench_chat_backends").vllm_server(VLLM_ENGINE_PYTHON, model, "tiny-vl", flags,
+    engine = {**_cpu_engine_options(),
+              "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
+    with load_benchmark("bench_chat_backends").vllm_server(VLLM_ENGINE_PYTHON, model, "tiny-vl", engine,
                                                            tmp_path / "server.log") as url:
         yield url
 
