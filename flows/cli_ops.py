@@ -96,22 +96,35 @@ def runs_cmd(
     print_runs(data, Console())
 
 
+SHOWN_PER_RUN = 10  # shards listed per flow run in the table, and failure messages printed per run
+
+
+def _more(n: int) -> str:
+    return f" ... and {n} more (--json lists all)" if n > 0 else ""
+
+
 def print_runs(data: dict, out: Console) -> None:
-    """Render :func:`flows.server_status.server_runs` (also usable from ``motionforge status``)."""
+    """Render :func:`flows.server_status.server_runs` (also usable from ``motionforge status``): per flow run the
+    first :data:`SHOWN_PER_RUN` shards not done, and as many failure messages (a bad config can fail every shard
+    of a stage, thousands of them)."""
     t = Table(title=f"Prefect flow runs ({data['api_url']})")
     t.add_column("flow run")
     for col in ("flow", "state", "started"):
         t.add_column(col, no_wrap=True)
     t.add_column("stage shards not done")
     for r in data["runs"]:
-        shards = ", ".join(f"{x['stage']} / shard {x['shard']:05d}: {x['state']}" for x in r["task_runs"])
-        t.add_row(escape(r["flow_run"]), r["flow"].removeprefix("motionforge-"), r["state"], (r["start_time"] or "")[:19], escape(shards) or "-")
+        runs = r["task_runs"]
+        shards = ", ".join(f"{x['stage']} / shard {x['shard']:05d}: {x['state']}" for x in runs[:SHOWN_PER_RUN])
+        t.add_row(escape(r["flow_run"]), r["flow"].removeprefix("motionforge-"), r["state"], (r["start_time"] or "")[:19],
+                  escape(shards + _more(len(runs) - SHOWN_PER_RUN)) or "-")
     out.print(t)
     for r in data["runs"]:
-        for x in r["task_runs"]:
-            if x["message"] and x["state"] in ("Failed", "Crashed"):
-                out.print(f"  {escape(r['flow_run'])}: {x['stage']} / shard {x['shard']:05d}: {escape(x['message'])}",
-                          soft_wrap=True)
+        failed = [x for x in r["task_runs"] if x["message"] and x["state"] in ("Failed", "Crashed")]
+        for x in failed[:SHOWN_PER_RUN]:
+            out.print(f"  {escape(r['flow_run'])}: {x['stage']} / shard {x['shard']:05d}: {escape(x['message'])}",
+                      soft_wrap=True)
+        if len(failed) > SHOWN_PER_RUN:
+            out.print(f"  {escape(r['flow_run'])}:{escape(_more(len(failed) - SHOWN_PER_RUN))}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

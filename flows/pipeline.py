@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import os
 import re
 import socket
@@ -34,6 +33,7 @@ from prefect.utilities.annotations import quote  # noqa: E402
 
 from experts.base import WeightsNotFoundError  # noqa: E402
 from flows.config import RuntimeConfig, load_pipeline_config, pipeline_model  # noqa: E402
+from flows.server_status import ROOT_TAG_PREFIX, root_tag  # noqa: E402
 from stages import ingest as ingest_stage  # noqa: E402
 from stages.base import Resources  # noqa: E402
 from stages.registry import available_stages, get_stage, order  # noqa: E402
@@ -48,9 +48,6 @@ NOT_RETRIED = (InputsNotReadyError, WeightsNotFoundError, ValueError, TypeError,
 # Set on a GPU node's worker (``MOTIONFORGE_GPU_LIMIT=motionforge-gpu-node1 prefect worker start ...``) so the flow
 # runs it starts take that node's GPU slots when the config names no limit (docs/cluster.md).
 GPU_LIMIT_ENV = "MOTIONFORGE_GPU_LIMIT"
-# Every flow run working on an output root carries this tag plus a digest of the root's resolved URL (see
-# :func:`root_tag`), so the run holding the root's lock can find the runs that died on it (:func:`mark_root_runs_crashed`).
-ROOT_TAG_PREFIX = "motionforge-root:"
 
 # The deployment's parameter schema is built from these annotations: the pipeline config model renders as a
 # form in the Prefect UI, and the stage name of ``rerun_stage`` as a drop-down.
@@ -550,16 +547,6 @@ def mark_dead_run_crashed(holder: dict | None) -> str | None:
         return f"could not mark flow run {run_id} of the dead run as Crashed: {type(exc).__name__}: {exc}"
 
 
-def root_tag(out: str) -> str:
-    """The tag of every flow run (and its stage-graph subflow run) working on the output root ``out``:
-    a digest of the root's URL as :class:`OutputRoot` normalises it, with symlinks resolved for a local path, so
-    every spelling of one root gives one tag and two roots never share one."""
-    url = normalise_root_url(out)
-    if "://" not in url:
-        url = os.path.realpath(url)
-    return ROOT_TAG_PREFIX + hashlib.sha256(url.encode()).hexdigest()[:16]
-
-
 PROCESS_LABEL = "motionforge.process"
 
 
@@ -607,16 +594,22 @@ def _alive_here(run) -> bool:
     return _alive(int(pid))
 
 
+UNFINISHED_STATE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]  # every state type but final ones
+
+
 def _crash_with_children(client, runs: list, msg: str) -> tuple[int, int]:
     """Set ``runs``, their unfinished subflow runs (any depth) and their unfinished task runs to Crashed."""
     from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId)
+        FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId, TaskRunFilterState,
+        TaskRunFilterStateType)
     from prefect.states import Crashed
+
+    from flows.prefect_api import read_all
 
     todo, seen = list(runs), {r.id for r in runs}
     frontier = [r.id for r in runs]
     while frontier:  # the stage graph is one level down; deeper nesting is followed too
-        kids = [k for k in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        kids = [k for k in read_all(client.read_flow_runs, flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))) if k.id not in seen]
         seen.update(k.id for k in kids)
         todo += kids
@@ -626,9 +619,11 @@ def _crash_with_children(client, runs: list, msg: str) -> tuple[int, int]:
         if r.state is None or not r.state.is_final():
             client.set_flow_run_state(r.id, Crashed(message=msg), force=True)
             marked += 1
-    tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
-        flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in todo])))
-    open_tasks = [t for t in tasks if t.state is None or not t.state.is_final()]
+    # Only the unfinished task runs, asked of the server and read page by page: the finished ones of a big run
+    # are tens of thousands, and the open ones can be anywhere among them.
+    open_tasks = read_all(client.read_task_runs, task_run_filter=TaskRunFilter(
+        flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in todo]),
+        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=UNFINISHED_STATE_TYPES))))
     for t in open_tasks:
         client.set_task_run_state(t.id, Crashed(message=msg), force=True)
     return marked, len(open_tasks)

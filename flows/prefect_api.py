@@ -109,3 +109,24 @@ def ensure_prefect_api(attempts: int = 2, server_factory: Callable[[], object] |
             server.stop()  # the half-started process goes, and the next factory() call makes a fresh server
             timeout *= 2
     raise PrefectApiUnavailable(advice(tried)) from last
+
+
+def read_all(read: Callable[..., list], most: int | None = None, **query) -> list:
+    """Every row a client ``read_*`` call (``read_task_runs``, ``read_flow_runs``) matches, page by page, or the
+    first ``most`` of them.
+
+    One read without a limit gets only the server's first page, ``PREFECT_SERVER_API_DEFAULT_LIMIT`` rows (200 by
+    default, and the most the server accepts), newest id first; one stage-graph run at scale has tens of
+    thousands of task runs. The page size is whatever the server gave for the first page; a row that moves a
+    page down while this reads (a newer row appeared) is kept once."""
+    rows, seen, offset, full = [], set(), 0, None
+    while True:
+        got = read(offset=offset, **query)
+        rows += [r for r in got if r.id not in seen]
+        seen.update(r.id for r in got)
+        full = len(got) if full is None else full
+        if most is not None and len(rows) >= most:
+            return rows[:most]
+        if not got or len(got) < full:
+            return rows
+        offset += len(got)

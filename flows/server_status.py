@@ -3,9 +3,17 @@ that are running, retrying or failed. Complements :func:`dashboards.status.root_
 output root and works offline."""
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from typing import Any
 
+from storage.root import normalise_root_url
+
+# Every flow run working on an output root carries this tag plus a digest of the root's resolved URL (see
+# :func:`root_tag`): the run holding the root's lock finds the runs that died on it by it
+# (``flows.pipeline.mark_root_runs_crashed``), and :func:`server_runs` a root's runs.
+ROOT_TAG_PREFIX = "motionforge-root:"
 FLOW_NAMES = ("motionforge-pipeline", "motionforge-rerun-stage", "motionforge-stages")
 _TASK_NAME = re.compile(r"^(?P<stage>[\w.-]+) / shard (?P<shard>\d+)$")
 # Task states worth showing: the rest (completed, scheduled) are what the root status already says.
@@ -22,19 +30,32 @@ def server_configured() -> str | None:
     return PREFECT_API_URL.value() or None
 
 
+def root_tag(out: str) -> str:
+    """The tag of every flow run (and its stage-graph subflow run) working on the output root ``out``:
+    a digest of the root's URL as :class:`storage.root.OutputRoot` normalises it, with symlinks resolved for a
+    local path, so every spelling of one root gives one tag and two roots never share one."""
+    url = normalise_root_url(out)
+    if "://" not in url:
+        url = os.path.realpath(url)
+    return ROOT_TAG_PREFIX + hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 def parse_task_run_name(name: str) -> tuple[str, int] | None:
     m = _TASK_NAME.match(name or "")
     return (m["stage"], int(m["shard"])) if m else None
 
 
 def server_runs(out: str | None = None, limit: int = 20) -> dict[str, Any]:
-    """The latest ``limit`` motionforge flow runs (optionally only those writing ``out``) with their state and
+    """The latest ``limit`` motionforge flow runs (optionally only those on the root ``out``) with their state and
     the (stage, shard) task runs that are not simply done: running, retrying (AwaitingRetry is a SCHEDULED
     state named "AwaitingRetry"), failed or crashed."""
     from prefect import get_client
     from prefect.client.schemas.filters import (
-        FlowFilter, FlowFilterName, TaskRunFilter, TaskRunFilterFlowRunId)
+        FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterTags, TaskRunFilter, TaskRunFilterFlowRunId,
+        TaskRunFilterState, TaskRunFilterStateName, TaskRunFilterStateType)
     from prefect.client.schemas.sorting import FlowRunSort
+
+    from flows.prefect_api import read_all
 
     url = server_configured()
     if not url:
@@ -44,22 +65,23 @@ def server_runs(out: str | None = None, limit: int = 20) -> dict[str, Any]:
         flows = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES))))}
         if not flows:
             return {"api_url": url, "runs": []}
-        runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES))),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit * 3 if out else limit)
-        if out:
-            norm = str(out).rstrip("/")
-            runs = [r for r in runs if str((r.parameters or {}).get("out", "")).rstrip("/") == norm][:limit]
+        # A root's runs by its tag, on the server: every spelling of the root finds them, however many runs on
+        # other roots came since. ``limit`` may exceed the server's page (200), so pages are read up to it.
+        runs = read_all(client.read_flow_runs, most=limit,
+                        flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES))),
+                        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[root_tag(out)])) if out else None,
+                        sort=FlowRunSort.EXPECTED_START_TIME_DESC)
         by_run: dict[Any, list[dict]] = {r.id: [] for r in runs}
         if runs:
-            task_runs = client.read_task_runs(
-                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in runs])),
-                limit=200)
+            # The server picks the shown ones, and every page of them is read: a big run's finished task runs
+            # are tens of thousands, and a shard that failed early is anywhere among them.
+            task_runs = read_all(client.read_task_runs, task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in runs]),
+                state=TaskRunFilterState(operator="or_", type=TaskRunFilterStateType(any_=list(SHOWN_TASK_STATES)),
+                                         name=TaskRunFilterStateName(any_=["AwaitingRetry"]))))
             for t in task_runs:
                 parsed = parse_task_run_name(t.name)
                 if parsed is None or t.state is None:
-                    continue
-                if t.state.type.value not in SHOWN_TASK_STATES and t.state.name != "AwaitingRetry":
                     continue
                 by_run.setdefault(t.flow_run_id, []).append({
                     "stage": parsed[0], "shard": parsed[1], "state": t.state.name,
