@@ -13,6 +13,7 @@ Each run publishes one table artifact per stage and a summary markdown artifact 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import os
@@ -37,7 +38,7 @@ from flows.server_status import ROOT_TAG_PREFIX, root_tag  # noqa: E402
 from stages import ingest as ingest_stage  # noqa: E402
 from stages.base import Resources  # noqa: E402
 from stages.registry import available_stages, get_stage, order  # noqa: E402
-from stages.runner import InputsNotReadyError, plan_shards, run_shard  # noqa: E402
+from stages.runner import InputsNotReadyError, complete_outcome, plan_shards, run_shard  # noqa: E402
 from stages.shared.reasons import normalise_reason  # noqa: E402
 from storage.lock import RunLock  # noqa: E402
 from storage.manifest import read_plan, record_plan, record_stage_config  # noqa: E402
@@ -195,14 +196,19 @@ def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force:
         ended = dt.datetime.now(dt.timezone.utc)
     line = (f"{stage} / shard {shard:05d}: {outcome.action}, {outcome.rows} rows ({outcome.ok} ok, {outcome.error} "
             f"error, {outcome.skipped} skipped) in {outcome.seconds:.1f}s")
-    result = {**outcome.as_dict(), "started_at": started.isoformat(), "ended_at": ended.isoformat(),
-              "pid": os.getpid()}
+    result = _outcome_record(outcome, started, ended)
     # Prefect maps the id() of a task's result, and of each object one level inside it, to the task run, and
     # records a later task's argument that is one of those objects as an input from that run. The outcome's
     # values are the very objects later tasks get as arguments (the stage's name, a shard number), which drew
     # false edges in the UI's task graph (every "scenes" shard an input of the last one finished); one more
     # level keeps them out of reach. The real dependencies are the ``wait_for`` futures.
     return Completed(message=line, data={"outcome": result})
+
+
+def _outcome_record(outcome, started: dt.datetime, ended: dt.datetime) -> dict[str, Any]:
+    """A shard's outcome as the run's results list it (summary, artifacts, report)."""
+    return {**outcome.as_dict(), "started_at": started.isoformat(), "ended_at": ended.isoformat(),
+            "pid": os.getpid()}
 
 
 @task(name="plan-inputs", cache_policy=NONE)
@@ -256,8 +262,35 @@ def ray_remote_options(resources: Resources, cluster_gpus: float) -> dict[str, A
     return opts
 
 
-def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, force: bool, runtime) -> dict:
+PRECHECK_THREADS = 16  # threads reading markers for the complete-shard check (a remote root answers each in ms)
+
+
+def _complete_or_none(stage, root: OutputRoot, stage_cfg, shard: int) -> dict | None:
+    """The result of a shard that is complete and up to date (``stages.runner.complete_outcome``), else None:
+    also when the check itself fails, so the task run that is made instead meets that error and reports it."""
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        outcome = complete_outcome(stage, root, stage_cfg, shard)
+    except Exception:  # noqa: BLE001 -- e.g. an input shard not complete: the task run raises it properly
+        return None
+    return None if outcome is None else _outcome_record(outcome, now, dt.datetime.now(dt.timezone.utc))
+
+
+def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, force: bool,
+            runtime) -> tuple[dict, list[dict]]:
+    """Make a task run for every (stage, shard) that has work to do, waiting for the same shard of its input
+    stages (a global stage: for all of them). Returns the futures, and the results of the shards that are
+    already complete and up to date, for which no task run is made.
+
+    A shard needs no task run when none of its input shards has one in this run (those would rewrite its
+    inputs) and :func:`stages.runner.complete_outcome` finds it complete: the rule ``run_shard`` applies when it
+    skips one. The root's lock keeps everything else from changing it meanwhile. Without this a resumed run over
+    a big, mostly done root made one task run per done shard (about 14 ms of CPU between the flow process and
+    the server, three state events and 26 KiB of server database each), and at 20,000 such task runs within two
+    minutes the server's event queues overflowed and dropped some of them (benchmarks/bench_orchestration_scale.py).
+    ``force`` makes a task run for every shard."""
     futures: dict[tuple[str, int], Any] = {}
+    done: list[dict] = []
     opts = stage_shard.with_options(retries=runtime.retries,
                                     retry_delay_seconds=exponential_backoff(backoff_factor=runtime.retry_delay_s))
     use_ray = runtime.task_runner == "ray"
@@ -282,17 +315,27 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
         with remote_options(**ray_remote_options(resources[name], cluster_gpus)):
             return opts.submit(name, k, out, cfg, force, wait_for=waits)
 
-    with _task_tags_without_root():
+    root = OutputRoot(out)
+    with _task_tags_without_root(), concurrent.futures.ThreadPoolExecutor(PRECHECK_THREADS) as pool:
         for name in stage_names:
             st = get_stage(name)
             if st.scope == "global":
-                waits = [f for (s, _), f in futures.items() if s in st.inputs]
-                futures[(name, 0)] = submit(name, 0, waits)
-                continue
-            for k in shards:
-                waits = [futures[(inp, k)] for inp in st.inputs if (inp, k) in futures]
-                futures[(name, k)] = submit(name, k, waits)
-    return futures
+                waits = {0: [f for (s, _), f in futures.items() if s in st.inputs]}
+            else:
+                waits = {k: [futures[(inp, k)] for inp in st.inputs if (inp, k) in futures] for k in shards}
+            quiet = [] if force else [k for k, w in waits.items() if not w]
+            complete = dict(zip(quiet, pool.map(
+                lambda k, st=st, c=pc.stage_config(name): _complete_or_none(st, root, c, k), quiet)))
+            for k, w in waits.items():
+                if complete.get(k) is not None:
+                    done.append(complete[k])
+                else:
+                    futures[(name, k)] = submit(name, k, w)
+            n_done = sum(r is not None for r in complete.values())
+            if n_done:
+                _logger().info("%s: %d of %d shard(s) already complete and up to date, no task run for them",
+                               name, n_done, len(waits))
+    return futures, done
 
 
 @contextlib.contextmanager
@@ -311,9 +354,13 @@ def _task_tags_without_root():
 
 
 def _collect(futures: dict) -> tuple[list[dict], list[dict]]:
-    """Outcomes of finished shards, and ``{stage, shard, error}`` for the ones that failed."""
+    """Outcomes of finished shards, and ``{stage, shard, error}`` for the ones that failed. Empties ``futures``:
+    each is dropped once read, so the final states of finished task runs are freed as the collection goes (in
+    submission order, about the order they finish) rather than all held until the run ends; a run at scale
+    has tens of thousands."""
     results, failures = [], []
-    for (name, k), fut in futures.items():
+    for name, k in list(futures):
+        fut = futures.pop((name, k))
         fut.wait()
         state = fut.state
         if state.is_completed():
@@ -364,8 +411,14 @@ def _items_per_s(rows: float, seconds: float) -> float:
     return round(rows / seconds, 2) if seconds > 0 else 0.0
 
 
+# Rows of a stage's table artifact at most. A row is about 170 bytes: 10,000 shards made a 1.6 MB table, which
+# the UI renders slowly and whose creation event the Prefect server refuses (its events stop at 1.5 MB).
+TABLE_ROWS = 1000
+
+
 def stage_table(stage: str, results: list[dict], failures: list[dict]) -> tuple[list[dict], str]:
-    """Rows (one per shard) and a markdown description for the stage's table artifact."""
+    """Rows (one per shard, at most :data:`TABLE_ROWS`: failed shards first, then written ones) and a markdown
+    description (totals over every shard) for the stage's table artifact."""
     rows = []
     for r in sorted((r for r in results if r["stage"] == stage), key=lambda r: r["shard"]):
         rows.append({
@@ -395,6 +448,12 @@ def stage_table(stage: str, results: list[dict], failures: list[dict]) -> tuple[
             f"throughput {_items_per_s(t['rows'], t['seconds'])} items/s over the shards computed in this run"]
     if reasons:
         desc.append("Top error reasons: " + "; ".join(f"{examples[k]} (x{v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]))
+    if len(rows) > TABLE_ROWS:
+        rank = {"FAILED": 0, "written": 1}
+        kept = {id(r) for r in sorted(rows, key=lambda r: (rank.get(r["result"], 2), r["shard"]))[:TABLE_ROWS]}
+        desc.append(f"The table lists {TABLE_ROWS:,} of the {len(rows):,} shards: the failed ones, then the ones "
+                    f"written in this run, by shard. `motionforge status` and the dataset report count them all.")
+        rows = [r for r in rows if id(r) in kept]
     return rows, "\n\n".join(desc)
 
 
@@ -487,9 +546,9 @@ def _rerun_run_name() -> str:
 def run_stages(out: str, stage_names: list[str], shards: list[int], config: dict[str, Any], force: bool = False) -> dict:
     """The (stage, shard) graph, on the task runner this flow was given (see :func:`_run_graph`)."""
     runtime = RuntimeConfig.model_validate(config.get("runtime") or {})
-    futures = _submit(stage_names, shards, out, config, force, runtime)
+    futures, done = _submit(stage_names, shards, out, config, force, runtime)
     results, failures = _collect(futures)
-    return {"results": results, "failures": failures}
+    return {"results": done + results, "failures": failures}
 
 
 def _run_graph(out: str, stage_names: list[str], shards: list[int], cfg: dict, force: bool, runtime) -> tuple[list, list]:

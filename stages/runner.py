@@ -201,6 +201,26 @@ def _summarise(rows) -> tuple[int, int, int, tuple[tuple[str, int], ...]]:
     return counts[STATUS_OK], counts[STATUS_ERROR], counts[STATUS_SKIPPED], top
 
 
+def _complete(stage: Stage, root: OutputRoot, chash: str, shard: int, inputs: dict, marker: dict | None,
+              t0: float) -> ShardOutcome | None:
+    if (marker is None or marker["config_hash"] != chash or marker["inputs"] != inputs
+            or not root.exists(root.shard_file(stage.name, shard))):
+        return None
+    return ShardOutcome(stage.name, shard, "skipped-complete", marker["rows"], marker["ok"], marker["error"],
+                        marker["skipped"], time.perf_counter() - t0,
+                        tuple(tuple(x) for x in marker.get("top_errors", [])))
+
+
+def complete_outcome(stage: Stage, root: OutputRoot, config: Any, shard: int) -> ShardOutcome | None:
+    """What :func:`run_shard` (without ``force``) would return for ``shard`` without doing any work: the
+    "skipped-complete" outcome when its table and marker are there, written under ``config`` from its input
+    shards as they are now; else None. Raises :class:`InputsNotReadyError` when an input shard is not complete.
+    The flow asks this before it makes a task run for a shard (``flows.pipeline``), with the same rule."""
+    t0 = time.perf_counter()
+    inputs = input_fingerprints(stage, root, shard)
+    return _complete(stage, root, config.config_hash(), shard, inputs, root.read_marker(stage.name, shard), t0)
+
+
 def run_shard(
     stage: Stage,
     root: OutputRoot,
@@ -215,11 +235,8 @@ def run_shard(
     chash = config.config_hash()
     inputs = input_fingerprints(stage, root, shard)
     marker = root.read_marker(stage.name, shard)
-    if (not force and marker is not None and marker["config_hash"] == chash and marker["inputs"] == inputs
-            and root.exists(root.shard_file(stage.name, shard))):
-        return ShardOutcome(stage.name, shard, "skipped-complete", marker["rows"], marker["ok"], marker["error"],
-                            marker["skipped"], time.perf_counter() - t0,
-                            tuple(tuple(x) for x in marker.get("top_errors", [])))
+    if not force and (done := _complete(stage, root, chash, shard, inputs, marker, t0)) is not None:
+        return done
     if marker is not None:
         # The old marker goes first: a crash between here and the new marker leaves the shard pending, never
         # "complete" with a half-replaced table.

@@ -219,6 +219,23 @@ def test_stage_table_artifact_rows_and_reasons():
     assert artifact_key("track") == "motionforge-track" and artifact_key("Track_Filter") == "motionforge-track-filter"
 
 
+def test_stage_table_artifact_keeps_failed_and_written_shards_within_its_size(monkeypatch):
+    """A stage of thousands of shards lists at most TABLE_ROWS of them: every failed one, then the ones written
+    in this run by shard; the description's totals count all of them."""
+    import flows.pipeline as fp
+
+    monkeypatch.setattr(fp, "TABLE_ROWS", 5)
+    results = [{"stage": "track", "shard": k, "action": "written" if k % 3 == 0 else "skipped-complete",
+                "rows": 2, "ok": 2, "error": 0, "skipped": 0, "seconds": 1.0, "top_errors": []} for k in range(12)]
+    failures = [{"stage": "track", "shard": 12 + k, "error": "boom"} for k in range(2)]
+    rows, desc = fp.stage_table("track", results, failures)
+    assert [(r["shard"], r["result"]) for r in rows] == [(0, "written"), (3, "written"), (6, "written"),
+                                                         (12, "FAILED"), (13, "FAILED")]
+    assert "14 shards (2 failed), rows ok 24, error 0" in desc and "lists 5 of the 14 shards" in desc
+    rows, desc = fp.stage_table("track", results[:3], [])
+    assert len(rows) == 3 and "lists" not in desc
+
+
 # -- streaming: shard k of a stage waits only for shard k of its inputs -------------------------------------
 STREAM_SCHEMA = record_schema([pa.field("item", pa.string(), nullable=False),
                                pa.field("saw_downstream_start", pa.bool_(), nullable=False)], name="stream_probe")
@@ -292,7 +309,8 @@ def test_submit_passes_the_config_quoted_so_prefect_does_not_walk_it(monkeypatch
     monkeypatch.setattr(fp.stage_shard, "with_options", lambda **kw: _Opts())
     pc = pipeline_model().model_validate({"runtime": {"retries": 0}})
     cfg = pc.model_dump(mode="json")
-    futures = fp._submit(["ingest", "scenes"], [0, 1], "/tmp/x", cfg, False, pc.runtime)
+    futures, done = fp._submit(["ingest", "scenes"], [0, 1], "/tmp/x", cfg, False, pc.runtime)
+    assert done == []  # no root there: nothing is complete
     assert len(calls) == 4 and set(futures) == {("ingest", 0), ("ingest", 1), ("scenes", 0), ("scenes", 1)}
     for (stage, shard, out, config, force), waits in calls:
         assert isinstance(config, quote) and config.unquote() is cfg
