@@ -245,13 +245,35 @@ def _hash_of(path: str) -> str:
 class _SizeIndex:
     """Planned files by size, in plan order, sized once each and only as far as asked: finding the earlier
     files of one size is then a dict lookup, not a pass over the whole plan before the file (which made
-    ingesting a plan of N files cost N^2 / 2 size checks)."""
+    ingesting a plan of N files cost N^2 / 2 size checks). Within a size, files are hashed once each, in plan
+    order and only as far as asked, into the first position of each content hash: many different files of one
+    size (a constant-bitrate dataset) cost a hash each, not a pass over the earlier ones per file."""
 
     def __init__(self, plan: dict):
         self.plan = plan
         self.next = (0, 0)  # the first plan position not indexed yet
         self.by_size: dict[int | None, list[tuple[int, int, str]]] = {}
+        self.hashed: dict[int | None, int] = {}  # size -> how many of by_size[size] are hashed
+        self.first: dict[int | None, dict[str, tuple[int, int, str]]] = {}  # size -> hash -> first position
         self.lock = threading.Lock()
+        self.hash_lock = threading.Lock()  # hashing reads files: the size index is not held up meanwhile
+
+    def first_copy(self, size: int | None, shard: int, index: int, cache_dir: str) -> dict[str, tuple[int, int, str]]:
+        """Hash every file of ``size`` before (shard, index) not hashed yet; the size's hash -> first position."""
+        with self.hash_lock:
+            with self.lock:
+                group = list(self.by_size.get(size, ()))
+            first = self.first.setdefault(size, {})
+            done = self.hashed.get(size, 0)
+            while done < len(group) and group[done][:2] < (shard, index):
+                k, j, u = group[done]
+                try:
+                    first.setdefault(_hash_of(local_copy(u, cache_dir)), (k, j, u))
+                except Exception:  # noqa: BLE001 -- an earlier file that cannot be read is that file's error row
+                    pass
+                done += 1
+            self.hashed[size] = done
+            return first
 
     def upto(self, shard: int, index: int) -> None:
         """Index every position before (shard, index)."""
@@ -286,15 +308,8 @@ def earlier_duplicate(plan: dict, shard: int, index: int, size: int, vid: str, c
     """(uri, shard) of the first file before position (shard, index) of the plan with the same bytes."""
     idx = _size_index(plan)
     idx.upto(shard, index)
-    for k, j, u in list(idx.by_size.get(size, ())):
-        if (k, j) >= (shard, index):
-            return None
-        try:
-            if _hash_of(local_copy(u, cache_dir)) == vid:
-                return u, k
-        except Exception:  # noqa: BLE001 -- an earlier file that cannot be read is that file's error row
-            continue
-    return None
+    hit = idx.first_copy(size, shard, index, cache_dir).get(vid)
+    return (hit[2], hit[0]) if hit is not None and hit[:2] < (shard, index) else None
 
 
 def process(ctx: ShardContext) -> list[Video]:

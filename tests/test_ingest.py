@@ -179,3 +179,29 @@ def test_duplicate_check_sizes_each_planned_file_once(tmp_path, monkeypatch):
     assert found[uris[3]] is None and found[uris[10]] == (uris[3], 0) and found[uris[45]] == (uris[3], 0)
     # byte-equal files of one size: each later one names the first in plan order
     assert all(found[u] == (uris[i % 7], (i % 7) // 4) for i, u in enumerate(uris) if i >= 7 and i != 45)
+
+
+def test_duplicate_check_hashes_each_file_of_one_size_once_in_any_order(tmp_path, monkeypatch):
+    """Many different files of one size (a constant-bitrate dataset): the check looks each up once in all (stat,
+    local copy, hash; the hash itself was always cached), not every earlier one again for each later file
+    (N^2 / 2 look-ups), and still names the first copy in plan order, whichever order the shards are checked in
+    (parallel tasks finish in any order)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    n = 40
+    uris = []
+    for i in range(n):
+        p = d / f"v{i:03d}.bin"
+        p.write_bytes(b"%04d" % (i % 13) + b"y" * 96)  # one size; the bytes of i repeat every 13 files
+        uris.append(str(p))
+    plan = {"version": 1, "shards": [uris[k:k + 3] for k in range(0, n, 3)]}
+    vids = {u: ingest.content_hash(u) for u in uris}
+    hashed = []
+    real = ingest._hash_of
+    monkeypatch.setattr(ingest, "_hash_of", lambda p: hashed.append(p) or real(p))
+    found = {}
+    for k in reversed(range(len(plan["shards"]))):
+        for j, u in enumerate(plan["shards"][k]):
+            found[u] = ingest.earlier_duplicate(plan, k, j, os.path.getsize(u), vids[u], str(tmp_path / "c"))
+    assert len(hashed) == len(set(hashed)) <= n
+    assert all(found[u] == (None if i < 13 else (uris[i % 13], (i % 13) // 3)) for i, u in enumerate(uris))
