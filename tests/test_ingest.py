@@ -156,18 +156,24 @@ def test_plan_keeps_assignments_when_inputs_grow():
     assert p2["shards"][:1] == [["a", "b"]] and p2["shards"][1] == ["c", "d"] and p2["shards"][2] == ["e", "f"]
 
 
+def _planned_files(tmp_path, contents: list[bytes], per_shard: int) -> tuple[list[str], dict]:
+    """One file per content under ``tmp_path/in``, and an ingest plan of them, ``per_shard`` a shard."""
+    d = tmp_path / "in"
+    d.mkdir()
+    uris = []
+    for i, data in enumerate(contents):
+        p = d / f"v{i:03d}.bin"
+        p.write_bytes(data)
+        uris.append(str(p))
+    return uris, {"version": 1, "shards": [uris[k:k + per_shard] for k in range(0, len(uris), per_shard)]}
+
+
 def test_duplicate_check_sizes_each_planned_file_once(tmp_path, monkeypatch):
     """Looking for an earlier copy of every file of a plan sizes each planned file once in all, not once per
     later file (which was N^2 / 2 size checks for a plan of N files), and still finds the first copy."""
-    d = tmp_path / "in"
-    d.mkdir()
     n = 60
-    uris = []
-    for i in range(n):
-        p = d / f"v{i:03d}.bin"
-        p.write_bytes(b"x" * (100 + i % 7) if i != 45 else b"x" * (100 + 3))  # 45: the bytes of 3 (and of 10, 17, ...)
-        uris.append(str(p))
-    plan = {"version": 1, "shards": [uris[k:k + 4] for k in range(0, n, 4)]}
+    # 45: the bytes of 3 (and of 10, 17, ...)
+    uris, plan = _planned_files(tmp_path, [b"x" * (100 + i % 7) if i != 45 else b"x" * (100 + 3) for i in range(n)], 4)
     calls = []
     real = ingest._size_of
     monkeypatch.setattr(ingest, "_size_of", lambda u: calls.append(u) or real(u))
@@ -186,15 +192,9 @@ def test_duplicate_check_hashes_each_file_of_one_size_once_in_any_order(tmp_path
     local copy, hash; the hash itself was always cached), not every earlier one again for each later file
     (N^2 / 2 look-ups), and still names the first copy in plan order, whichever order the shards are checked in
     (parallel tasks finish in any order)."""
-    d = tmp_path / "in"
-    d.mkdir()
     n = 40
-    uris = []
-    for i in range(n):
-        p = d / f"v{i:03d}.bin"
-        p.write_bytes(b"%04d" % (i % 13) + b"y" * 96)  # one size; the bytes of i repeat every 13 files
-        uris.append(str(p))
-    plan = {"version": 1, "shards": [uris[k:k + 3] for k in range(0, n, 3)]}
+    # one size; the bytes of i repeat every 13 files
+    uris, plan = _planned_files(tmp_path, [b"%04d" % (i % 13) + b"y" * 96 for i in range(n)], 3)
     vids = {u: ingest.content_hash(u) for u in uris}
     hashed = []
     real = ingest._hash_of
