@@ -19,13 +19,15 @@ pyarrow's own filesystem is used.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import logging
 import os
 import posixpath
 import re
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -40,6 +42,7 @@ log = logging.getLogger("motionforge.storage")
 TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^shard-(\d+)\.(parquet|json)$")
 _TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{12,32}-")  # what _tmp_beside (and the run lock) name their temp files
+READ_AHEAD = 8  # shards OutputRoot.iter_stage reads at once
 
 
 class GarbledJSONError(ValueError):
@@ -228,14 +231,20 @@ class OutputRoot:
         self._commit(tmp, final)
         return final
 
-    def read_shard(self, stage: str, shard: int, schema: pa.Schema | None = None) -> pa.Table:
+    def read_shard(self, stage: str, shard: int, schema: pa.Schema | None = None,
+                   columns: Sequence[str] | None = None) -> pa.Table:
+        """One shard's table. ``columns``: read only those of them the file has (in the file's order), for
+        readers that go over every shard of a large stage and need a few columns (the report)."""
         path = self.shard_file(stage, shard)
         if not self.exists(path):
             raise FileNotFoundError(f"{self.uri(stage)}: shard {shard} has no table yet (run stage {stage!r} first)")
         if schema is None:  # one known file: read it directly, without read_table's dataset layer (a third of
             with pq.ParquetFile(path, filesystem=self.fs) as f:  # the CPU for a small shard, same table)
-                return f.read()
-        return pq.read_table(path, filesystem=self.fs, schema=schema)
+                if columns is None:
+                    return f.read()
+                wanted = set(columns)
+                return f.read(columns=[n for n in f.schema_arrow.names if n in wanted])
+        return pq.read_table(path, filesystem=self.fs, schema=schema, columns=columns)
 
     def read_stage(self, stage: str, schema: pa.Schema | None = None) -> pa.Table:
         """All shards of a stage (only those with a completion marker, so half-written runs never leak)."""
@@ -246,6 +255,33 @@ class OutputRoot:
                 raise FileNotFoundError(f"stage {stage!r} has no completed shards under {self.url}")
             return schema.empty_table()
         return pa.concat_tables(tables)
+
+    def iter_stage(self, stage: str, columns: Sequence[str] | None = None, schema: pa.Schema | None = None,
+                   ahead: int = READ_AHEAD) -> Iterator[tuple[int, pa.Table]]:
+        """``(shard, table)`` for every completed shard of a stage, in shard order, for readers that go over a
+        stage too large to hold (the report, `export hf`, error rows): at most ``ahead`` shards are held, read
+        in that many threads (Parquet decoding releases the GIL, and a remote root answers each read in tens of
+        milliseconds, which one thread would wait out one after another)."""
+        shards = self.completed_shards(stage)
+        if ahead <= 1 or len(shards) <= 1:
+            for s in shards:
+                yield s, self.read_shard(stage, s, schema, columns)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(min(ahead, len(shards)), thread_name_prefix="read-stage")
+        try:
+            todo = iter(shards)
+            pending = collections.deque((s, pool.submit(self.read_shard, stage, s, schema, columns))
+                                        for s in itertools.islice(todo, ahead))
+            while pending:
+                s, future = pending.popleft()
+                yield s, future.result()
+                nxt = next(todo, None)  # once the reader has taken this one: never more than `ahead` held
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(self.read_shard, stage, nxt, schema, columns)))
+        finally:  # also when the reader stops early: reads not started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def dataset(self, stage: str) -> ds.Dataset:
         import pyarrow.dataset as ds  # lazy: it imports pandas (~0.25 s), which `status` never needs

@@ -40,6 +40,41 @@ def test_atomic_write_leaves_only_parquet_and_underscore_names(tmp_path):
     assert root.completed_shards("slow") == [0, 1, 2]
 
 
+def test_iter_stage_reads_completed_shards_in_order_a_few_at_a_time(tmp_path, monkeypatch):
+    """The readers of whole stages (report, export hf) go shard by shard: in shard order, only shards with a
+    marker, only the asked columns, and never more than ``ahead`` shards read and not yet taken."""
+    import threading
+
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 40, 2)
+    for k in range(20):
+        run_shard(slow.STAGE, root, slow.SlowConfig(), k)
+    root.delete_marker("slow", 7)  # a shard whose marker is gone is not complete: not read
+    state = {"in_flight": 0, "max": 0, "taken": 0, "read": 0}
+    lock = threading.Lock()
+    real = OutputRoot.read_shard
+
+    def counting(self, stage, shard, schema=None, columns=None):
+        with lock:
+            state["read"] += 1
+            state["max"] = max(state["max"], state["read"] - state["taken"])
+        return real(self, stage, shard, schema, columns)
+
+    monkeypatch.setattr(OutputRoot, "read_shard", counting)
+    got = []
+    for shard, table in root.iter_stage("slow", columns=["item", "status", "no-such-column"], ahead=3):
+        state["taken"] += 1
+        got.append((shard, table.column_names, table["item"].to_pylist()))
+    assert [g[0] for g in got] == [k for k in range(20) if k != 7]
+    assert all(names == ["item", "status"] for _, names, _ in got)
+    assert [i for _, _, items in got for i in items] == [f"item-{i}" for i in range(40) if i // 2 != 7]
+    assert state["max"] <= 3, state
+    it = root.iter_stage("slow", ahead=4)
+    next(it)
+    it.close()  # a reader that stops early: the pool is shut down, nothing hangs
+    assert state["read"] - len(got) <= 1 + 4
+
+
 def test_skip_completed_and_forced_rewrite(tmp_path):
     root = OutputRoot(tmp_path / "r")
     slow.plan(root, 6, 3)
