@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from stages.shared.reasons import group_reasons
+from stages.shared.reasons import group_reason_counts
 from dashboards.status import root_status
 from storage.root import OutputRoot
 
@@ -63,77 +63,231 @@ def _bars(counts: dict[str, int], title: str, top: int = 25) -> str | None:
     return _png(fig)
 
 
-class _Tables:
-    """``tables(stage)``: a stage's whole table, or None before it has run; each read once per report (the
-    report looks at some stages several times, and reading every shard's file is most of its cost)."""
+# What the report reads of each stage: every stage's ``status`` and ``error`` (drop reasons), and these columns
+# for its sections. Each completed shard of a stage is read once, with only those columns (the ones its file
+# has), and folded into running counts: the report holds one shard's columns and the counts, never a whole
+# stage (the track table of a million-video root is tens of GB; benchmarks/bench_reads_at_scale.py).
+_QUESTION_COLUMNS = ("question", "options", "key", "clip_id", "video_id", "start_s", "end_s", "category", "split",
+                     "answer")
+QUESTION_STAGES = ("finalize", "review", "qgen")  # the MotionBench statistics' source: the first with questions
+COLUMNS = {
+    "ingest": ("video_id", "duration_s"),
+    "scenes": ("duration_s",),
+    "tag": ("tags",),
+    "track": ("label",),
+    "tasks": ("task", "t1_s", "t2_s", "dynamic_caption", "instance_id", "label", "video_id", "clip_id"),
+    **{s: _QUESTION_COLUMNS for s in QUESTION_STAGES},
+}
 
-    def __init__(self, root: OutputRoot):
+
+def _shard_tables(root: OutputRoot, stage: str):
+    for _, table in root.iter_stage(stage, columns=("status", "error", *COLUMNS.get(stage, ()))):
+        yield table
+
+
+def _ok_rows(table):
+    import pyarrow.compute as pc
+
+    return table.filter(pc.fill_null(pc.equal(table["status"], "ok"), False))
+
+
+def _value_counts(column) -> list[tuple[Any, int]]:
+    """(value, rows) in order of first appearance."""
+    import pyarrow.compute as pc
+
+    return [(d["values"], d["counts"]) for d in pc.value_counts(column).to_pylist()]
+
+
+def _column(parts: list, type_=None):
+    """One chunked array of the per-shard arrays (or chunked arrays) in ``parts``."""
+    import pyarrow as pa
+
+    chunks = [c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else (p,))]
+    return pa.chunked_array(chunks, type_) if chunks or type_ is not None else None
+
+
+def _floats(parts: list) -> list[float]:
+    import pyarrow as pa
+
+    return _column(parts, pa.float64()).drop_null().to_pylist()
+
+
+def _top(counts: collections.Counter, n: int) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))[:n]
+
+
+class _Stage:
+    """One stage folded shard by shard: drop reasons, and the counts and values its sections show."""
+
+    def __init__(self, name: str, question_details: bool = True):
+        self.name = name
+        self.question_details = question_details  # per-clip sums of questions (only for the statistics' source)
+        self.present = False  # has completed shards (a section with no rows still shows its zero)
+        self.reasons: list[tuple[str | None, int]] = []  # (error message, rows) of rows that are not ok
+        self.columns: set[str] = set()
+        self.values: dict[str, list] = collections.defaultdict(list)  # column -> ok values, one chunk per shard
+        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    def fold(self, table) -> None:
+        import pyarrow.compute as pc
+
+        self.present = True
+        self.columns.update(table.column_names)
+        bad = table.filter(pc.invert(pc.fill_null(pc.equal(table["status"], "ok"), False)))
+        if bad.num_rows:
+            self.reasons += _value_counts(bad["error"]) if "error" in bad.column_names else [(None, bad.num_rows)]
+        ok = _ok_rows(table)
+        self.counts["status"]["ok"] += ok.num_rows
+        for col, kind in _FOLDS.get(self.name, ()):
+            if col in ok.column_names and ok.num_rows:
+                kind(self, col, ok)
+
+    def count(self, col: str, ok) -> None:
+        for v, n in _value_counts(ok[col].drop_null()):
+            self.counts[col][v] += n
+
+    def keep(self, col: str, ok) -> None:
+        self.values[col].append(ok[col])
+
+
+def _fold_tags(st: _Stage, col: str, ok) -> None:
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(ok[col])
+    if len(flat):
+        for v, n in _value_counts(pc.struct_field(flat, "tag")):
+            st.counts["tag"][v] += n
+
+
+def _fold_samples(st: _Stage, col: str, ok) -> None:
+    import pyarrow.compute as pc
+
+    st.count("task", ok)
+    st.values["interval"].append(pc.subtract(ok["t2_s"], ok["t1_s"]))
+    dyn = ok.filter(pc.equal(ok["task"], "dynamic_captioning"))["dynamic_caption"].drop_null()
+    st.values["caption_words"].append([len(c.split()) for c in dyn.to_pylist()])
+    st.values["objects"].append(ok.select(["instance_id", "label"]).group_by(["instance_id", "label"]).aggregate([]))
+    st.values["videos"].append(pc.unique(ok["video_id"]))
+    st.values["clips"].append(pc.unique(ok["clip_id"]))
+
+
+def _fold_questions(st: _Stage, col: str, ok) -> None:
+    """MotionBench statistics' running sums (see :func:`motionbench_statistics`), over rows with a question."""
+    q = st.counts
+    for r in ok.to_pylist():
+        if r.get("category") is not None:
+            q["category"][r["category"]] += 1
+        if r.get("answer") is not None:
+            q["answer"][r["answer"]] += 1
+        if not r.get("question"):
+            continue
+        q["sums"]["questions"] += 1
+        if not st.question_details:
+            continue
+        key = r.get("key") or r.get("clip_id") or f"{r['video_id']}:{r.get('start_s')}:{r.get('end_s')}"
+        q["per_key"][key] += 1
+        if r.get("start_s") is not None and r.get("end_s") is not None:
+            st.values.setdefault("clip_dur", {})[key] = float(r["end_s"]) - float(r["start_s"])
+        else:
+            st.values.setdefault("whole_video_of", {})[key] = r["video_id"]
+        q["sums"]["chars"] += len(r["question"])
+        q["sums"]["option_chars"] += sum(len(o) for o in (r.get("options") or []))
+        q["sums"]["words"] += len(r["question"].split())
+        cat = MB_CATEGORY_NAMES.get(r.get("category"), r.get("category") or "?")
+        q["split:" + cat][r.get("split") or "(not split)"] += 1
+
+
+_FOLDS = {
+    "ingest": (("video_id", _Stage.keep), ("duration_s", _Stage.keep)),
+    "scenes": (("duration_s", _Stage.keep),),
+    "tag": (("tags", _fold_tags),),
+    "track": (("label", _Stage.count),),
+    "tasks": (("task", _fold_samples),),
+    **{s: (("question", _fold_questions),) for s in QUESTION_STAGES},
+}
+
+
+class _Folds:
+    """``folds(stage)``: the stage's :class:`_Stage`, its shards read once per report however many sections look
+    at it. ``question_source``: the one question stage whose per-clip sums are kept (the others count their
+    questions only); asking for another stage's details re-reads it."""
+
+    def __init__(self, root: OutputRoot, question_source: str | None = None):
         self.root = root
-        self._read: dict[str, Any] = {}
+        self.question_source = question_source
+        self._done: dict[str, _Stage] = {}
 
-    def __call__(self, stage: str):
-        if stage not in self._read:
-            try:
-                self._read[stage] = self.root.read_stage(stage)
-            except FileNotFoundError:
-                self._read[stage] = None
-        return self._read[stage]
+    def __call__(self, stage: str, question_details: bool = False) -> _Stage:
+        details = question_details or self.question_source in (None, stage)
+        hit = self._done.get(stage)
+        if hit is None or (details and not hit.question_details):
+            hit = _Stage(stage, question_details=details)
+            for table in _shard_tables(self.root, stage):
+                hit.fold(table)
+            self._done[stage] = hit
+        return hit
 
+    def ingest_durations(self, video_ids) -> dict[str, float]:
+        """video_id -> duration of those videos ingest took (ok rows with a duration)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
-def _ok(table, col: str) -> list:
-    if table is None or col not in table.column_names:
-        return []
-    return [v for v, s in zip(table[col].to_pylist(), table["status"].to_pylist()) if s == "ok" and v is not None]
+        ingest = self("ingest")
+        ids = ingest.values.get("video_id")
+        if not ids or "duration_s" not in ingest.columns:
+            return {}
+        table = pa.table({"v": _column(ids), "d": _column(ingest.values["duration_s"], pa.float64())})
+        table = table.filter(pc.is_in(table["v"], value_set=pa.array(list(video_ids), pa.string())))
+        return {v: d for v, d in zip(table["v"].to_pylist(), table["d"].to_pylist()) if d}
 
 
 def collect(out: str) -> dict[str, Any]:
     """Everything the page shows, as plain values (also useful for Prefect artifacts and tests)."""
     root = OutputRoot(out)
-    tables = _Tables(root)
     st = root_status(out)
+    ok_rows = {s["stage"]: s["rows_ok"] for s in st["stages"]}  # from the shards' markers
+    folds = _Folds(root, next((s for s in QUESTION_STAGES if ok_rows.get(s)), None))
     data: dict[str, Any] = {"status": st, "drop_reasons": {}, "plots": {}, "numbers": {}}
     for s in st["stages"]:
-        t = tables(s["stage"])
-        if t is None:
-            continue
-        groups = group_reasons(e for e, stt in zip(t["error"].to_pylist(), t["status"].to_pylist()) if stt != "ok")
+        groups = group_reason_counts(folds(s["stage"]).reasons)
         if groups:
             data["drop_reasons"][s["stage"]] = groups
-    clips = tables("scenes")
-    durations = _ok(clips, "duration_s")
+    clips = folds("scenes")
+    durations = _floats(clips.values["duration_s"])
     data["numbers"]["clips"] = len(durations)
     data["plots"]["clip durations"] = _hist(durations, "clip duration", "seconds")
-    tags = tables("tag")
-    if tags is not None and "tags" in tags.column_names:
-        c = collections.Counter(t["tag"] for row in _ok(tags, "tags") for t in row)
-        data["plots"]["first-frame tags"] = _bars(dict(c), "RAM++ tags kept (first frames)")
-    tracks = tables("track")
-    if tracks is not None:
-        data["plots"]["instance categories"] = _bars(dict(collections.Counter(_ok(tracks, "label"))), "tracked instance categories")
-    samples = tables("tasks")
-    if samples is not None:
-        rows = [r for r in samples.to_pylist() if r["status"] == "ok"]
-        data["numbers"]["imove_it_samples"] = len(rows)
-        data["plots"]["iMOVE-IT tasks"] = _bars(dict(collections.Counter(r["task"] for r in rows)), "samples per task")
-        data["plots"]["time intervals"] = _hist([r["t2_s"] - r["t1_s"] for r in rows], "instance motion interval (t2 - t1)", "seconds")
-        data["plots"]["caption lengths"] = _hist([len(r["dynamic_caption"].split()) for r in rows if r["task"] == "dynamic_captioning"],
+    tags = folds("tag")
+    if tags.present and "tags" in tags.columns:
+        data["plots"]["first-frame tags"] = _bars(dict(tags.counts["tag"]), "RAM++ tags kept (first frames)")
+    tracks = folds("track")
+    if tracks.present:
+        data["plots"]["instance categories"] = _bars(dict(tracks.counts["label"]), "tracked instance categories")
+    samples = folds("tasks")
+    if samples.present:
+        data["numbers"]["imove_it_samples"] = samples.counts["status"]["ok"]
+        data["plots"]["iMOVE-IT tasks"] = _bars(dict(samples.counts["task"]), "samples per task")
+        data["plots"]["time intervals"] = _hist(_floats(samples.values["interval"]),
+                                                "instance motion interval (t2 - t1)", "seconds")
+        data["plots"]["caption lengths"] = _hist([n for chunk in samples.values["caption_words"] for n in chunk],
                                                   "dynamic caption length", "words")
     for name in ("finalize", "qgen"):
-        q = tables(name)
-        if q is not None and "category" in q.column_names:
-            cats = collections.Counter(MB_CATEGORY_NAMES.get(c, c) for c in _ok(q, "category"))
+        q = folds(name)
+        if q.present and "category" in q.columns:
+            cats = collections.Counter()
+            for c, n in q.counts["category"].items():
+                cats[MB_CATEGORY_NAMES.get(c, c)] += n
             data["numbers"][f"{name}_questions"] = sum(cats.values())
             data["plots"][f"MotionBench categories ({name})"] = _bars(dict(cats), f"questions per category ({name})")
-            if "answer" in q.column_names:
-                data["plots"][f"answer letters ({name})"] = _bars(dict(collections.Counter(_ok(q, "answer"))), f"answer letters ({name})")
+            if "answer" in q.columns:
+                data["plots"][f"answer letters ({name})"] = _bars(dict(q.counts["answer"]), f"answer letters ({name})")
             break
-    mb = motionbench_statistics(root, tables)
+    mb = motionbench_statistics(root, folds)
     if mb:
         data["motionbench"] = mb
         data["plots"]["MotionBench questions per video"] = _hist(mb["questions_per_video_values"], "questions per video",
                                                                  "questions", bins=max(1, min(20, max(mb["questions_per_video_values"]))))
         data["plots"]["MotionBench clip durations"] = _hist(mb["clip_durations_values"], "MotionBench clip duration", "seconds")
-    im = imove_it_statistics(root, tables)
+    im = imove_it_statistics(root, folds)
     if im:
         data["imove_it"] = im
     data["plots"] = {k: v for k, v in data["plots"].items() if v}
@@ -148,92 +302,70 @@ IMOVE_IT_RELEASE = {"objects": 114705, "categories": 23278, "objects_per_categor
                     "videos": 68000, "mean_video_duration_s": 109.0}  # iMOVE 3.1.2: "68k unique videos", 109 s
 
 
-def _video_durations(tables: _Tables) -> dict[str, float]:
-    t = tables("ingest")
-    if t is None or "duration_s" not in t.column_names:
-        return {}
-    return {v: d for v, d, st in zip(t["video_id"].to_pylist(), t["duration_s"].to_pylist(), t["status"].to_pylist())
-            if st == "ok" and d}
-
-
-def motionbench_statistics(root: OutputRoot, tables: _Tables | None = None) -> dict[str, Any] | None:
+def motionbench_statistics(root: OutputRoot, folds: _Folds | None = None) -> dict[str, Any] | None:
     """The statistics MotionBench gives for itself (section 3.2, Fig. 2 and 3), over the benchmark's questions:
     ``finalize`` when it has run, else the questions the review kept, else qgen's.
 
     Annotation density is "total length of questions / video duration" (eq. 1). The paper does not say how
     length is counted; we count characters of the question text and, separately, of question plus options,
-    and words, each over the summed duration of the distinct video clips the questions are about.
+    and words, each over the summed duration of the distinct video clips the questions are about (a clip
+    without a span counts its whole video's duration, from ingest).
     """
-    tables = tables or _Tables(root)
-    rows, source = [], None
-    for name in ("finalize", "review", "qgen"):
-        t = tables(name)
-        if t is not None and t.num_rows:
-            rows = [r for r in t.to_pylist() if r["status"] == "ok" and r.get("question")]
-            source = name
-            if rows:
-                break
-    if not rows:
+    folds = folds or _Folds(root)
+    for name in QUESTION_STAGES:
+        if folds(name).counts["sums"]["questions"]:
+            q = folds(name, question_details=True)
+            break
+    else:
         return None
-    whole = _video_durations(tables)
-    clip_dur: dict[str, float] = {}
-    per_video: collections.Counter = collections.Counter()
-    for r in rows:
-        key = r.get("key") or r.get("clip_id") or f"{r['video_id']}:{r.get('start_s')}:{r.get('end_s')}"
-        per_video[key] += 1
-        if r.get("start_s") is not None and r.get("end_s") is not None:
-            clip_dur[key] = float(r["end_s"]) - float(r["start_s"])
-        elif r["video_id"] in whole:
-            clip_dur[key] = float(whole[r["video_id"]])
+    sums, per_key = q.counts["sums"], q.counts["per_key"]
+    clip_dur = dict(q.values.get("clip_dur", {}))
+    whole_of = {k: v for k, v in q.values.get("whole_video_of", {}).items() if k not in clip_dur}
+    whole = folds.ingest_durations(set(whole_of.values())) if whole_of else {}
+    clip_dur.update({k: float(whole[v]) for k, v in whole_of.items() if v in whole})
     seconds = sum(clip_dur.values())
-    chars = sum(len(r["question"]) for r in rows)
-    chars_opts = chars + sum(len(o) for r in rows for o in (r.get("options") or []))
-    words = sum(len(r["question"].split()) for r in rows)
-    splits: dict[str, dict[str, int]] = {}
-    for r in rows:
-        cat = MB_CATEGORY_NAMES.get(r.get("category"), r.get("category") or "?")
-        split = r.get("split") or "(not split)"
-        splits.setdefault(cat, {}).setdefault(split, 0)
-        splits[cat][split] += 1
+    splits = {k[len("split:"):]: dict(sorted(v.items())) for k, v in q.counts.items() if k.startswith("split:")}
     density = (lambda n: round(n / seconds, 2) if seconds > 0 else None)
-    qpv = list(per_video.values())
+    n = sums["questions"]
     return {
-        "source": source, "questions": len(rows), "videos": len(per_video),
-        "questions_per_video": round(len(rows) / len(per_video), 3),
-        "questions_per_video_values": qpv,
+        "source": name, "questions": n, "videos": len(per_key),
+        "questions_per_video": round(n / len(per_key), 3),
+        "questions_per_video_values": list(per_key.values()),
         "clip_durations_values": list(clip_dur.values()),
         "clip_duration_mean_s": round(seconds / len(clip_dur), 3) if clip_dur else None,
         "video_seconds": round(seconds, 3),
-        "annotation_density": {"question characters / s": density(chars),
-                               "question + option characters / s": density(chars_opts),
-                               "question words / s": density(words)},
-        "categories_per_split": {c: dict(sorted(v.items())) for c, v in sorted(splits.items())},
+        "annotation_density": {"question characters / s": density(sums["chars"]),
+                               "question + option characters / s": density(sums["chars"] + sums["option_chars"]),
+                               "question words / s": density(sums["words"])},
+        "categories_per_split": dict(sorted(splits.items())),
         "release": MOTIONBENCH_RELEASE,
     }
 
 
-def imove_it_statistics(root: OutputRoot, tables: _Tables | None = None) -> dict[str, Any] | None:
+def imove_it_statistics(root: OutputRoot, folds: _Folds | None = None) -> dict[str, Any] | None:
     """The counts iMOVE gives for iMOVE-IT (objects, object categories, samples per task, videos), over the
-    ``tasks`` table's kept samples."""
-    tables = tables or _Tables(root)
-    t = tables("tasks")
-    if t is None:
+    ``tasks`` table's kept samples. An object is an ``instance_id``; its category is its label."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    folds = folds or _Folds(root)
+    t = folds("tasks")
+    samples = t.counts["status"]["ok"]
+    if not samples or not t.values["objects"]:
         return None
-    rows = [r for r in t.to_pylist() if r["status"] == "ok"]
-    if not rows:
-        return None
-    objects = {r["instance_id"]: r["label"] for r in rows}
-    categories = collections.Counter(objects.values())
-    videos = {r["video_id"] for r in rows}
-    whole = _video_durations(tables)
-    known = [whole[v] for v in videos if v in whole]
+    objects = pa.concat_tables(t.values["objects"]).group_by(["instance_id", "label"]).aggregate([])
+    n_objects = pc.count_distinct(objects["instance_id"]).as_py()
+    categories = collections.Counter(dict(_value_counts(objects["label"])))
+    videos = pc.unique(_column(t.values["videos"]))
+    clips = pc.unique(_column(t.values["clips"]))
+    known = list(folds.ingest_durations(videos.to_pylist()).values())
     return {
-        "samples": len(rows), "objects": len(objects), "categories": len(categories),
-        "objects_per_category": round(len(objects) / len(categories), 3),
-        "samples_per_task": dict(sorted(collections.Counter(r["task"] for r in rows).items())),
-        "videos": len(videos), "clips": len({r["clip_id"] for r in rows}),
+        "samples": samples, "objects": n_objects, "categories": len(categories),
+        "objects_per_category": round(n_objects / len(categories), 3),
+        "samples_per_task": dict(sorted(t.counts["task"].items())),
+        "videos": len(videos), "clips": len(clips),
         "mean_video_duration_s": round(sum(known) / len(known), 3) if known else None,
-        "top_categories": dict(categories.most_common(10)),
+        "top_categories": dict(_top(categories, 10)),
         "release": IMOVE_IT_RELEASE,
     }
 

@@ -40,10 +40,16 @@ def normalise_reason(message: str | None) -> str:
 
 def group_reasons(messages: Iterable[str | None], top: int = 10) -> list[dict]:
     """``[{"reason", "count", "example"}]``, most frequent cause first; ``example`` is one original message."""
+    return group_reason_counts(((m, 1) for m in messages), top)
+
+
+def group_reason_counts(counted: Iterable[tuple[str | None, int]], top: int = 10) -> list[dict]:
+    """:func:`group_reasons` over ``(message, times)`` pairs: each distinct message is normalised once, however
+    many rows carry it (readers of large stages count a shard's messages first)."""
     counts: collections.Counter = collections.Counter()
     example: dict[str, str] = {}
-    for m in messages:
+    for m, n in counted:
         key = normalise_reason(m)
-        counts[key] += 1
+        counts[key] += n
         example.setdefault(key, " ".join((m or "").split())[:300])
     return [{"reason": k, "count": n, "example": example[k]} for k, n in counts.most_common(top)]

@@ -89,22 +89,34 @@ def test_imove_it_counts_and_report_over_http(tmp_path):
 def test_report_reads_each_stage_once(tmp_path, monkeypatch):
     """Building the report reads every shard file of a stage once, however many sections look at that stage
     (the run's summary builds it after every run, over all shards: repeated reads of `tasks`, `scenes`, `track` were
-    most of its cost)."""
+    most of its cost), and only the columns it shows: never a whole stage, nor a track's points (the report
+    runs in the flow process after every run, and a million-video root's track table is tens of GB)."""
     import collections
 
     root, _ = imove_root(tmp_path)
     reads: collections.Counter = collections.Counter()
+    columns: dict[str, set] = collections.defaultdict(set)
     real = OutputRoot.read_shard
 
-    def counting(self, stage, shard, schema=None):
+    def counting(self, stage, shard, schema=None, columns_=None, **kw):
+        cols = kw.get("columns", columns_)
         reads[(stage, shard)] += 1
-        return real(self, stage, shard, schema)
+        assert cols is not None, f"{stage} shard {shard} read whole"
+        table = real(self, stage, shard, schema, columns=cols)
+        columns[stage].update(table.column_names)
+        return table
+
+    def whole(self, stage, schema=None):
+        raise AssertionError(f"the report read all of {stage} at once")
 
     monkeypatch.setattr(OutputRoot, "read_shard", counting)
+    monkeypatch.setattr(OutputRoot, "read_stage", whole)
     data = collect(root.url)
     assert data["imove_it"]["samples"] == 3 and data["numbers"]["imove_it_samples"] == 3
     assert reads and max(reads.values()) == 1, reads
     assert {"scenes", "track", "tasks"} <= {stage for stage, _ in reads}  # the ones it used to read 2-3 times
+    assert columns["track"] == {"status", "error", "label"}, columns["track"]
+    assert "conversations" not in columns["tasks"] and "points" not in columns["track"]
 
 
 def test_prefect_summary_links_a_report_the_browser_can_open(tmp_path, monkeypatch):
