@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         pretty_name: str = typer.Option("motionforge run", "--name", help="dataset card title"),
         with_test_answers: bool = typer.Option(False, "--with-test-answers",
                                                help="keep finalize's test answers (default: NA, the key stays out)"),
+        max_file_mb: float = typer.Option(500.0, "--max-file-mb", min=1.0,
+                                          help="start a split's next Parquet file once one holds this many MB"),
     ):
         """Parquet configs per stage + README.md dataset card; `datasets.load_dataset(DIR)` opens it."""
         from stages.export.hf import export_hf
@@ -31,7 +33,8 @@ def register(app: typer.Typer) -> None:
 
         try:
             res = export_hf(OutputRoot(out), to, stages=stage or None, hide_test_answers=not with_test_answers,
-                            license_id=license_id, pretty_name=pretty_name)
+                            license_id=license_id, pretty_name=pretty_name,
+                            max_file_bytes=int(max_file_mb * 10**6))
         except (ValueError, FileNotFoundError) as exc:
             console.print(f"[red]{exc}[/]", soft_wrap=True)
             raise typer.Exit(1)

@@ -4,7 +4,7 @@ opens it, and ``huggingface_hub`` can push it as is.
 Layout::
 
     DIR/README.md                                    dataset card: YAML front matter + provenance text
-    DIR/data/<stage>/<split>-00000-of-00001.parquet  one config per stage that has rows
+    DIR/data/<stage>/<split>-00000-of-0000N.parquet  one config per stage that has rows, N files per split
 
 * Configs: one per stage with at least one row (config name = stage name). Splits: ``finalize`` (the
   benchmark) has ``dev`` and ``test`` from its ``split`` column, with test answers hidden (``NA``) unless
@@ -16,7 +16,12 @@ Layout::
   ``pretty_name``, ``tags`` and ``task_categories``; the default config is ``tasks`` (iMOVE-IT), else
   ``finalize``, else the first stage.
 * Parquet files are written without a zero-row row group (``datasets`` takes the first row group's size as
-  its batch size).
+  its batch size), in row groups of ``ROW_GROUP_ROWS`` rows (fewer when that many rows are over
+  ``ROW_GROUP_BYTES``), and a split moves to its next file once a file reaches ``max_file_bytes`` (500 MB by
+  default, as ``push_to_hub`` shards): the card names each split's files by a glob, as ``push_to_hub`` does.
+* A stage is read one shard at a time (:meth:`storage.root.OutputRoot.iter_stage`) and written as it is read:
+  the export holds a few shards and one row group per split, never a whole stage (the track table of a
+  million-video root is tens of GB; ``benchmarks/bench_reads_at_scale.py``).
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ import pyarrow.parquet as pq
 from stages.shared.motionbench_format import NA
 
 CARD = "README.md"
+ROW_GROUP_ROWS = 1000  # rows per row group (the batch ``datasets`` writes tabular rows in)
+ROW_GROUP_BYTES = 64 * 2**20  # a row group is cut earlier when its rows hold this much in memory
+MAX_FILE_BYTES = 500 * 10**6  # a split's next file starts once a file is this large (push_to_hub's default)
 DATA = "data"
 EXPORT_MARK = "<!-- motionforge export hf -->"
 DEFAULT_ORDER = ("tasks", "finalize")
@@ -70,14 +78,60 @@ def split_tables(stage: str, table: pa.Table, hide_test_answers: bool = True) ->
     return {"train": table}
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if table.num_rows:
-        pq.write_table(table, tmp, compression="zstd")
-    else:
-        pq.ParquetWriter(tmp, table.schema, compression="zstd").close()
-    os.replace(tmp, path)
+class _SplitFiles:
+    """One split of one config, written as its shards arrive: row groups of ROW_GROUP_ROWS rows, and the next
+    file after the row group that takes a file to ``max_file_bytes``; :meth:`close` names the files
+    ``<split>-<i>-of-<n>.parquet``."""
+
+    def __init__(self, folder: Path, split: str, schema: pa.Schema, max_file_bytes: int):
+        self.folder, self.split, self.schema, self.max_file_bytes = folder, split, schema, max_file_bytes
+        self.parts: list[Path] = []
+        self.buffer: list[pa.Table] = []
+        self.buffered_rows = self.buffered_bytes = 0
+        self.rows = self.nbytes = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self.rows += table.num_rows
+        self.nbytes += table.nbytes
+        self.buffer.append(table)
+        self.buffered_rows += table.num_rows
+        self.buffered_bytes += table.nbytes
+        if self.buffered_rows >= ROW_GROUP_ROWS or self.buffered_bytes >= ROW_GROUP_BYTES:
+            self._flush(everything=self.buffered_bytes >= ROW_GROUP_BYTES)
+
+    def _flush(self, everything: bool) -> None:
+        """Write the buffered rows as row groups of ROW_GROUP_ROWS (and the shorter rest, if ``everything``)."""
+        table = pa.concat_tables(self.buffer).combine_chunks()
+        n = table.num_rows if everything else table.num_rows - table.num_rows % ROW_GROUP_ROWS
+        for start in range(0, n, ROW_GROUP_ROWS):
+            if self._writer is None:
+                self.parts.append(self.folder / f".{self.split}-{len(self.parts):05d}.parquet.part")
+                self.parts[-1].parent.mkdir(parents=True, exist_ok=True)
+                self._writer = pq.ParquetWriter(self.parts[-1], self.schema, compression="zstd")
+            group = table.slice(start, min(ROW_GROUP_ROWS, n - start))
+            self._writer.write_table(group, row_group_size=group.num_rows)
+            if self.parts[-1].stat().st_size >= self.max_file_bytes:  # each row group is on disk once written
+                self._writer.close()
+                self._writer = None
+        rest = table.slice(n)
+        self.buffer = [rest] if rest.num_rows else []
+        self.buffered_rows, self.buffered_bytes = rest.num_rows, rest.nbytes if rest.num_rows else 0
+
+    def close(self) -> list[str]:
+        """The files' names (relative to the config's folder), final."""
+        if self.buffer:
+            self._flush(everything=True)
+        if self._writer is not None:
+            self._writer.close()
+        names = []
+        for i, part in enumerate(self.parts):
+            name = f"{self.split}-{i:05d}-of-{len(self.parts):05d}.parquet"
+            os.replace(part, part.with_name(name))
+            names.append(name)
+        return names
 
 
 def _check_target(to: Path) -> None:
@@ -134,7 +188,8 @@ def _card_body(source: str, configs: list[ConfigExport], empty: list[str], manif
 
 
 def export_hf(root, to: str | Path, *, stages: Iterable[str] | None = None, hide_test_answers: bool = True,
-              license_id: str = "other", pretty_name: str = "motionforge run") -> HfExport:
+              license_id: str = "other", pretty_name: str = "motionforge run",
+              max_file_bytes: int = MAX_FILE_BYTES) -> HfExport:
     """Write the dataset folder for ``root`` (an :class:`storage.root.OutputRoot`)."""
     from datasets import Features
     from datasets.info import DatasetInfo, DatasetInfosDict
@@ -160,25 +215,43 @@ def export_hf(root, to: str | Path, *, stages: Iterable[str] | None = None, hide
     for stage in wanted:
         if not root.completed_shards(stage):
             raise ValueError(f"stage {stage!r} has no completed shards under {root.url}")
-        table = root.read_stage(stage).replace_schema_metadata(None)
-        if table.num_rows == 0:
+        folder = tmp / DATA / stage
+        schema = None
+        writers: dict[str, _SplitFiles] = {}
+        status: collections.Counter = collections.Counter()
+        for shard, table in root.iter_stage(stage):
+            table = table.replace_schema_metadata(None)
+            if schema is None:
+                schema = table.schema
+            elif not table.schema.equals(schema):
+                try:
+                    table = table.cast(schema)
+                except (pa.ArrowInvalid, ValueError) as exc:
+                    raise ValueError(f"stage {stage!r}: shard {shard}'s columns differ from the first shard's and "
+                                     f"cannot be cast to them ({exc}); re-run the stage with --force") from exc
+            if not table.num_rows:
+                continue
+            if "expert" in table.column_names:
+                experts[stage].update(x for x in pc.unique(table["expert"]).to_pylist() if x)
+            if "status" in table.column_names:
+                status.update({d["values"]: d["counts"] for d in pc.value_counts(table["status"]).to_pylist()})
+            for split, part in split_tables(stage, table, hide_test_answers).items():
+                if split not in writers:
+                    writers[split] = _SplitFiles(folder, split, schema, max_file_bytes)
+                writers[split].add(part)
+        if not writers:
             empty.append(stage)
             continue
-        if "expert" in table.column_names:
-            experts[stage].update(x for x in table["expert"].to_pylist() if x)
-        features = Features.from_arrow_schema(table.schema)
-        parts = split_tables(stage, table, hide_test_answers)
         split_dict = SplitDict()
         files = []
-        for split, part in parts.items():
-            rel = f"{DATA}/{stage}/{split}-00000-of-00001.parquet"
-            _write_parquet(part, tmp / rel)
-            files.append({"split": split, "path": rel})
-            split_dict.add(SplitInfo(name=split, num_bytes=part.nbytes, num_examples=part.num_rows))
-        status = dict(collections.Counter(table["status"].to_pylist())) if "status" in table.column_names else {}
-        configs.append(ConfigExport(stage, {s: p.num_rows for s, p in parts.items()}, status))
+        for split in sorted(writers):
+            w = writers[split]
+            w.close()
+            files.append({"split": split, "path": f"{DATA}/{stage}/{split}-*.parquet"})
+            split_dict.add(SplitInfo(name=split, num_bytes=w.nbytes, num_examples=w.rows))
+        configs.append(ConfigExport(stage, {s: writers[s].rows for s in sorted(writers)}, dict(status)))
         meta_configs[stage] = {"data_files": files}
-        infos[stage] = DatasetInfo(features=features, splits=split_dict)
+        infos[stage] = DatasetInfo(features=Features.from_arrow_schema(schema), splits=split_dict)
     if not meta_configs:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"no rows in any of the stages {wanted} under {root.url}: nothing to export")

@@ -133,3 +133,47 @@ def test_cli_export_hf(root, tmp_path):
     summary = json.loads((tmp_path / "ds" / "export_summary.json").read_text())
     assert summary["empty_stages"] == ["review"]
     assert len(datasets.load_dataset(str(tmp_path / "ds"), "synthqa", split="train", cache_dir=str(tmp_path / "c"))) == 7
+
+
+def test_export_hf_streams_shards_into_several_files_per_split(tmp_path, monkeypatch):
+    """A stage of many shards is written shard by shard (never read whole) into row groups of ROW_GROUP_ROWS
+    rows and a split's next file once a file is max_file_bytes; ``datasets`` loads every row, in shard order,
+    from the card's globs. Small sizes here stand in for 1000 rows and 500 MB."""
+    import stages.export.hf as hf
+
+    r = OutputRoot(tmp_path / "root")
+    for shard in range(12):
+        write_stage(r, "synthqa", shard, _questions(7, f"c{shard}", f"v{shard}"))
+    write_stage(r, "finalize", 0, build_benchmark(_reviews(40, 5), _questions(3, "s", "sv"), FinalizeConfig(seed=1)),
+                MB_SCHEMA)
+    monkeypatch.setattr(hf, "ROW_GROUP_ROWS", 10)
+
+    def whole(self, stage, schema=None):
+        raise AssertionError(f"export read all of {stage} at once")
+
+    monkeypatch.setattr(OutputRoot, "read_stage", whole)
+    out = tmp_path / "ds"
+    res = hf.export_hf(r, out, max_file_bytes=6_000)
+    monkeypatch.undo()
+    files = sorted((out / "data" / "synthqa").iterdir())
+    n = len(files)
+    assert n > 1 and [f.name for f in files] == [f"train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    groups = [pq.ParquetFile(f).metadata.row_group(g).num_rows for f in files
+              for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    assert sum(groups) == 84 and all(g == 10 for g in groups[:-1]) and 0 < groups[-1] <= 10, groups
+    for f in files[:-1]:  # each file is cut after the row group that takes it past 6 kB, not later
+        md = pq.ParquetFile(f).metadata
+        last = md.row_group(md.num_row_groups - 1).column(0)
+        assert f.stat().st_size >= 6_000 and min(o for o in (last.dictionary_page_offset, last.data_page_offset)
+                                                 if o is not None) < 6_000
+    want = r.read_stage("synthqa")["question_id"].to_pylist()
+    sq = datasets.load_dataset(str(out), "synthqa", split="train", cache_dir=str(tmp_path / "c"))
+    assert sq["question_id"] == want
+    fin = datasets.load_dataset(str(out), "finalize", cache_dir=str(tmp_path / "c2"))
+    table = r.read_stage("finalize")
+    n_split = {s: table["split"].to_pylist().count(s) for s in ("dev", "test")}
+    assert {k: len(v) for k, v in fin.items()} == n_split == {s: res.configs[-1].splits[s] for s in ("dev", "test")}
+    assert len(list((out / "data" / "finalize").glob("test-*.parquet"))) > 1 and set(fin["test"]["answer"]) == {"NA"}
+    card = DatasetCard.load(out / "README.md")
+    paths = {c["config_name"]: c["data_files"] for c in card.data.configs}
+    assert paths["synthqa"] == [{"split": "train", "path": "data/synthqa/train-*.parquet"}]
