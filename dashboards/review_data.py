@@ -94,11 +94,10 @@ class ReviewQueue:
                     if v.status == STATUS_OK:
                         kept.add(v.question_id)
         clips: dict[str, dict] = {}
-        try:
-            for c in self.root.read_stage("scenes").select(["clip_id", "fps", "width", "height"]).to_pylist():
-                clips[c["clip_id"]] = c
-        except (FileNotFoundError, KeyError):
-            pass
+        for _, table in self.root.iter_stage("scenes", columns=("clip_id", "fps", "width", "height")):
+            if "clip_id" in table.column_names:
+                for c in table.to_pylist():
+                    clips[c["clip_id"]] = c
         order = sorted((qid for qid in index if qid in kept),
                        key=lambda q: (index[q][0], index[q][1].clip_id, index[q][1].generation_index or 0, q))
         self._index, self._order, self._judges, self._ffilter, self._clips = index, order, judges, ffilter, clips

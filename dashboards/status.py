@@ -106,11 +106,3 @@ def _failed_attempt(root: OutputRoot, stage: str, shard: int) -> dict | None:
     """The note the runner leaves when a whole shard raised (cleared when the shard later completes)."""
     return root.read_json(root.path(stage, "_failed", f"shard-{shard:05d}.json"))
 
-
-def first_error_rows(out: str, stage: str, n: int = 5) -> list[dict]:
-    import pyarrow.compute as pc
-
-    root = OutputRoot(out)
-    table = root.read_stage(stage)
-    errs = table.filter(pc.equal(table["status"], "error"))
-    return errs.slice(0, n).to_pylist()
