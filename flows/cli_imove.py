@@ -5,13 +5,15 @@ Wiring only: the formats and the folder layout are in :mod:`stages.export.imove_
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from flows.cli_groups import export_app
 
 
-def export_imove_it(out: str, to: str | Path, tasks: list[str] | None = None, formats: list[str] | None = None):
+def export_imove_it(out: str, to: str | Path, tasks: list[str] | None = None, formats: list[str] | None = None,
+                    workers: int | None = None):
     """Read ``tasks`` from the output root ``out`` and write the export folder ``to``; returns the result."""
     from schemas.imove_it import SCHEMA
     from stages.export.imove_it import FORMATS, export_samples, ok_rows
@@ -21,7 +23,7 @@ def export_imove_it(out: str, to: str | Path, tasks: list[str] | None = None, fo
     if not root.is_local:
         raise ValueError(f"{out}: the iMOVE-IT export cuts clips with ffmpeg and needs a local output root")
     rows = ok_rows(root.read_stage("tasks", SCHEMA), tasks)
-    return export_samples(rows, to, formats or FORMATS)
+    return export_samples(rows, to, formats or FORMATS, workers=workers)
 
 
 def register(app: typer.Typer) -> None:
@@ -31,11 +33,13 @@ def register(app: typer.Typer) -> None:
         to: Path = typer.Option(..., "--to", help="export folder (data files + videos/ with the cut clips)"),
         task: list[str] = typer.Option(None, "--task", help="only these tasks (repeatable)"),
         fmt: list[str] = typer.Option(None, "--format", help="internvl | llava | sharegpt (repeatable; default all)"),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                              help="clips cut at once (default: one per core)"),
     ):
         """iMOVE-IT samples for InternVL, LLaVA-NeXT/LLaVA-Video and ShareGPT-style trainers (LLaMA-Factory,
         ms-swift); each clip is cut into the folder so t=0 is the clip start the time tokens refer to."""
         try:
-            res = export_imove_it(out, to, task or None, fmt or None)
+            res = export_imove_it(out, to, task or None, fmt or None, workers)
         except (ValueError, FileNotFoundError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1)

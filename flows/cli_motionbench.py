@@ -176,6 +176,8 @@ def register(app: typer.Typer) -> None:
     def _export_motionbench(
         out: str = typer.Option(..., "--out", "-o", help="output root of a pipeline run"),
         to: Path = typer.Option(..., "--to", help="release folder: video_info.meta.jsonl, test_answers.json, videos/"),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                              help="clips cut at once (default: one per core)"),
     ):
         """The benchmark as a release folder: one question per meta line (exact category; the official scorer
         and lmms-eval read it), test answers NA plus the answer key, and each clip cut into videos/."""
@@ -194,7 +196,7 @@ def register(app: typer.Typer) -> None:
         rows = from_table(table, BenchmarkQuestion)
         if not rows:
             _fail(f"{out}: finalize has no questions (is review required and nothing accepted yet?)")
-        res = export_release(rows, to)
+        res = export_release(rows, to, workers=workers)
         console.print(f"{res.questions} questions over {res.clips} clips (dev {res.dev}, test {res.test}) -> "
                       f"{res.meta}; clips -> {res.videos}; test answer key -> {res.answer_key}")
         if res.dropped:

@@ -94,8 +94,10 @@ class ImoveExport:
     dropped: dict[str, str]  # sample_id -> reason
 
 
-def export_samples(rows: Sequence[dict], to: str | Path, formats: Iterable[str] = FORMATS) -> ImoveExport:
-    """Write the export folder for ``rows`` (``tasks`` rows as dicts, status ``ok`` only)."""
+def export_samples(rows: Sequence[dict], to: str | Path, formats: Iterable[str] = FORMATS,
+                   workers: int | None = None) -> ImoveExport:
+    """Write the export folder for ``rows`` (``tasks`` rows as dicts, status ``ok`` only); ``workers``: clips
+    cut at once (:func:`stages.export.media.write_clips`)."""
     formats = list(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -108,7 +110,7 @@ def export_samples(rows: Sequence[dict], to: str | Path, formats: Iterable[str] 
         src = ClipSource(name=name, src=r["video_path"], start_s=r["clip_start_s"], end_s=r["clip_end_s"])
         if sources.setdefault(name, src) != src:
             raise ValueError(f"clip {r['clip_id']}: samples disagree on its source or span")
-    _, errors = write_clips(sources.values(), to / VIDEOS_DIR)
+    _, errors = write_clips(sources.values(), to / VIDEOS_DIR, workers=workers)
     dropped = {r["sample_id"]: errors[Path(clip_file(r["clip_id"])).name] for r in rows
                if Path(clip_file(r["clip_id"])).name in errors}
     for r in rows:

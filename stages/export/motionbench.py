@@ -80,9 +80,10 @@ class ReleaseExport:
     dropped: dict[str, str]  # question uid -> why it was left out (its clip could not be written)
 
 
-def export_release(rows: Sequence[BenchmarkQuestion], out_dir: str | Path) -> ReleaseExport:
+def export_release(rows: Sequence[BenchmarkQuestion], out_dir: str | Path, workers: int | None = None) -> ReleaseExport:
     """Write the release folder (see the module docstring). Questions whose clip cannot be written are left
-    out and listed, with the reason, in ``export_errors.json``."""
+    out and listed, with the reason, in ``export_errors.json``. ``workers``: clips cut at once
+    (:func:`stages.export.media.write_clips`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ok_rows = [r for r in rows if r.ok]
@@ -92,7 +93,7 @@ def export_release(rows: Sequence[BenchmarkQuestion], out_dir: str | Path) -> Re
         prev = sources.setdefault(src.name, src)
         if prev != src:
             raise ValueError(f"clip {r.key}: questions disagree on its file or span ({prev} vs {src})")
-    _, errors = write_clips(sources.values(), out / VIDEOS_DIR)
+    _, errors = write_clips(sources.values(), out / VIDEOS_DIR, workers=workers)
     dropped = {r.question_id: errors[clip_file_name(r.key)] for r in ok_rows if clip_file_name(r.key) in errors}
     kept = [r for r in ok_rows if r.question_id not in dropped]
     lines, key = meta_lines(kept)

@@ -218,7 +218,8 @@ def test_internvl_reader_keeps_every_sample(run):
 def test_format_option_and_errors(run, tmp_path):
     d, src, samples, out = run
     invoke("export", "imove-it", "--out", str(d / "root"), "--to", str(tmp_path / "one"), "--format", "llava")
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["imove_it_llava.json", "videos"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [".videos.clips.jsonl", "imove_it_llava.json",
+                                                                     "videos"]  # the index of clips cut
     rows = ok_rows(OutputRoot(d / "root").read_stage("tasks"))
     with pytest.raises(ValueError, match="unknown format"):
         export_samples(rows, tmp_path / "x", ["jsonl"])
