@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from stages.shared.reasons import normalise_reason
 from schemas._base import STATUS_OK, from_table
@@ -245,32 +245,53 @@ def _conflict(history: list[rv.Decision]) -> bool:
 IMOVE_STAGES = ("detect", "track", "trackfilter", "caption", "check", "tasks")
 
 
+# The columns the explorer's list reads of each stage (a stage's other columns, e.g. a track's points or a
+# sample's conversations, are read only for the one instance opened, from its own shard).
+_DETECT_COLUMNS = ("instance_id", "clip_id", "video_id", "video_path", "label", "start_s", "end_s", "fps", "width",
+                   "height", "tag_score", "detection_score", "clip_score", "box_xyxy_px", "status", "error")
+LIST_COLUMNS = {"detect": _DETECT_COLUMNS, "tag": ("clip_id", "tags"), "scenes": ("clip_id", "fps"),
+                **{s: ("instance_id", "status", "error") for s in IMOVE_STAGES[1:]}}
+
+
 class Tables:
-    """Stage tables as row dicts, read once and re-read only when the stage's markers change (a shard was
-    written), so the explorer does not re-read Parquet on every request."""
+    """Stage tables as row dicts (with the shard each row came from as ``_shard``), read once and re-read only
+    when the stage's markers change (a shard was written), so the explorer does not re-read Parquet on every
+    request; ``columns`` reads only those."""
 
     def __init__(self, root: OutputRoot):
         self.root = root
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[tuple, list[dict]]] = {}
+        self._cache: dict[tuple, tuple[tuple, Any]] = {}
 
-    def rows(self, stage: str) -> list[dict]:
-        key = _markers_key(self.root, (stage,))
+    def rows(self, stage: str, columns: tuple[str, ...] | None = None) -> list[dict]:
+        return self.memo(("rows", stage, columns), (stage,), lambda: _read_rows(self.root, stage, columns))
+
+    def memo(self, name: tuple, stages: tuple[str, ...], build: Callable[[], Any]) -> Any:
+        """``build()``, kept until one of ``stages`` writes a shard."""
+        key = _markers_key(self.root, stages)
         with self._lock:
-            hit = self._cache.get(stage)
+            hit = self._cache.get(name)
             if hit is not None and hit[0] == key:
                 return hit[1]
-        try:
-            rows = self.root.read_stage(stage).to_pylist()
-        except FileNotFoundError:
-            rows = []
+        value = build()
         with self._lock:
-            self._cache[stage] = (key, rows)
-        return rows
+            self._cache[name] = (key, value)
+        return value
+
+
+def _read_rows(root: OutputRoot, stage: str, columns: tuple[str, ...] | None) -> list[dict]:
+    out = []
+    for shard, table in root.iter_stage(stage, columns=columns):
+        out.extend(dict(r, _shard=shard) for r in table.to_pylist())
+    return out
+
+
+def _tables(root: OutputRoot | Tables) -> Tables:
+    return root if isinstance(root, Tables) else Tables(root)
 
 
 def _rows(root: OutputRoot | Tables, stage: str) -> list[dict]:
-    return root.rows(stage) if isinstance(root, Tables) else Tables(root).rows(stage)
+    return _tables(root).rows(stage)
 
 
 def _url(root: OutputRoot | Tables) -> str:
@@ -278,10 +299,16 @@ def _url(root: OutputRoot | Tables) -> str:
 
 
 def imove_instances(root: OutputRoot | Tables) -> list[dict]:
-    """One entry per detected instance: where it got to in the iMOVE-IT stages, and why it stopped there."""
-    tables = {s: _rows(root, s) for s in IMOVE_STAGES}
-    tags = {r["clip_id"]: r for r in _rows(root, "tag")}
-    clips = {r["clip_id"]: r for r in _rows(root, "scenes")}
+    """One entry per detected instance: where it got to in the iMOVE-IT stages, and why it stopped there (and
+    the shard it is in, where :func:`imove_instance` reads its details)."""
+    t = _tables(root)
+    return t.memo(("imove_instances",), IMOVE_STAGES + ("tag", "scenes"), lambda: _instances(t))
+
+
+def _instances(t: Tables) -> list[dict]:
+    tables = {s: t.rows(s, LIST_COLUMNS[s]) for s in IMOVE_STAGES}
+    tags = {r["clip_id"]: r for r in t.rows("tag", LIST_COLUMNS["tag"])}
+    clips = {r["clip_id"]: r for r in t.rows("scenes", LIST_COLUMNS["scenes"])}
     per: dict[str, dict[str, Any]] = {}
     for r in tables["detect"]:
         per[r["instance_id"]] = {"detect": r}
@@ -311,7 +338,7 @@ def imove_instances(root: OutputRoot | Tables) -> list[dict]:
         clip = clips.get(det["clip_id"]) or {}
         out.append({
             "instance_id": iid, "clip_id": det["clip_id"], "video_id": det["video_id"], "label": det.get("label"),
-            "status": status, "reason": reason, "error": error,
+            "shard": det["_shard"], "status": status, "reason": reason, "error": error,
             "start_s": det["start_s"], "end_s": det["end_s"], "fps": det.get("fps") or clip.get("fps"),
             "width": det.get("width"), "height": det.get("height"),
             "tag_score": tag_score, "clip_tags": [t.get("tag") for t in (tag.get("tags") or [])],
@@ -322,15 +349,28 @@ def imove_instances(root: OutputRoot | Tables) -> list[dict]:
 
 
 def imove_instance(root: OutputRoot | Tables, iid: str) -> dict:
-    summary = next((r for r in imove_instances(root) if r["instance_id"] == iid), None)
+    """One instance's summary and its rows of every iMOVE-IT stage, read from its own shard only."""
+    import pyarrow.compute as pc
+
+    t = _tables(root)
+    by_id = t.memo(("imove_instance_index",), IMOVE_STAGES + ("tag", "scenes"),
+                   lambda: {r["instance_id"]: r for r in imove_instances(t)})
+    summary = by_id.get(iid)
     if summary is None:
         raise RequestError(f"unknown instance {iid!r}: not in the detect table of {_url(root)}", 404)
+
+    def rows_of(stage: str) -> list[dict]:
+        if t.root.read_marker(stage, summary["shard"]) is None:  # only completed shards, as the list reads
+            return []
+        table = t.root.read_shard(stage, summary["shard"])
+        return table.filter(pc.equal(table["instance_id"], iid)).to_pylist()
+
     detail: dict[str, Any] = {"summary": summary}
-    det = next(r for r in _rows(root, "detect") if r["instance_id"] == iid)
+    det = rows_of("detect")[0]
     detail["video_path"] = det["video_path"]
     for s in ("track", "trackfilter", "caption", "check"):
-        detail[s] = next((_plain(r) for r in _rows(root, s) if r["instance_id"] == iid), None)
-    detail["samples"] = [_plain(r) for r in _rows(root, "tasks") if r["instance_id"] == iid]
+        detail[s] = next((_plain(r) for r in rows_of(s)), None)
+    detail["samples"] = [_plain(r) for r in rows_of("tasks")]
     detail["video_url"] = f"/media/imove/{iid}/video"
     return detail
 

@@ -13,7 +13,7 @@ import ipaddress
 import secrets
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
@@ -22,6 +22,7 @@ from storage.root import OutputRoot
 
 STATIC = Path(__file__).parent / "static"
 TOKEN_COOKIE = "motionforge_token"
+PAGE_ROWS = 500  # explorer rows per page (the browser lists them all; a large root has millions)
 VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime",
                ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 
@@ -137,14 +138,17 @@ def create_app(out: str, token: str | None = None, claim_s: float = 600.0) -> Fa
 
     # -- explorer API -------------------------------------------------------------------------------------
     @app.get("/api/imove/instances")
-    def _instances(status: str | None = None, reason: str | None = None):
+    def _instances(status: str | None = None, reason: str | None = None, offset: int = Query(0, ge=0),
+                   limit: int = Query(PAGE_ROWS, ge=1, le=10 * PAGE_ROWS)):
+        """One page of the (filtered) instances, with their total and the facets of all of them."""
         rows = rd.imove_instances(tables)
         facets = {"status": _counts(r["status"] for r in rows), "reason": _counts(r["reason"] for r in rows if r["reason"])}
         if status:
             rows = [r for r in rows if r["status"] == status]
         if reason:
             rows = [r for r in rows if r["reason"] == reason]
-        return {"instances": rows, "facets": facets}
+        return {"instances": rows[offset:offset + limit], "total": len(rows), "offset": offset, "limit": limit,
+                "facets": facets}
 
     @app.get("/api/imove/instances/{iid}")
     def _instance(iid: str):

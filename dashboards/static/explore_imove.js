@@ -32,17 +32,28 @@ function draw(t) {
 const player = new SpanPlayer(video, { onFrame: draw });
 playerControls($("controls"), player);
 
-async function list() {
+// The server sends the instances a page at a time (a large root has millions); "show more" appends the next.
+const HEADER = "<tr><th>instance</th><th>label</th><th>status</th><th>reason</th></tr>";
+let shown = 0;
+
+async function list(append = false) {
   const params = new URLSearchParams();
   if ($("f-status").value) params.set("status", $("f-status").value);
   if ($("f-reason").value) params.set("reason", $("f-reason").value);
+  params.set("offset", String(append ? shown : 0));
   const data = await api(`/api/imove/instances?${params}`);
   fill($("f-status"), data.facets.status);
   fill($("f-reason"), data.facets.reason);
-  $("instances").innerHTML = "<tr><th>instance</th><th>label</th><th>status</th><th>reason</th></tr>" + data.instances.map(r =>
+  const rows = data.instances.map(r =>
     `<tr data-id="${esc(r.instance_id)}"><td>${esc(r.instance_id.slice(0, 12))}</td><td>${esc(r.label)}</td><td>${esc(r.status)}</td><td title="${esc(r.reason || "")}">${esc(r.error || "")}</td></tr>`).join("");
+  if (append) $("instances").insertAdjacentHTML("beforeend", rows);
+  else $("instances").innerHTML = HEADER + rows;
+  shown = (append ? shown : 0) + data.instances.length;
+  $("shown").textContent = `${shown} of ${data.total}`;
+  $("more").hidden = shown >= data.total;
   document.querySelectorAll("#instances tr[data-id]").forEach(tr => { tr.onclick = () => open(tr.dataset.id); });
-  document.body.dataset.count = String(data.instances.length);
+  document.body.dataset.count = String(shown);
+  document.body.dataset.total = String(data.total);
 }
 
 async function open(iid) {
@@ -73,8 +84,9 @@ async function open(iid) {
   document.body.dataset.instance = iid;
 }
 
-$("f-status").onchange = list;
-$("f-reason").onchange = list;
+$("f-status").onchange = () => list();
+$("f-reason").onchange = () => list();
+$("more").onclick = () => list(true);
 window.addEventListener("resize", () => draw(video.currentTime));
 list().then(() => {
   const want = new URLSearchParams(location.search).get("instance");

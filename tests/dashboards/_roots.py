@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from pathlib import Path
 
 from schemas.captions import SCHEMA as CAPTION_SCHEMA, Caption
@@ -22,6 +23,7 @@ from stages.imove_it import tasks
 from stages.runner import run_shard
 from stages.shared.motionbench_questions import question_id
 from stages.synth.videos import SynthConfig, render_video
+from storage.manifest import read_plan, record_plan
 from storage.root import OutputRoot
 from tests._mb_doubles import clip_for, seed_clips, seed_stage
 from tests._video_fixtures import make_testsrc
@@ -129,3 +131,37 @@ def imove_root(tmp: Path) -> tuple[OutputRoot, dict]:
     run_shard(tasks.STAGE, root, tasks.TasksConfig(), 0)
     return root, {"kept": (kept, kept_track), "dropped": (instances[1], tf_rows[1].reason), "video": video,
                   "truth": truth}
+
+
+COPIES = 4
+BROKEN = 2  # this copy's rows are all error rows, one message per row
+ID_COLUMNS = ("video_id", "clip_id", "instance_id", "sample_id", "question_id", "key")
+
+
+def spread(src: OutputRoot, dest: OutputRoot) -> None:
+    """``dest``: every stage of ``src`` (one shard each) as COPIES shards with ids suffixed ``~k``; copy BROKEN's
+    rows are all error rows, one message per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    plan = read_plan(src)
+    record_plan(dest, {**plan, "shards": [[f"{u}~{k}" for u in plan["shards"][0]] for k in range(COPIES)]})
+    for stage in src.stages_present():
+        if not src.completed_shards(stage):
+            continue
+        table, marker = src.read_shard(stage, 0), src.read_marker(stage, 0)
+        for k in range(COPIES):
+            t = table
+            for name in ID_COLUMNS:
+                if name in t.column_names:
+                    i = t.schema.get_field_index(name)
+                    t = t.set_column(i, t.schema.field(i), pc.binary_join_element_wise(t[name], pa.scalar(str(k)), "~"))
+            if k == BROKEN and t.num_rows:
+                i = t.schema.get_field_index("status")
+                t = t.set_column(i, t.schema.field(i), pa.array(["error"] * t.num_rows, pa.string()))
+                i = t.schema.get_field_index("error")
+                t = t.set_column(i, t.schema.field(i), pa.array(
+                    [f"{stage} for item {uuid.uuid4()}: the decoder stopped at frame {r * 7}" for r in range(t.num_rows)],
+                    pa.string()))
+            dest.write_table_atomic(stage, k, t)
+            dest.write_marker(stage, k, {**marker, "shard": k})

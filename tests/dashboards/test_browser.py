@@ -254,6 +254,27 @@ def test_explorer_draws_the_tracks_box(tmp_path):
         _shot(page, "report.png", tmp_path)
 
 
+def test_explorer_lists_a_page_at_a_time(tmp_path, monkeypatch):
+    """The explorer asks for a page of instances (a large root has millions) and "show more" appends the next;
+    one row per page here stands in for 500."""
+    import dashboards.server as server
+
+    root, info = imove_root(tmp_path)
+    monkeypatch.setattr(server, "PAGE_ROWS", 1)
+    with live_server(create_app(root.url)) as url, browser() as b:
+        page = b.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{url}/explore/imove")
+        page.wait_for_function("() => document.body.dataset.count === '1' && document.body.dataset.total === '2'",
+                               timeout=WAIT_MS)
+        assert page.locator("#shown").inner_text() == "1 of 2" and page.locator("#more").is_visible()
+        page.locator("#more").click()
+        page.wait_for_function("() => document.body.dataset.count === '2'", timeout=WAIT_MS)
+        ids = page.locator("#instances tr[data-id]").evaluate_all("rows => rows.map(r => r.dataset.id)")
+        assert sorted(ids) == sorted([info["kept"][0].instance_id, info["dropped"][0].instance_id])
+        assert page.locator("#shown").inner_text() == "2 of 2" and not page.locator("#more").is_visible()
+        _shot(page, "explorer_imove_paged.png", tmp_path)
+
+
 def test_motionbench_explorer_by_category_with_the_clip(tmp_path):
     root, by_id = motionbench_root(tmp_path)
     with live_server(create_app(root.url)) as url, browser() as b:

@@ -6,45 +6,11 @@ its statistics, the iMOVE appendix for iMOVE-IT's)."""
 from __future__ import annotations
 
 import collections
-import uuid
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from dashboards.report import MB_CATEGORY_NAMES, collect
 from stages.shared.reasons import group_reasons
-from storage.manifest import read_plan, record_plan
 from storage.root import OutputRoot
-from tests.dashboards._roots import imove_root, motionbench_root
-
-COPIES = 4
-BROKEN = 2  # this copy's rows are all error rows, one message per row
-ID_COLUMNS = ("video_id", "clip_id", "instance_id", "sample_id", "question_id", "key")
-
-
-def _spread(src: OutputRoot, dest: OutputRoot) -> None:
-    """``dest``: every stage of ``src`` (one shard each) as COPIES shards with ids suffixed ``~k``."""
-    plan = read_plan(src)
-    record_plan(dest, {**plan, "shards": [[f"{u}~{k}" for u in plan["shards"][0]] for k in range(COPIES)]})
-    for stage in src.stages_present():
-        if not src.completed_shards(stage):
-            continue
-        table, marker = src.read_shard(stage, 0), src.read_marker(stage, 0)
-        for k in range(COPIES):
-            t = table
-            for name in ID_COLUMNS:
-                if name in t.column_names:
-                    i = t.schema.get_field_index(name)
-                    t = t.set_column(i, t.schema.field(i), pc.binary_join_element_wise(t[name], pa.scalar(str(k)), "~"))
-            if k == BROKEN and t.num_rows:
-                i = t.schema.get_field_index("status")
-                t = t.set_column(i, t.schema.field(i), pa.array(["error"] * t.num_rows, pa.string()))
-                i = t.schema.get_field_index("error")
-                t = t.set_column(i, t.schema.field(i), pa.array(
-                    [f"{stage} for item {uuid.uuid4()}: the decoder stopped at frame {r * 7}" for r in range(t.num_rows)],
-                    pa.string()))
-            dest.write_table_atomic(stage, k, t)
-            dest.write_marker(stage, k, {**marker, "shard": k})
+from tests.dashboards._roots import COPIES, imove_root, motionbench_root, spread
 
 
 def _whole(root: OutputRoot, stage: str) -> list[dict]:
@@ -98,7 +64,7 @@ def _replay(root: OutputRoot) -> dict:
 def test_imove_it_report_over_shards_equals_the_whole_tables(tmp_path):
     src, _ = imove_root(tmp_path / "one")
     root = OutputRoot(tmp_path / "spread")
-    _spread(src, root)
+    spread(src, root)
     data, want = collect(root.url), _replay(root)
     assert data["drop_reasons"] == want["drop_reasons"]
     broken = {"reason": "the decoder stopped at frame <n>", "count": len(_whole(src, "tasks"))}
@@ -114,7 +80,7 @@ def test_motionbench_report_over_shards_equals_the_whole_tables(tmp_path):
     (tmp_path / "one").mkdir()
     src, _ = motionbench_root(tmp_path / "one", extra=3)
     root = OutputRoot(tmp_path / "spread")
-    _spread(src, root)
+    spread(src, root)
     data, want = collect(root.url), _replay(root)
     assert data["drop_reasons"] == want["drop_reasons"]
     mb, ref = data["motionbench"], want["motionbench"]

@@ -198,6 +198,14 @@ def test_explorer_api_filters(tmp_path):
     assert sorted(s["task"] for s in detail["samples"]) == ["dynamic_captioning", "spatial_grounding", "temporal_grounding"]
     assert detail["check"]["accepted"] is True and detail["caption"]["static_caption"]
     assert client.get("/api/imove/instances/nope").status_code == 404
+    # a page at a time: the total and the facets count every instance
+    first = client.get("/api/imove/instances", params={"limit": 1}).json()
+    second = client.get("/api/imove/instances", params={"limit": 1, "offset": 1}).json()
+    assert (first["total"], second["total"], len(first["instances"]), len(second["instances"])) == (2, 2, 1, 1)
+    assert first["facets"] == second["facets"] == data["facets"]
+    assert [r["instance_id"] for r in first["instances"] + second["instances"]] == \
+           [r["instance_id"] for r in data["instances"]]
+    assert client.get("/api/imove/instances", params={"limit": 0}).status_code == 422
     assert client.get(detail["video_url"], headers={"Range": "bytes=0-9"}).status_code == 206
 
 
@@ -261,3 +269,39 @@ def test_a_batch_being_written_is_not_read_yet(tmp_path):
     Path(root._tmp_beside(done.replace(".jsonl", "-next.jsonl"))).write_bytes(b'{"question_id": "q2", "dec')
     assert [(d.question_id, d.reviewer) for d in review.decision_history(root, 0)] == [("q1", "ann")]
     assert review.decisions_fingerprint(root, 0) == before
+
+
+def test_explorer_lists_from_a_few_columns_and_opens_one_instance_from_its_shard(tmp_path, monkeypatch):
+    """The list reads only the columns it shows (never a track's points or a sample's conversations); opening
+    an instance reads its own shard of each stage, not every shard."""
+    import collections
+
+    from dashboards import review_data as rd
+    from tests.dashboards._roots import COPIES, spread
+
+    src, info = imove_root(tmp_path / "one")
+    root = OutputRoot(tmp_path / "spread")
+    spread(src, root)
+    reads: list[tuple] = []
+    real = OutputRoot.read_shard
+
+    def counting(self, stage, shard, schema=None, columns=None):
+        reads.append((stage, shard, None if columns is None else tuple(columns)))
+        return real(self, stage, shard, schema, columns)
+
+    monkeypatch.setattr(OutputRoot, "read_shard", counting)
+    tables = rd.Tables(root)
+    rows = rd.imove_instances(tables)
+    assert len(rows) == 2 * COPIES and all(cols is not None for _, _, cols in reads)
+    assert all("points" not in cols and "conversations" not in cols for _, _, cols in reads)
+    assert max(collections.Counter(reads).values()) == 1
+    reads.clear()
+    iid = f"{info['kept'][0].instance_id}~3"
+    detail = rd.imove_instance(tables, iid)
+    assert {(stage, shard) for stage, shard, _ in reads} == {(s, 3) for s in rd.IMOVE_STAGES}
+    assert detail["summary"]["shard"] == 3 and detail["track"]["instance_id"] == iid
+    assert len(detail["track"]["points"]) == len(info["kept"][1].points)
+    assert sorted(x["task"] for x in detail["samples"]) == ["dynamic_captioning", "spatial_grounding",
+                                                            "temporal_grounding"]
+    reads.clear()
+    assert rd.imove_instances(tables) == rows and reads == []  # kept until a shard is written
