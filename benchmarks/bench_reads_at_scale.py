@@ -1,5 +1,6 @@
 """The readers that go over a whole output root, on a root of many shards: the dataset report (written at the
-end of every flow run, in the flow process) and `export hf`.
+end of every flow run, in the flow process), `export hf`, and the iMOVE-IT explorer of `review serve` (its
+instance list, then one instance opened).
 
 No video is processed. A real root made by `motionforge demo` (``--source``; made first when absent) is
 replicated into ``--shards`` shards: shard k of every stage is the demo's shard ``k % S`` with its ids
@@ -12,7 +13,7 @@ Each reader runs in a fresh child process, one size after another, and prints wa
 the RSS after imports:
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_reads_at_scale.py [--shards 30,300,1500] \
-        [--source /tmp/motionforge-demo/root] [--readers report,export_hf]
+        [--source /tmp/motionforge-demo/root] [--readers report,export_hf,explorer]
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-READERS = ("report", "export_hf")
+READERS = ("report", "export_hf", "explorer")
 ID_SUFFIX_COLUMNS = ("video_id", "clip_id", "instance_id", "sample_id", "question_id", "key")
 
 
@@ -115,6 +116,7 @@ def _child(reader: str, root: str) -> None:
     """Run one reader over ``root`` and print a JSON line of measurements."""
     import importlib
 
+    from dashboards import review_data as rd
     from dashboards.report import collect, write_report  # imported before the RSS baseline, as is
     from stages.export.hf import export_hf
     from storage.root import OutputRoot
@@ -141,6 +143,15 @@ def _child(reader: str, root: str) -> None:
         extra = {"configs": len(res.configs), "files": sum(1 for _ in to.rglob("*.parquet")),
                  "mib": round(sum(p.stat().st_size for p in to.rglob("*.parquet")) / 2**20, 1)}
         shutil.rmtree(to.parent, ignore_errors=True)
+    elif reader == "explorer":
+        tables = rd.Tables(OutputRoot(root))
+        rows = rd.imove_instances(tables)
+        listed = time.perf_counter() - t0
+        kept = [r for r in rows if r["status"] == "in dataset"] or rows  # one with a track and samples
+        detail = rd.imove_instance(tables, kept[-1]["instance_id"])
+        extra = {"instances": len(rows), "list_s": round(listed, 2),
+                 "open_one_s": round(time.perf_counter() - t0 - listed, 2),
+                 "track_points": len((detail["track"] or {}).get("points") or [])}
     else:
         raise SystemExit(f"unknown reader {reader}")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
