@@ -32,12 +32,19 @@ class RequestError(ValueError):
 
 
 def _markers_key(root: OutputRoot, stages: tuple[str, ...]) -> tuple:
-    """Changes whenever one of these stages completes or rewrites a shard (markers carry fingerprints)."""
+    """Changes whenever one of these stages completes or rewrites a shard: its markers' file stamps, from one
+    listing per stage (every request checks it: reading each marker took seconds on a root of thousands of
+    shards). Where the filesystem keeps no modification times, the markers' own fingerprints."""
     key = []
     for s in stages:
-        for k in root.completed_shards(s):
-            m = root.read_marker(s, k) or {}
-            key.append((s, k, m.get("fingerprint"), m.get("finished_at") or m.get("created_at")))
+        stamps = root.file_stamps(root.path(s, "_markers"))
+        for name, stamp in sorted(stamps.items()):
+            if not (name.startswith("shard-") and name.endswith(".json")):
+                continue
+            if stamp[-2] is None:
+                m = root.read_json(root.path(s, "_markers", name)) or {}
+                stamp = (m.get("fingerprint"), m.get("finished_at") or m.get("created_at"))
+            key.append((s, name, stamp))
     return tuple(key)
 
 

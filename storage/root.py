@@ -216,6 +216,30 @@ class OutputRoot:
         names = (posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
         return sorted(n for n in names if not _TMP_RE.match(n))
 
+    def file_stamps(self, path: str) -> dict[str, tuple]:
+        """name -> a stamp of each file in ``path`` (temp files left out) that changes whenever the file is
+        replaced, from one listing, without opening any: (inode, mtime in ns, size) on a local root, where an
+        atomic write's rename always brings a new inode; (mtime in ns, size) elsewhere, with ``None`` for an
+        mtime the filesystem does not keep (``memory://``)."""
+        if self.is_local:
+            out = {}
+            try:
+                entries = os.scandir(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return out
+            with entries:
+                for e in entries:
+                    if not _TMP_RE.match(e.name):
+                        try:
+                            st = e.stat()
+                        except FileNotFoundError:  # renamed away since the listing
+                            continue
+                        out[e.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+            return out
+        sel = pafs.FileSelector(path, allow_not_found=True)
+        return {posixpath.basename(i.path): (i.mtime_ns, i.size) for i in self.fs.get_file_info(sel)
+                if not _TMP_RE.match(posixpath.basename(i.path))}
+
     # -- tables ------------------------------------------------------------------------------------------
     def write_table_atomic(self, stage: str, shard: int, table: pa.Table) -> str:
         """Write a shard's table to a temp name, fsync, then rename over the final name."""

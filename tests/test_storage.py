@@ -75,6 +75,35 @@ def test_iter_stage_reads_completed_shards_in_order_a_few_at_a_time(tmp_path, mo
     assert state["read"] - len(got) <= 1 + 4
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_marker_rewrite_changes_the_explorers_key_from_one_listing(tmp_path, where, monkeypatch):
+    """The review server checks on every request whether a stage wrote a shard; it lists the markers' folder
+    (stamps: inode, mtime, size) instead of reading each marker. A rewrite with the same length is seen on a
+    local root (the atomic rename brings a new inode); a filesystem without mtimes falls back to reading the
+    markers' fingerprints. Temp files of a write in flight are not part of the key."""
+    import uuid
+
+    from dashboards.review_data import _markers_key
+
+    url = str(tmp_path / "r") if where == "local" else f"memory://stamps-{uuid.uuid4().hex}/r"
+    root = OutputRoot(url)
+    for k in range(3):
+        root.write_marker("detect", k, {"fingerprint": f"{k:032x}", "shard": k})
+    opened = []
+    real = OutputRoot.read_json
+    monkeypatch.setattr(OutputRoot, "read_json", lambda self, path, default=None: opened.append(path) or
+                        real(self, path, default))
+    first = _markers_key(root, ("detect", "tag"))
+    assert len(opened) == (0 if where == "local" else 3) and len(first) == 3  # memory:// keeps no mtimes
+    assert _markers_key(root, ("detect", "tag")) == first
+    root.write_marker("detect", 1, {"fingerprint": f"{9:032x}", "shard": 1})  # same length, new content
+    second = _markers_key(root, ("detect", "tag"))
+    assert second != first and [a for a, b in zip(first, second) if a != b][0][1] == "shard-00001.json"
+    if where == "local":
+        (tmp_path / "r" / "detect" / "_markers" / ".tmp-0123456789abcdef-shard-00003.json").write_text("{")
+        assert _markers_key(root, ("detect",)) == second and opened == []
+
+
 def test_skip_completed_and_forced_rewrite(tmp_path):
     root = OutputRoot(tmp_path / "r")
     slow.plan(root, 6, 3)
