@@ -15,15 +15,13 @@ from flows.cli_groups import export_app
 def export_imove_it(out: str, to: str | Path, tasks: list[str] | None = None, formats: list[str] | None = None,
                     workers: int | None = None):
     """Read ``tasks`` from the output root ``out`` and write the export folder ``to``; returns the result."""
-    from schemas.imove_it import SCHEMA
-    from stages.export.imove_it import FORMATS, export_samples, ok_rows
+    from stages.export.imove_it import FORMATS, StageSamples, export_samples
     from storage.root import OutputRoot
 
     root = OutputRoot(out)
     if not root.is_local:
         raise ValueError(f"{out}: the iMOVE-IT export cuts clips with ffmpeg and needs a local output root")
-    rows = ok_rows(root.read_stage("tasks", SCHEMA), tasks)
-    return export_samples(rows, to, formats or FORMATS, workers=workers)
+    return export_samples(StageSamples(root, tasks), to, formats or FORMATS, workers=workers)
 
 
 def register(app: typer.Typer) -> None:

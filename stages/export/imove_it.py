@@ -20,11 +20,18 @@ trainer reads must BE the clip: each clip is cut once into ``DIR/videos/<clip_id
 
 Samples whose clip cannot be cut, or whose turns do not alternate human / gpt, are left out and listed
 with the reason in ``export_errors.json``.
+
+From an output root (:class:`StageSamples`) the samples are read shard by shard, twice (the clips to cut,
+then the records, written to every format's file as they are read), in shard order: the export holds the
+clips, not the samples (a million-video root has millions).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -94,45 +101,101 @@ class ImoveExport:
     dropped: dict[str, str]  # sample_id -> reason
 
 
-def export_samples(rows: Sequence[dict], to: str | Path, formats: Iterable[str] = FORMATS,
+class StageSamples:
+    """The ``ok`` rows of an output root's ``tasks`` stage (only ``tasks`` of them, if given), as dicts, read
+    shard by shard every time they are iterated."""
+
+    def __init__(self, root, tasks: Sequence[str] | None = None):
+        self.root, self.tasks = root, list(tasks or [])
+
+    def __iter__(self):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from schemas.imove_it import SCHEMA
+
+        for _, table in self.root.iter_stage("tasks", schema=SCHEMA):
+            keep = pc.fill_null(pc.equal(table["status"], "ok"), False)
+            if self.tasks:
+                keep = pc.and_(keep, pc.is_in(table["task"], value_set=pa.array(self.tasks, pa.string())))
+            yield from table.filter(keep).to_pylist()
+
+
+class _RecordFiles:
+    """One data file per format, written under temp names as records come and renamed in place by
+    :meth:`commit`; the LLaVA file is the JSON list ``json.dumps(records, indent=1)`` would give."""
+
+    def __init__(self, to: Path, formats: list[str]):
+        self.paths = {fmt: to / FILES[fmt] for fmt in formats}
+        self.tmp = {fmt: p.with_name(f".{p.name}.tmp-{os.getpid()}") for fmt, p in self.paths.items()}
+        self.files = {fmt: open(t, "w", encoding="utf-8") for fmt, t in self.tmp.items()}
+        self.n = 0
+
+    def write(self, row: dict) -> None:
+        for fmt, f in self.files.items():
+            rec = json.dumps(RECORD[fmt](row), ensure_ascii=False, indent=1 if fmt == "llava" else None)
+            if fmt == "llava":
+                f.write(("[\n" if self.n == 0 else ",\n") + textwrap.indent(rec, " "))
+            else:
+                f.write(rec + "\n")
+        self.n += 1
+
+    def commit(self) -> dict[str, Path]:
+        for fmt, f in self.files.items():
+            if fmt == "llava":
+                f.write("[]\n" if self.n == 0 else "\n]\n")
+            f.close()
+            os.replace(self.tmp[fmt], self.paths[fmt])
+        return dict(self.paths)
+
+    def discard(self) -> None:
+        for fmt, f in self.files.items():
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp[fmt])
+
+
+def export_samples(rows: Iterable[dict], to: str | Path, formats: Iterable[str] = FORMATS,
                    workers: int | None = None) -> ImoveExport:
-    """Write the export folder for ``rows`` (``tasks`` rows as dicts, status ``ok`` only); ``workers``: clips
-    cut at once (:func:`stages.export.media.write_clips`)."""
+    """Write the export folder for ``rows`` (``tasks`` rows as dicts, status ``ok`` only: a list, or a
+    :class:`StageSamples` that reads them again for each pass); ``workers``: clips cut at once
+    (:func:`stages.export.media.write_clips`)."""
     formats = list(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"unknown format(s) {bad}; choose from {', '.join(FORMATS)}")
+    if iter(rows) is rows:  # a one-pass iterator: the two passes below need the rows twice
+        rows = list(rows)
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
     sources: dict[str, ClipSource] = {}
-    for r in rows:
+    dropped: dict[str, str] = {}
+    for r in rows:  # pass 1: the clips to cut, and the samples whose turns no trainer can read
         name = Path(clip_file(r["clip_id"])).name
         src = ClipSource(name=name, src=r["video_path"], start_s=r["clip_start_s"], end_s=r["clip_end_s"])
         if sources.setdefault(name, src) != src:
             raise ValueError(f"clip {r['clip_id']}: samples disagree on its source or span")
+        try:
+            _turns(r)
+        except ValueError as exc:
+            dropped[r["sample_id"]] = str(exc)
     _, errors = write_clips(sources.values(), to / VIDEOS_DIR, workers=workers)
-    dropped = {r["sample_id"]: errors[Path(clip_file(r["clip_id"])).name] for r in rows
-               if Path(clip_file(r["clip_id"])).name in errors}
-    for r in rows:
-        if r["sample_id"] not in dropped:
-            try:
-                _turns(r)
-            except ValueError as exc:
-                dropped[r["sample_id"]] = str(exc)
-    kept = [r for r in rows if r["sample_id"] not in dropped]
-    files = {}
-    for fmt in formats:
-        recs = [RECORD[fmt](r) for r in kept]
-        path = to / FILES[fmt]
-        if fmt == "llava":
-            write_text_atomic(path, json.dumps(recs, ensure_ascii=False, indent=1) + "\n")
-        else:
-            write_text_atomic(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
-        files[fmt] = path
+    out = _RecordFiles(to, formats)
+    try:
+        for r in rows:  # pass 2: every format's record of each sample kept
+            clip_error = errors.get(Path(clip_file(r["clip_id"])).name)
+            if clip_error is not None:
+                dropped[r["sample_id"]] = clip_error
+            elif r["sample_id"] not in dropped:
+                out.write(r)
+    except BaseException:
+        out.discard()
+        raise
+    files = out.commit()
     if "internvl" in formats:
         write_text_atomic(to / INTERNVL_META, json.dumps({DATASET_NAME: {
             "root": str(to.resolve()), "annotation": str((to / FILES["internvl"]).resolve()),
-            "data_augment": False, "repeat_time": 1, "length": len(kept)}}, indent=1) + "\n")
+            "data_augment": False, "repeat_time": 1, "length": out.n}}, indent=1) + "\n")
     if "sharegpt" in formats:
         write_text_atomic(to / LLAMAFACTORY_INFO, json.dumps({DATASET_NAME: {
             "file_name": FILES["sharegpt"], "formatting": "sharegpt",
@@ -140,7 +203,7 @@ def export_samples(rows: Sequence[dict], to: str | Path, formats: Iterable[str] 
             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                      "assistant_tag": "assistant"}}}, indent=1) + "\n")
     write_errors(to / ERRORS_FILE, {"clips": errors, "samples_left_out": dropped} if dropped else None)
-    return ImoveExport(folder=to, files=files, samples=len(kept), clips=len(sources) - len(errors), dropped=dropped)
+    return ImoveExport(folder=to, files=files, samples=out.n, clips=len(sources) - len(errors), dropped=dropped)
 
 
 def ok_rows(table, tasks: Sequence[str] | None = None) -> list[dict]:

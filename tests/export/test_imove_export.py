@@ -240,3 +240,37 @@ def test_format_option_and_errors(run, tmp_path):
     res = export_samples([bad] + ok[1:], tmp_path / "bad", ["sharegpt"])
     assert res.samples == len(ok) - 1 and "alternate" in res.dropped[bad["sample_id"]]
     assert len((tmp_path / "bad" / "imove_it_sharegpt.jsonl").read_text().splitlines()) == len(ok) - 1
+
+
+def test_export_from_a_root_reads_shard_by_shard_and_equals_the_list_export(run, tmp_path, monkeypatch):
+    """From an output root the samples are read a shard at a time (twice: clips, then records) and never as a
+    whole stage; every format's records are those of the same samples exported from a list (in shard order
+    instead of sample-id order), and the LLaVA file is still one JSON list."""
+    from flows.cli_imove import export_imove_it
+
+    d, src, samples, out = run
+    root = OutputRoot(tmp_path / "root")
+    for shard in range(3):  # the nine samples over three shards, one clip each
+        write_stage(root, "tasks", shard, [s for s in samples if s.clip_id == f"clip{shard}"])
+    want = export_samples(ok_rows(root.read_stage("tasks")), tmp_path / "from_list")
+
+    def whole(self, stage, schema=None):
+        raise AssertionError(f"the export read all of {stage} at once")
+
+    monkeypatch.setattr(OutputRoot, "read_stage", whole)
+    got = export_imove_it(root.url, tmp_path / "from_root", workers=2)
+    assert (got.samples, got.clips, got.dropped) == (want.samples, want.clips, want.dropped) == (9, 3, {})
+    for fmt in FORMATS:
+        a, b = got.files[fmt].read_text(), want.files[fmt].read_text()
+        recs_a = json.loads(a) if fmt == "llava" else [json.loads(x) for x in a.splitlines()]
+        recs_b = json.loads(b) if fmt == "llava" else [json.loads(x) for x in b.splitlines()]
+        assert sorted(recs_a, key=lambda r: r["id"]) == recs_b, fmt
+        assert [r["video" if fmt != "sharegpt" else "videos"] for r in recs_a] == sorted(
+            [r["video" if fmt != "sharegpt" else "videos"] for r in recs_a])  # shard order: clip0, clip1, clip2
+    assert json.loads((tmp_path / "from_root" / "imove_it_internvl_meta.json").read_text())[
+        "motionforge_imove_it"]["length"] == 9
+    only = export_imove_it(root.url, tmp_path / "only", tasks=["temporal_grounding"], formats=["llava"])
+    assert only.samples == sum(s.task == "temporal_grounding" for s in samples) > 0
+    assert {r["task"] for r in json.loads(only.files["llava"].read_text())} == {"temporal_grounding"}
+    empty = export_samples([], tmp_path / "none", ["llava"])
+    assert empty.samples == 0 and json.loads(empty.files["llava"].read_text()) == []
