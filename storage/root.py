@@ -268,7 +268,8 @@ class OutputRoot:
                     return f.read()
                 wanted = set(columns)
                 return f.read(columns=[n for n in f.schema_arrow.names if n in wanted])
-        return pq.read_table(path, filesystem=self.fs, schema=schema, columns=columns)
+        return pq.read_table(path, filesystem=self.fs, schema=schema,
+                             columns=None if columns is None else [n for n in schema.names if n in set(columns)])
 
     def read_stage(self, stage: str, schema: pa.Schema | None = None) -> pa.Table:
         """All shards of a stage (only those with a completion marker, so half-written runs never leak)."""

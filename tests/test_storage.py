@@ -69,6 +69,8 @@ def test_iter_stage_reads_completed_shards_in_order_a_few_at_a_time(tmp_path, mo
     assert all(names == ["item", "status"] for _, names, _ in got)
     assert [i for _, _, items in got for i in items] == [f"item-{i}" for i in range(40) if i // 2 != 7]
     assert state["max"] <= 3, state
+    # with the stage's schema too (a tuple of names, one the schema lacks)
+    assert root.read_shard("slow", 0, slow.STAGE.schema, ("status", "item", "nope")).column_names == ["item", "status"]
     it = root.iter_stage("slow", ahead=4)
     next(it)
     it.close()  # a reader that stops early: the pool is shut down, nothing hangs

@@ -66,6 +66,11 @@ def _resolve(path: str | None, root: str | None) -> str | None:
     return os.path.join(root, path)
 
 
+TASKS_COLUMNS = ("sample_id", "conversations", "video_path", "clip_start_s", "clip_end_s", "task", "clip_id",
+                 "duration_s", "width", "height", "t1_s", "t2_s", "box1_xyxy_px", "box2_xyxy_px", "dynamic_caption",
+                 "status")
+
+
 def _from_tasks_row(row: dict, src: DataSource) -> TrainSample:
     return TrainSample(
         sample_id=row["sample_id"], conversations=_conv(row["conversations"], row["sample_id"]),
@@ -138,9 +143,12 @@ def read_source(src: DataSource) -> list[TrainSample]:
         from schemas.imove_it import SCHEMA
         from storage.root import OutputRoot
 
-        table = OutputRoot(p).read_stage("tasks", SCHEMA)
-        table = table.filter(pc.equal(table["status"], "ok"))
-        samples = [_from_tasks_row(r, src) for r in table.to_pylist()]
+        samples = []
+        for _, table in OutputRoot(p).iter_stage("tasks", columns=TASKS_COLUMNS, schema=SCHEMA):
+            # a shard at a time, only the columns a sample keeps: a whole tasks table as row dicts is several
+            # times the samples' own size, in every data-parallel process
+            table = table.filter(pc.fill_null(pc.equal(table["status"], "ok"), False))
+            samples += [_from_tasks_row(r, src) for r in table.to_pylist()]
     else:
         samples = [_from_jsonl_row(r, src, n) for n, r in enumerate(_read_jsonl(p), 1)]
     if src.tasks:
