@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import random
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
