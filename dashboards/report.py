@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from stages.shared.reasons import group_reason_counts
+from stages.shared.reasons import ReasonCounter
 from dashboards.status import root_status
 from storage.root import OutputRoot
 
@@ -123,7 +123,7 @@ class _Stage:
         self.name = name
         self.question_details = question_details  # per-clip sums of questions (only for the statistics' source)
         self.present = False  # has completed shards (a section with no rows still shows its zero)
-        self.reasons: list[tuple[str | None, int]] = []  # (error message, rows) of rows that are not ok
+        self.reasons = ReasonCounter()  # rows that are not ok, by cause
         self.columns: set[str] = set()
         self.values: dict[str, list] = collections.defaultdict(list)  # column -> ok values, one chunk per shard
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -134,8 +134,9 @@ class _Stage:
         self.present = True
         self.columns.update(table.column_names)
         bad = table.filter(pc.invert(pc.fill_null(pc.equal(table["status"], "ok"), False)))
-        if bad.num_rows:
-            self.reasons += _value_counts(bad["error"]) if "error" in bad.column_names else [(None, bad.num_rows)]
+        for message, n in (_value_counts(bad["error"]) if "error" in bad.column_names else [(None, bad.num_rows)]):
+            if n:
+                self.reasons.add(message, n)
         ok = _ok_rows(table)
         self.counts["status"]["ok"] += ok.num_rows
         for col, kind in _FOLDS.get(self.name, ()):
@@ -249,7 +250,7 @@ def collect(out: str) -> dict[str, Any]:
     folds = _Folds(root, next((s for s in QUESTION_STAGES if ok_rows.get(s)), None))
     data: dict[str, Any] = {"status": st, "drop_reasons": {}, "plots": {}, "numbers": {}}
     for s in st["stages"]:
-        groups = group_reason_counts(folds(s["stage"]).reasons)
+        groups = folds(s["stage"]).reasons.groups()
         if groups:
             data["drop_reasons"][s["stage"]] = groups
     clips = folds("scenes")

@@ -40,16 +40,25 @@ def normalise_reason(message: str | None) -> str:
 
 def group_reasons(messages: Iterable[str | None], top: int = 10) -> list[dict]:
     """``[{"reason", "count", "example"}]``, most frequent cause first; ``example`` is one original message."""
-    return group_reason_counts(((m, 1) for m in messages), top)
+    reasons = ReasonCounter()
+    for m in messages:
+        reasons.add(m)
+    return reasons.groups(top)
 
 
-def group_reason_counts(counted: Iterable[tuple[str | None, int]], top: int = 10) -> list[dict]:
-    """:func:`group_reasons` over ``(message, times)`` pairs: each distinct message is normalised once, however
-    many rows carry it (readers of large stages count a shard's messages first)."""
-    counts: collections.Counter = collections.Counter()
-    example: dict[str, str] = {}
-    for m, n in counted:
-        key = normalise_reason(m)
-        counts[key] += n
-        example.setdefault(key, " ".join((m or "").split())[:300])
-    return [{"reason": k, "count": n, "example": example[k]} for k, n in counts.most_common(top)]
+class ReasonCounter:
+    """Rows per cause, added as they are read (a message with how many rows carry it: a reader of a large stage
+    counts a shard's messages first): holds the causes and one example of each, not the messages."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.example: dict[str, str] = {}
+
+    def add(self, message: str | None, n: int = 1) -> None:
+        key = normalise_reason(message)
+        self.counts[key] += n
+        self.example.setdefault(key, " ".join((message or "").split())[:300])
+
+    def groups(self, top: int = 10) -> list[dict]:
+        """``[{"reason", "count", "example"}]``, most frequent cause first."""
+        return [{"reason": k, "count": n, "example": self.example[k]} for k, n in self.counts.most_common(top)]
