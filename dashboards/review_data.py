@@ -254,7 +254,7 @@ IMOVE_STAGES = ("detect", "track", "trackfilter", "caption", "check", "tasks")
 
 # The columns the explorer's list reads of each stage (a stage's other columns, e.g. a track's points or a
 # sample's conversations, are read only for the one instance opened, from its own shard).
-_DETECT_COLUMNS = ("instance_id", "clip_id", "video_id", "video_path", "label", "start_s", "end_s", "fps", "width",
+_DETECT_COLUMNS = ("instance_id", "clip_id", "video_id", "label", "start_s", "end_s", "fps", "width",
                    "height", "tag_score", "detection_score", "clip_score", "box_xyxy_px", "status", "error")
 LIST_COLUMNS = {"detect": _DETECT_COLUMNS, "tag": ("clip_id", "tags"), "scenes": ("clip_id", "fps"),
                 **{s: ("instance_id", "status", "error") for s in IMOVE_STAGES[1:]}}
@@ -307,52 +307,120 @@ def _url(root: OutputRoot | Tables) -> str:
 
 def imove_instances(root: OutputRoot | Tables) -> list[dict]:
     """One entry per detected instance: where it got to in the iMOVE-IT stages, and why it stopped there (and
-    the shard it is in, where :func:`imove_instance` reads its details)."""
+    the shard it is in, where :func:`imove_instance` reads its details). For a large root, page through
+    :func:`instance_table` with :func:`instance_rows` instead."""
+    return instance_rows(instance_table(root))
+
+
+def instance_table(root: OutputRoot | Tables):
+    """:func:`imove_instances` as one Arrow table (``tags`` for ``clip_tags``), sorted by video, start and id;
+    kept until an iMOVE-IT stage, ``tag`` or ``scenes`` writes a shard. Columns, not a dict per instance: a
+    root has millions of instances."""
     t = _tables(root)
-    return t.memo(("imove_instances",), IMOVE_STAGES + ("tag", "scenes"), lambda: _instances(t))
+    return t.memo(("instance_table",), IMOVE_STAGES + ("tag", "scenes"), lambda: _instance_table(t.root))
 
 
-def _instances(t: Tables) -> list[dict]:
-    tables = {s: t.rows(s, LIST_COLUMNS[s]) for s in IMOVE_STAGES}
-    tags = {r["clip_id"]: r for r in t.rows("tag", LIST_COLUMNS["tag"])}
-    clips = {r["clip_id"]: r for r in t.rows("scenes", LIST_COLUMNS["scenes"])}
-    per: dict[str, dict[str, Any]] = {}
-    for r in tables["detect"]:
-        per[r["instance_id"]] = {"detect": r}
-    for s in IMOVE_STAGES[1:-1]:
-        for r in tables[s]:
-            if r["instance_id"] in per:
-                per[r["instance_id"]][s] = r
-    samples: dict[str, list[dict]] = {}
-    for r in tables["tasks"]:
-        samples.setdefault(r["instance_id"], []).append(r)
+def instance_rows(table) -> list[dict]:
+    """The explorer's rows of (a slice of) :func:`instance_table`."""
     out = []
-    for iid, rows in per.items():
-        det = rows["detect"]
-        status, reason, error = "in dataset", None, None
-        for s in IMOVE_STAGES:
-            row = rows.get(s) if s != "tasks" else next((x for x in samples.get(iid, []) if x["status"] != STATUS_OK),
-                                                          (samples.get(iid) or [None])[0])
-            if row is None:
-                status = f"waiting for {s}"
-                break
-            if row["status"] != STATUS_OK:
-                status, error = f"dropped at {s}" if row["status"] != "error" else f"error at {s}", row.get("error")
-                reason = normalise_reason(error)
-                break
-        tag = tags.get(det["clip_id"]) or {}
-        tag_score = det.get("tag_score")
-        clip = clips.get(det["clip_id"]) or {}
-        out.append({
-            "instance_id": iid, "clip_id": det["clip_id"], "video_id": det["video_id"], "label": det.get("label"),
-            "shard": det["_shard"], "status": status, "reason": reason, "error": error,
-            "start_s": det["start_s"], "end_s": det["end_s"], "fps": det.get("fps") or clip.get("fps"),
-            "width": det.get("width"), "height": det.get("height"),
-            "tag_score": tag_score, "clip_tags": [t.get("tag") for t in (tag.get("tags") or [])],
-            "detection_score": det.get("detection_score"), "clip_score": det.get("clip_score"),
-            "box_xyxy_px": det.get("box_xyxy_px"),
-        })
-    return sorted(out, key=lambda r: (r["video_id"], r["start_s"], r["instance_id"]))
+    for r in table.to_pylist():
+        tags = r.pop("tags")
+        r["clip_tags"] = [x.get("tag") for x in (tags or [])]
+        out.append({k: r[k] for k in _ROW_KEYS})
+    return out
+
+
+_ROW_KEYS = ("instance_id", "clip_id", "video_id", "label", "shard", "status", "reason", "error", "start_s", "end_s",
+             "fps", "width", "height", "tag_score", "clip_tags", "detection_score", "clip_score", "box_xyxy_px")
+
+
+def _stage_table(root: OutputRoot, stage: str, columns: tuple[str, ...]):
+    """The stage's completed shards, only ``columns``, with each row's shard as ``_shard`` (None: no shard)."""
+    import pyarrow as pa
+
+    parts = [table.append_column("_shard", pa.array([shard] * table.num_rows, pa.int32()))
+             for shard, table in root.iter_stage(stage, columns=columns)]
+    parts = [p for p in parts if p.num_rows]
+    return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
+
+def _last_per(table, key: str):
+    """One row per ``key``: the last one read (as a dict built row by row would keep)."""
+    import pyarrow as pa
+
+    rows = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    last = rows.group_by(key, use_threads=False).aggregate([("_row", "max")])
+    return table.take(last["_row_max"])
+
+
+def _first_problem_per(table, key: str):
+    """One row per ``key``: its first row that is not ok, else its first row (an instance's task samples)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    ok = pc.fill_null(pc.equal(table["status"], STATUS_OK), False)
+    # rank: a row that is not ok ranks by its position (< n), an ok row after every such row (n + position)
+    rank = pc.add(pa.array(range(n), pa.int64()), pc.if_else(ok, pa.scalar(n, pa.int64()), pa.scalar(0, pa.int64())))
+    best = table.select([key]).append_column("_rank", rank).group_by(key, use_threads=False).aggregate([("_rank", "min")])
+    ranks = best["_rank_min"]
+    return table.take(pc.if_else(pc.greater_equal(ranks, n), pc.subtract(ranks, n), ranks))
+
+
+def _lookup(keys, table, key: str, column: str):
+    """``table[column]`` for each of ``keys`` (``table`` has one row per ``key``); null where it has none.
+    Index lookups rather than a join: Arrow's hash join cannot carry list columns (boxes, tags)."""
+    import pyarrow.compute as pc
+
+    return pc.take(table[column], pc.index_in(keys, value_set=table[key]))
+
+
+def _instance_table(root: OutputRoot):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    det = _stage_table(root, "detect", LIST_COLUMNS["detect"])
+    if det is None:
+        return pa.table({k: pa.array([], pa.string()) for k in _ROW_KEYS if k != "clip_tags"} | {"tags": pa.array([])})
+    det = _last_per(det, "instance_id")
+    n, ids = det.num_rows, det["instance_id"]
+    status, error = pa.nulls(n, pa.string()), pa.nulls(n, pa.string())
+    decided = stopped = pa.array([False] * n)  # stopped: dropped or errored somewhere, so it has a reason
+    for s in IMOVE_STAGES:
+        if s == "detect":
+            st, er = det["status"], det["error"]
+        else:
+            t = _stage_table(root, s, LIST_COLUMNS[s])
+            if t is None:
+                st, er = pa.nulls(n, pa.string()), pa.nulls(n, pa.string())
+            else:
+                t = _first_problem_per(t, "instance_id") if s == "tasks" else _last_per(t, "instance_id")
+                st, er = _lookup(ids, t, "instance_id", "status"), _lookup(ids, t, "instance_id", "error")
+        missing = pc.and_(pc.invert(decided), pc.is_null(st))
+        bad = pc.and_(pc.invert(decided), pc.fill_null(pc.not_equal(st, STATUS_OK), False))
+        status = pc.if_else(missing, pa.scalar(f"waiting for {s}"), status)
+        status = pc.if_else(bad, pc.if_else(pc.equal(st, "error"), pa.scalar(f"error at {s}"),
+                                            pa.scalar(f"dropped at {s}")), status)
+        error = pc.if_else(bad, er, error)
+        stopped = pc.or_(stopped, bad)
+        decided = pc.or_(decided, pc.or_(missing, bad))
+    status = pc.fill_null(status, "in dataset")
+    distinct = pc.unique(error)  # each message normalised once
+    causes = pa.array([normalise_reason(m) for m in distinct.to_pylist()], pa.string())
+    reason = pc.if_else(stopped, pc.take(causes, pc.index_in(error, distinct)), pa.nulls(n, pa.string()))
+    tag = _stage_table(root, "tag", LIST_COLUMNS["tag"])
+    tags = _lookup(det["clip_id"], _last_per(tag, "clip_id"), "clip_id", "tags") if tag is not None else pa.nulls(n)
+    fps = det["fps"]
+    scenes = _stage_table(root, "scenes", LIST_COLUMNS["scenes"])
+    clip_fps = (_lookup(det["clip_id"], _last_per(scenes, "clip_id"), "clip_id", "fps") if scenes is not None
+                else pa.nulls(n, fps.type))
+    fps = pc.if_else(pc.fill_null(pc.not_equal(fps, 0), False), fps, clip_fps)  # the detection's own, else its clip's
+    cols = {"instance_id": ids, "clip_id": det["clip_id"], "video_id": det["video_id"], "shard": det["_shard"],
+            "status": status, "reason": reason, "error": error, "fps": fps, "tags": tags}
+    for k in ("label", "start_s", "end_s", "width", "height", "tag_score", "detection_score", "clip_score",
+              "box_xyxy_px"):
+        cols[k] = det[k]
+    return pa.table(cols).sort_by([("video_id", "ascending"), ("start_s", "ascending"), ("instance_id", "ascending")])
 
 
 def imove_instance(root: OutputRoot | Tables, iid: str) -> dict:
@@ -360,11 +428,11 @@ def imove_instance(root: OutputRoot | Tables, iid: str) -> dict:
     import pyarrow.compute as pc
 
     t = _tables(root)
-    by_id = t.memo(("imove_instance_index",), IMOVE_STAGES + ("tag", "scenes"),
-                   lambda: {r["instance_id"]: r for r in imove_instances(t)})
-    summary = by_id.get(iid)
-    if summary is None:
+    table = instance_table(t)
+    found = instance_rows(table.filter(pc.equal(table["instance_id"], iid)))
+    if not found:
         raise RequestError(f"unknown instance {iid!r}: not in the detect table of {_url(root)}", 404)
+    summary = found[0]
 
     def rows_of(stage: str) -> list[dict]:
         if t.root.read_marker(stage, summary["shard"]) is None:  # only completed shards, as the list reads

@@ -141,14 +141,15 @@ def create_app(out: str, token: str | None = None, claim_s: float = 600.0) -> Fa
     def _instances(status: str | None = None, reason: str | None = None, offset: int = Query(0, ge=0),
                    limit: int = Query(PAGE_ROWS, ge=1, le=10 * PAGE_ROWS)):
         """One page of the (filtered) instances, with their total and the facets of all of them."""
-        rows = rd.imove_instances(tables)
-        facets = {"status": _counts(r["status"] for r in rows), "reason": _counts(r["reason"] for r in rows if r["reason"])}
-        if status:
-            rows = [r for r in rows if r["status"] == status]
-        if reason:
-            rows = [r for r in rows if r["reason"] == reason]
-        return {"instances": rows[offset:offset + limit], "total": len(rows), "offset": offset, "limit": limit,
-                "facets": facets}
+        import pyarrow.compute as pc
+
+        table = rd.instance_table(tables)  # columns: only the page becomes row dicts
+        facets = {"status": _column_counts(table["status"]), "reason": _column_counts(table["reason"])}
+        for name, value in (("status", status), ("reason", reason)):
+            if value:
+                table = table.filter(pc.equal(table[name], value))
+        return {"instances": rd.instance_rows(table.slice(offset, limit)), "total": table.num_rows,
+                "offset": offset, "limit": limit, "facets": facets}
 
     @app.get("/api/imove/instances/{iid}")
     def _instance(iid: str):
@@ -191,6 +192,14 @@ def _counts(values) -> dict[str, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _column_counts(column) -> dict[str, int]:
+    """:func:`_counts` of an Arrow column's non-null values (most frequent first, ties in order of first sight)."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(column.drop_null()).to_pylist()
+    return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda kv: -kv[1]))
 
 
 def _video(path: str) -> Response:
