@@ -23,7 +23,9 @@ included, but steadier on a shared machine, where the CPU time of the same work 
 Prefect's own floor is measured in the same rounds: a flow of empty tasks with the same graph (the two stages'
 N and 2N task runs, each scenes task waiting for its ingest task, a thread pool of the same size, a Completed
 state with a message as ours return), its slope taken the same way. The tax minus that floor, per round, is what
-motionforge's own code adds to each task run (``--no-floor`` skips it). After every flow run the benchmark waits
+motionforge's own code adds to each task run (``--no-floor`` skips it). By default each empty task sleeps (no CPU)
+as long as the round's 2N pipeline run took per task and worker, so task runs reach the server at the pipeline's
+pace: Prefect's CPU per task run is higher when they trickle in than in one burst (``--floor-task-s 0``: a burst). After every flow run the benchmark waits
 until the server has recorded it (:func:`settle`), so no run's server work is counted with the next one (or with
 the plain loop after it); what the idle server spends during that wait is taken off.
 
@@ -199,7 +201,7 @@ def make_videos(folder: Path, n: int) -> None:
         p = folder / f"v{i:04d}.mp4"
         if p.exists():
             continue
-        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc=size=160x90:rate=25:duration=1",
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=160x90:rate=25:duration=1",
                         "-vf", f"hue=h={i * 37 % 360}", "-pix_fmt", "yuv420p", str(p)], check=True)
 
 
@@ -262,12 +264,13 @@ def prefect(videos: Path, out: Path) -> tuple[float, float]:
 PLAIN_SPLIT: dict[str, tuple[float, float]] = {}  # out -> (this process, children)
 
 
-def empty_graph_flow():
+def empty_graph_flow(task_s: float = 0.0):
     """Prefect's floor for our task graph: ``empty(n)`` runs 2n empty task runs shaped like the pipeline's
     (stage ``ingest`` shards 0..n-1, then ``scenes`` shards each waiting for the same ingest shard), on a thread
     pool as large as the benchmark's config gives the pipeline, each ending in a Completed state with a message
-    (so one "Finished in state" log line each, as ours). Prefect is imported here, as the pipeline is in
-    :func:`prefect`, so that importing this module imports no Prefect."""
+    (so one "Finished in state" log line each, as ours). ``task_s``: each task sleeps that long (no CPU), so
+    that task runs reach the server at the pipeline's pace rather than in one burst. Prefect is imported here,
+    as the pipeline is in :func:`prefect`, so that importing this module imports no Prefect."""
     from flows.prefect_api import apply_server_defaults
 
     apply_server_defaults()  # the temporary server gets the pipeline's settings, whichever flow starts it
@@ -278,6 +281,8 @@ def empty_graph_flow():
 
     @task(name="empty-shard", task_run_name="{stage} / shard {shard:05d}", cache_policy=NONE, persist_result=False)
     def empty_shard(stage: str, shard: int):
+        if task_s:
+            time.sleep(task_s)
         return Completed(message=f"{stage} / shard {shard:05d}: nothing done", data={"outcome": {}})
 
     @flow(name="motionforge-bench-empty-graph",
@@ -295,14 +300,15 @@ def empty_graph_flow():
     return empty
 
 
-FLOOR: list = []  # the empty-graph flow, built once
+FLOOR: dict[float, object] = {}  # task_s -> the empty-graph flow, built once
 
 
-def floor(n: int) -> tuple[float, float, float, int]:
-    """CPU of the empty-task graph for n shards: (all, flow process, server, completed task runs)."""
-    if not FLOOR:
-        FLOOR.append(empty_graph_flow())
-    done, _, (own, kids, srv) = measure_flow(lambda: FLOOR[0](n))
+def floor(n: int, task_s: float = 0.0) -> tuple[float, float, float, int]:
+    """CPU of the empty-task graph for n shards, each task sleeping ``task_s``: (all, flow process, server,
+    completed task runs)."""
+    if task_s not in FLOOR:
+        FLOOR[task_s] = empty_graph_flow(task_s)
+    done, _, (own, kids, srv) = measure_flow(lambda: FLOOR[task_s](n))
     return own + kids, own, srv, done
 
 
@@ -316,6 +322,9 @@ def main() -> None:
                     help="record into the current PREFECT_HOME's database instead of a fresh one under --dir")
     ap.add_argument("--no-floor", action="store_true",
                     help="skip the empty-task flows that measure Prefect's own floor in each round")
+    ap.add_argument("--floor-task-s", type=float, default=None,
+                    help="seconds each empty task sleeps (default: the round's 2N pipeline run's wall per task and "
+                         "worker, rounded to 10 ms; 0: all task runs in one burst)")
     ap.add_argument("--postgres", action="store_true",
                     help="give the temporary server a PostgreSQL database (started here, on the same cores; its "
                          "CPU counts as the server's) instead of SQLite: the production setup of docs/cluster.md")
@@ -367,13 +376,16 @@ def main() -> None:
         d_tasks = res[b][4] - res[a][4]
         if not args.no_floor:
             fl = {}
+            pace = args.floor_task_s
+            if pace is None:  # the pipeline's wall per task and worker in this round's 2N run
+                pace = round(res[b][3] * config().runtime.max_workers / res[b][4], 2)
             for n in sizes:
-                fl[n] = floor(n)
+                fl[n] = floor(n, pace)
                 all_, own_, srv_, done = fl[n]
                 if done != len(STAGES) * n:
                     raise SystemExit(f"empty-task flow finished {done} of {len(STAGES) * n} task runs")
-                print(f"[{r + 1}/{args.repeats}] N={n:4d} empty tasks={done:4d}  cpu {all_:7.2f}s (flow process "
-                      f"{own_:.2f}s, server {srv_:.2f}s)")
+                print(f"[{r + 1}/{args.repeats}] N={n:4d} empty tasks={done:4d} sleeping {pace:.2f}s  cpu "
+                      f"{all_:7.2f}s (flow process {own_:.2f}s, server {srv_:.2f}s)")
             floors.append(tuple((fl[b][i] - fl[a][i]) / d_tasks for i in range(3)))
         tax = ((res[b][2] - res[a][2]) - (res[b][0] - res[a][0])) / d_tasks
 
