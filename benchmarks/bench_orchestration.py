@@ -29,7 +29,9 @@ pace: Prefect's CPU per task run is higher when they trickle in than in one burs
 until the server has recorded it (:func:`settle`), so no run's server work is counted with the next one (or with
 the plain loop after it); what the idle server spends during that wait is taken off.
 
-Target: <= 20 ms per task. Modest default sizes; the machine may be shared.
+Target: <= 20 ms per task. Modest default sizes; the machine may be shared. ``--shards-per-task K`` runs the
+pipeline with ``runtime.shards_per_task: K`` (K shards per task run); the figures stay per (stage, shard), the
+floor's empty tasks one per shard.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_orchestration.py [--n 20] [--repeats 3] [--dir /tmp/x] [--postgres]
 """
@@ -205,10 +207,14 @@ def make_videos(folder: Path, n: int) -> None:
                         "-vf", f"hue=h={i * 37 % 360}", "-pix_fmt", "yuv420p", str(p)], check=True)
 
 
+SHARDS_PER_TASK = [1]  # --shards-per-task
+
+
 def config():
     from flows.config import load_pipeline_config
 
-    return load_pipeline_config("tiny", overrides={"ingest": {"shard_size": 1}, "runtime": {"max_workers": 2}})
+    return load_pipeline_config("tiny", overrides={"ingest": {"shard_size": 1}, "runtime": {
+        "max_workers": 2, "shards_per_task": SHARDS_PER_TASK[0]}})
 
 
 def plain(videos: Path, out: Path) -> tuple[float, float, int]:
@@ -328,7 +334,10 @@ def main() -> None:
     ap.add_argument("--postgres", action="store_true",
                     help="give the temporary server a PostgreSQL database (started here, on the same cores; its "
                          "CPU counts as the server's) instead of SQLite: the production setup of docs/cluster.md")
+    ap.add_argument("--shards-per-task", type=int, default=1,
+                    help="runtime.shards_per_task of the pipeline runs (the figures stay per (stage, shard))")
     args = ap.parse_args()
+    SHARDS_PER_TASK[0] = args.shards_per_task
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     if args.postgres:
         if os.environ.get("PREFECT_API_URL"):

@@ -33,6 +33,9 @@ class RuntimeConfig(BaseModel):
     gpu_concurrency_limit: str | None = None  # a Prefect global concurrency limit holding one slot per GPU
     retries: int = 2
     retry_delay_s: float = 5.0
+    # Shards one task run processes, one after another (each still its own table, marker and outcome): Prefect
+    # costs tens of ms of CPU per task run, which matters where a shard's work is short (docs/cluster.md).
+    shards_per_task: int = Field(1, ge=1)
 
 
 class _PipelineBase(BaseModel):

@@ -64,10 +64,27 @@ class GpuLimitMissingError(RuntimeError):
     pass
 
 
+class ShardsFailed(RuntimeError):
+    """Some shards of a task run of several (``runtime.shards_per_task``) failed; the others ran to the end and
+    their outcomes travel with this error, so the run's results keep them. ``retryable``: at least one failure
+    is of a kind a retry can help (:func:`_retry_condition`)."""
+
+    def __init__(self, stage: str, outcomes: list[dict], failures: list[dict], retryable: bool):
+        self.stage, self.outcomes, self.failures, self.retryable = stage, outcomes, failures, retryable
+        n = len(outcomes) + len(failures)
+        super().__init__(f"{stage}: {len(failures)} of {n} shard(s) failed: "
+                         + "; ".join(f"shard {f['shard']:05d}: {f['error']}" for f in failures))
+
+    def __reduce__(self):  # Ray and Prefect pickle it with its parts
+        return ShardsFailed, (self.stage, self.outcomes, self.failures, self.retryable)
+
+
 def _retry_condition(task, task_run, state) -> bool:
     """Whole-shard failures are retried (OOM, a flaky endpoint, a lost worker) unless retrying cannot help."""
     try:
         state.result()
+    except ShardsFailed as exc:
+        return exc.retryable
     except NOT_RETRIED:
         return False
     except GpuLimitMissingError:
@@ -185,24 +202,95 @@ def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force:
     from prefect.states import Completed
 
     pc = validated_config(config)
-    root = OutputRoot(out)
-    st = get_stage(stage)
-    from flows.api_keys import load_api_keys
-
-    load_api_keys(pc.stage_config(stage))
     with gpu_slot(stage, pc.runtime.gpu_concurrency_limit, pc.stage_config(stage)):
-        started = dt.datetime.now(dt.timezone.utc)
-        outcome = run_shard(st, root, pc.stage_config(stage), shard, force=force, pipeline=config)
-        ended = dt.datetime.now(dt.timezone.utc)
+        outcome, result = _run_one(pc, stage, shard, out, config, force)
     line = (f"{stage} / shard {shard:05d}: {outcome.action}, {outcome.rows} rows ({outcome.ok} ok, {outcome.error} "
             f"error, {outcome.skipped} skipped) in {outcome.seconds:.1f}s")
-    result = _outcome_record(outcome, started, ended)
     # Prefect maps the id() of a task's result, and of each object one level inside it, to the task run, and
     # records a later task's argument that is one of those objects as an input from that run. The outcome's
     # values are the very objects later tasks get as arguments (the stage's name, a shard number), which drew
     # false edges in the UI's task graph (every "scenes" shard an input of the last one finished); one more
     # level keeps them out of reach. The real dependencies are the ``wait_for`` futures.
     return Completed(message=line, data={"outcome": result})
+
+
+def _run_one(pc, stage: str, shard: int, out: str, config: dict[str, Any], force: bool):
+    """``run_shard`` for one (stage, shard): its outcome, and the outcome as the run's results list it."""
+    from flows.api_keys import load_api_keys
+
+    load_api_keys(pc.stage_config(stage))
+    started = dt.datetime.now(dt.timezone.utc)
+    outcome = run_shard(get_stage(stage), OutputRoot(out), pc.stage_config(stage), shard, force=force, pipeline=config)
+    return outcome, _outcome_record(outcome, started, dt.datetime.now(dt.timezone.utc))
+
+
+_GROUP_DONE: dict[str, dict[int, dict]] = {}  # task run id -> outcomes of its shards done in an earlier try
+_GROUP_DONE_LOCK = threading.Lock()
+
+
+@task(
+    name="stage-shards",
+    task_run_name="{stage} / shards {label}",
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_retry_condition,
+    cache_policy=NONE,
+    persist_result=False,
+)
+def stage_shards(stage: str, shards: list[int], out: str, config: dict[str, Any], force: bool = False,
+                 label: str = ""):
+    """Several shards of one stage, one after another, in one task run (``runtime.shards_per_task``): each
+    written, marked and reported as :func:`stage_shard` would. A shard that raises does not stop the others;
+    then the task run fails with :class:`ShardsFailed`, which carries every shard's outcome or error. A retry
+    redoes only the failed shards: the others are complete (``run_shard`` skips them), and with ``force`` this
+    process remembers which it finished (a retry on another Ray worker redoes them)."""
+    from prefect.runtime import task_run
+    from prefect.states import Completed
+
+    pc = validated_config(config)
+    run_id = str(task_run.id or "")
+    with _GROUP_DONE_LOCK:
+        done = _GROUP_DONE.setdefault(run_id, {}) if run_id else {}
+    outcomes, failures, retryable = [], [], False
+    with gpu_slot(stage, pc.runtime.gpu_concurrency_limit, pc.stage_config(stage)):
+        for k in shards:
+            if k in done:
+                outcomes.append(done[k])
+                continue
+            try:
+                _, result = _run_one(pc, stage, k, out, config, force)
+            except GpuLimitMissingError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- the shard's error; the group's other shards go on
+                failures.append({"stage": stage, "shard": k, "error": f"{type(exc).__name__}: {exc}"})
+                retryable = retryable or not isinstance(exc, NOT_RETRIED)
+                continue
+            done[k] = result
+            outcomes.append(result)
+    if failures:
+        from prefect.context import TaskRunContext
+
+        ctx = TaskRunContext.get()
+        if retryable and ctx is not None and task_run.run_count <= ctx.task.retries:
+            raise ShardsFailed(stage, outcomes, failures, retryable)  # a retry follows: keep what is done
+    with _GROUP_DONE_LOCK:
+        _GROUP_DONE.pop(run_id, None)
+    if failures:
+        raise ShardsFailed(stage, outcomes, failures, retryable)
+    rows = {k: sum(o.get(k) or 0 for o in outcomes) for k in ("rows", "ok", "error", "skipped")}
+    actions = sorted({o.get("action") for o in outcomes})
+    line = (f"{stage} / shards {label}: {len(outcomes)} shards {'/'.join(map(str, actions))}, {rows['rows']} rows "
+            f"({rows['ok']} ok, {rows['error']} error, {rows['skipped']} skipped) in "
+            f"{sum(o.get('seconds') or 0.0 for o in outcomes):.1f}s")
+    return Completed(message=line, data={"outcomes": outcomes})
+
+
+def shards_label(shards: list[int]) -> str:
+    """``00008-00015`` for a run of consecutive shards, else the list (``00001,00004,00009``)."""
+    if len(shards) > 1 and shards == list(range(shards[0], shards[-1] + 1)):
+        return f"{shards[0]:05d}-{shards[-1]:05d}"
+    return ",".join(f"{k:05d}" for k in shards)
 
 
 def _outcome_record(outcome, started: dt.datetime, ended: dt.datetime) -> dict[str, Any]:
@@ -293,6 +381,9 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
     done: list[dict] = []
     opts = stage_shard.with_options(retries=runtime.retries,
                                     retry_delay_seconds=exponential_backoff(backoff_factor=runtime.retry_delay_s))
+    group_opts = stage_shards.with_options(retries=runtime.retries,
+                                           retry_delay_seconds=exponential_backoff(backoff_factor=runtime.retry_delay_s))
+    per_task = runtime.shards_per_task
     use_ray = runtime.task_runner == "ray"
     pc = validated_config(cfg)
     resources = {n: get_stage(n).resources_for(pc.stage_config(n)) for n in stage_names}
@@ -315,6 +406,13 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
         with remote_options(**ray_remote_options(resources[name], cluster_gpus)):
             return opts.submit(name, k, out, cfg, force, wait_for=waits)
 
+    def submit_group(name: str, group: list[int], waits: list):
+        label = shards_label(group)
+        if not use_ray:
+            return group_opts.submit(name, group, out, qcfg, force, label, wait_for=waits)
+        with remote_options(**ray_remote_options(resources[name], cluster_gpus)):
+            return group_opts.submit(name, group, out, cfg, force, label, wait_for=waits)
+
     root = OutputRoot(out)
     with _task_tags_without_root(), concurrent.futures.ThreadPoolExecutor(PRECHECK_THREADS) as pool:
         for name in stage_names:
@@ -326,11 +424,22 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
             quiet = [] if force else [k for k, w in waits.items() if not w]
             complete = dict(zip(quiet, pool.map(
                 lambda k, st=st, c=pc.stage_config(name): _complete_or_none(st, root, c, k), quiet)))
+            todo = []
             for k, w in waits.items():
                 if complete.get(k) is not None:
                     done.append(complete[k])
                 else:
-                    futures[(name, k)] = submit(name, k, w)
+                    todo.append(k)
+            if per_task == 1 or st.scope == "global":
+                for k in todo:
+                    futures[(name, k)] = submit(name, k, waits[k])
+            else:  # each group waits for the task runs of its shards' inputs, each of them once
+                for i in range(0, len(todo), per_task):
+                    group = todo[i:i + per_task]
+                    w = list({id(f): f for k in group for f in waits[k]}.values())
+                    fut = submit_group(name, group, w)
+                    for k in group:
+                        futures[(name, k)] = fut
             n_done = sum(r is not None for r in complete.values())
             if n_done:
                 _logger().info("%s: %d of %d shard(s) already complete and up to date, no task run for them",
@@ -359,19 +468,30 @@ def _collect(futures: dict) -> tuple[list[dict], list[dict]]:
     submission order, about the order they finish) rather than all held until the run ends; a run at scale
     has tens of thousands."""
     results, failures = [], []
+    shards_of: dict[int, list[int]] = {}  # a task run of several shards (runtime.shards_per_task): its shards
+    for name, k in futures:
+        shards_of.setdefault(id(futures[(name, k)]), []).append(k)
     for name, k in list(futures):
         fut = futures.pop((name, k))
+        group = shards_of.pop(id(fut), None)
+        if group is None:  # read already, under its first shard
+            continue
         fut.wait()
         state = fut.state
         if state.is_completed():
-            results.append(fut.result()["outcome"])
+            data = fut.result()
+            results.extend(data["outcomes"] if "outcomes" in data else [data["outcome"]])
             continue
         msg = state.message or state.name
         try:
             fut.result()
+        except ShardsFailed as exc:
+            results.extend(exc.outcomes)
+            failures.extend(exc.failures)
+            continue
         except Exception as exc:  # noqa: BLE001
             msg = f"{type(exc).__name__}: {exc}"
-        failures.append({"stage": name, "shard": k, "error": msg})
+        failures.extend({"stage": name, "shard": s, "error": msg} for s in group)
     return results, failures
 
 

@@ -16,6 +16,9 @@ from storage.root import normalise_root_url
 ROOT_TAG_PREFIX = "motionforge-root:"
 FLOW_NAMES = ("motionforge-pipeline", "motionforge-rerun-stage", "motionforge-stages")
 _TASK_NAME = re.compile(r"^(?P<stage>[\w.-]+) / shard (?P<shard>\d+)$")
+# A task run of several shards (runtime.shards_per_task): "scenes / shards 00008-00015" or "... 00001,00004"
+_GROUP_NAME = re.compile(r"^(?P<stage>[\w.-]+) / shards (?P<label>\d+(?:-\d+|(?:,\d+)*))$")
+_FAILED_SHARD = re.compile(r"shard (\d{5,}): ")  # how flows.pipeline.ShardsFailed names a failed shard
 # Task states worth showing: the rest (completed, scheduled) are what the root status already says.
 SHOWN_TASK_STATES = ("RUNNING", "FAILED", "CRASHED", "PENDING", "CANCELLED", "CANCELLING")
 
@@ -43,6 +46,27 @@ def root_tag(out: str) -> str:
 def parse_task_run_name(name: str) -> tuple[str, int] | None:
     m = _TASK_NAME.match(name or "")
     return (m["stage"], int(m["shard"])) if m else None
+
+
+def task_run_shards(name: str, state_name: str = "", message: str = "") -> tuple[str, list[int]] | None:
+    """The stage and shards of a (stage, shard) task run, or of a task run of several shards; of a failed one
+    of several, only the shards its message names as failed (the others were written)."""
+    one = parse_task_run_name(name)
+    if one is not None:
+        return one[0], [one[1]]
+    m = _GROUP_NAME.match(name or "")
+    if m is None:
+        return None
+    label = m["label"]
+    if "-" in label:
+        a, b = (int(x) for x in label.split("-"))
+        shards = list(range(a, b + 1))
+    else:
+        shards = [int(x) for x in label.split(",")]
+    if state_name == "Failed":
+        named = {int(x) for x in _FAILED_SHARD.findall(message or "")} & set(shards)
+        shards = sorted(named) or shards
+    return m["stage"], shards
 
 
 def server_runs(out: str | None = None, limit: int = 20) -> dict[str, Any]:
@@ -80,12 +104,12 @@ def server_runs(out: str | None = None, limit: int = 20) -> dict[str, Any]:
                 state=TaskRunFilterState(operator="or_", type=TaskRunFilterStateType(any_=list(SHOWN_TASK_STATES)),
                                          name=TaskRunFilterStateName(any_=["AwaitingRetry"]))))
             for t in task_runs:
-                parsed = parse_task_run_name(t.name)
-                if parsed is None or t.state is None:
+                parsed = task_run_shards(t.name, t.state.name, t.state.message) if t.state is not None else None
+                if parsed is None:
                     continue
-                by_run.setdefault(t.flow_run_id, []).append({
-                    "stage": parsed[0], "shard": parsed[1], "state": t.state.name,
-                    "message": (t.state.message or "")[:300]})
+                by_run.setdefault(t.flow_run_id, []).extend({
+                    "stage": parsed[0], "shard": k, "state": t.state.name,
+                    "message": (t.state.message or "")[:300]} for k in parsed[1])
     out_runs = []
     for r in runs:
         shards = sorted(by_run.get(r.id, []), key=lambda d: (d["stage"], d["shard"]))

@@ -350,3 +350,130 @@ def test_task_run_state_message_is_the_shard_outcome(prefect_harness, tmp_path):
         assert r.state.is_completed()
         assert r.state.message.startswith(f"{r.name}: written, 1 rows (1 ok, 0 error, 0 skipped) in ")
         assert all(inputs == [] for inputs in r.task_inputs.values()), (r.name, r.task_inputs)
+
+
+# -- several shards per task run (runtime.shards_per_task) --------------------------------------------------
+def test_submit_groups_shards_and_waits_for_each_input_task_run_once(monkeypatch):
+    """With ``shards_per_task`` a stage's shards go to task runs of that many, in shard order; a group waits for
+    the task runs of its shards' inputs, each once, and every shard maps to its group's future."""
+    import flows.pipeline as fp
+    from flows.config import pipeline_model
+
+    calls = []
+
+    class _Opts:
+        def submit(self, *args, wait_for):
+            fut = object()
+            calls.append((args, list(wait_for), fut))
+            return fut
+
+    monkeypatch.setattr(fp.stage_shards, "with_options", lambda **kw: _Opts())
+    class _Single:
+        def submit(self, *args, wait_for):
+            pytest.fail(f"a task run of one shard: {args[:2]}")
+
+    monkeypatch.setattr(fp.stage_shard, "with_options", lambda **kw: _Single())
+    pc = pipeline_model().model_validate({"runtime": {"retries": 0, "shards_per_task": 2}})
+    futures, done = fp._submit(["ingest", "scenes"], [0, 1, 2, 3, 4], "/tmp/x", pc.model_dump(mode="json"), False,
+                               pc.runtime)
+    assert done == []
+    groups = [(args[0], args[1], args[5]) for args, _, _ in calls]
+    assert groups == [("ingest", [0, 1], "00000-00001"), ("ingest", [2, 3], "00002-00003"), ("ingest", [4], "00004"),
+                      ("scenes", [0, 1], "00000-00001"), ("scenes", [2, 3], "00002-00003"), ("scenes", [4], "00004")]
+    by_group = {(args[0], tuple(args[1])): (waits, fut) for args, waits, fut in calls}
+    for (stage, shards), (waits, fut) in by_group.items():
+        assert all(futures[(stage, k)] is fut for k in shards)
+        assert waits == ([] if stage == "ingest" else [by_group[("ingest", shards)][1]])
+    assert fp.shards_label([3, 5, 9]) == "00003,00005,00009"
+
+
+def test_grouped_task_runs_keep_each_shard_outcome_and_isolate_a_failing_shard(prefect_harness, tmp_path):
+    """Five shards, two per task run: every shard that works is written with its own outcome, a shard whose
+    stage raises is the run's one failure of that stage (its group's other shard is written), and the next
+    stage skips only the shards of the failed group (a group waits for its inputs' group). Task runs are named
+    by their shards; the failed one says which shard failed."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from flows.config import pipeline_model
+    from flows.pipeline import _run_graph
+    from storage.root import OutputRoot
+    from tests._slow_stage import plan
+
+    first, second = f"grp_a_{uuid.uuid4().hex[:6]}", f"grp_b_{uuid.uuid4().hex[:6]}"
+
+    def make(ctx):
+        if ctx.shard == 2:
+            raise RuntimeError("the source disk went away")
+        return [StreamProbe(item=f"x-{ctx.shard}", saw_downstream_start=False)]
+
+    stages = [Stage(name=first, schema=STREAM_SCHEMA, inputs=(), config_cls=StreamProbeConfig, process=make),
+              Stage(name=second, schema=STREAM_SCHEMA, inputs=(first,), config_cls=StreamProbeConfig,
+                    process=lambda ctx: [StreamProbe(item=f"y-{ctx.shard}", saw_downstream_start=False)])]
+    with _registered(stages) as names:
+        out = tmp_path / "grouped"
+        plan(OutputRoot(str(out)), 5, 1)
+        pc = pipeline_model().model_validate({"runtime": {"retries": 0, "max_workers": 2, "shards_per_task": 2}})
+        results, failures = _run_graph(str(out), names, [0, 1, 2, 3, 4], pc.model_dump(mode="json"), False,
+                                       pc.runtime)
+    written = sorted((r["stage"], r["shard"]) for r in results)
+    assert written == [(first, 0), (first, 1), (first, 3), (first, 4), (second, 0), (second, 1), (second, 4)]
+    assert all(r["action"] == "written" and r["rows"] == 1 for r in results)
+    assert [(f["stage"], f["shard"]) for f in failures if f["stage"] == first] == [(first, 2)]
+    assert "the source disk went away" in next(f["error"] for f in failures if f["stage"] == first)
+    assert sorted(f["shard"] for f in failures if f["stage"] == second) == [2, 3]
+    root = OutputRoot(str(out))
+    assert root.completed_shards(first) == [0, 1, 3, 4] and root.completed_shards(second) == [0, 1, 4]
+    want = [f"{first} / shards 00000-00001", f"{first} / shards 00002-00003", f"{first} / shards 00004"]
+    with get_client(sync_client=True) as client:
+        runs = eventually(lambda: client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=want))),
+                          lambda rs: len(rs) == 3 and all(r.state.is_final() for r in rs))
+    states = {r.name: r.state for r in runs}
+    assert states[want[0]].is_completed() and states[want[2]].is_completed()
+    assert states[want[0]].message.startswith(f"{want[0]}: 2 shards written, 2 rows (2 ok, 0 error, 0 skipped)")
+    assert states[want[1]].is_failed() and "shard 00002: RuntimeError: the source disk went away" in \
+        states[want[1]].message
+
+
+def test_a_retried_group_redoes_only_its_failed_shard_even_when_forced(prefect_harness, tmp_path):
+    """A group's retry (runtime.retries) re-runs the shard that failed, not the ones it finished; with ``force``
+    (which rewrites complete shards) the task run remembers which shards its earlier try finished."""
+    from flows.config import pipeline_model
+    from flows.pipeline import _run_graph
+    from storage.root import OutputRoot
+    from tests._slow_stage import plan
+
+    name = f"grp_retry_{uuid.uuid4().hex[:6]}"
+    calls: list[int] = []
+
+    def flaky(ctx):
+        calls.append(ctx.shard)
+        if ctx.shard == 2 and calls.count(2) == 1:
+            raise ConnectionError("the endpoint dropped the connection")
+        return [StreamProbe(item=f"x-{ctx.shard}", saw_downstream_start=False)]
+
+    stage = Stage(name=name, schema=STREAM_SCHEMA, inputs=(), config_cls=StreamProbeConfig, process=flaky)
+    with _registered([stage]) as names:
+        out = tmp_path / "retry"
+        plan(OutputRoot(str(out)), 4, 1)
+        pc = pipeline_model().model_validate({"runtime": {"retries": 1, "retry_delay_s": 0, "max_workers": 1,
+                                                          "shards_per_task": 4}})
+        results, failures = _run_graph(str(out), names, [0, 1, 2, 3], pc.model_dump(mode="json"), True, pc.runtime)
+    assert not failures and sorted(r["shard"] for r in results) == [0, 1, 2, 3]
+    assert sorted(calls) == [0, 1, 2, 2, 3]
+
+
+def test_server_view_reads_the_shards_of_a_grouped_task_run():
+    """`motionforge status`'s server view lists (stage, shard)s: a task run of several shards stands for each of
+    them, a failed one only for the shards its ShardsFailed message names."""
+    from flows.pipeline import ShardsFailed, shards_label
+    from flows.server_status import task_run_shards
+
+    assert task_run_shards("track / shard 00007") == ("track", [7])
+    assert task_run_shards(f"scenes / shards {shards_label([8, 9, 10])}", "Running") == ("scenes", [8, 9, 10])
+    assert task_run_shards(f"tag / shards {shards_label([1, 4])}", "Pending") == ("tag", [1, 4])
+    err = ShardsFailed("scenes", [{"shard": 8}], [{"stage": "scenes", "shard": 9, "error": "OSError: disk gone"}], True)
+    message = f"Task run encountered an exception ShardsFailed: {err}"
+    assert task_run_shards("scenes / shards 00008-00010", "Failed", message) == ("scenes", [9])
+    assert task_run_shards("scenes / shards 00008-00010", "Crashed", "worker lost") == ("scenes", [8, 9, 10])
+    assert task_run_shards("plan-inputs-f20") is None
