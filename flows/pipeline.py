@@ -280,7 +280,8 @@ def stage_shards(stage: str, shards: list[int], out: str, config: dict[str, Any]
         raise ShardsFailed(stage, outcomes, failures, retryable)
     rows = {k: sum(o.get(k) or 0 for o in outcomes) for k in ("rows", "ok", "error", "skipped")}
     actions = sorted({o.get("action") for o in outcomes})
-    line = (f"{stage} / shards {label}: {len(outcomes)} shards {'/'.join(map(str, actions))}, {rows['rows']} rows "
+    line = (f"{stage} / shards {label}: {len(outcomes)} shard{'s' if len(outcomes) != 1 else ''} "
+            f"{'/'.join(map(str, actions))}, {rows['rows']} rows "
             f"({rows['ok']} ok, {rows['error']} error, {rows['skipped']} skipped) in "
             f"{sum(o.get('seconds') or 0.0 for o in outcomes):.1f}s")
     return Completed(message=line, data={"outcomes": outcomes})
