@@ -14,7 +14,9 @@ trailing MP4 ``free`` box, so each is a different file to ingest's duplicate che
 The resume run finds every shard complete: nearly all of its cost is orchestration.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_orchestration_scale.py [--sizes 250,2500] [--dir /tmp/x]
-        [--postgres] [--json out.json]
+        [--postgres] [--shards-per-task K] [--json out.json]
+
+With ``--shards-per-task K`` the runs make one task run per K shards; the figures stay per (stage, shard).
 """
 from __future__ import annotations
 
@@ -205,8 +207,10 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "motionforge-bench-scale")
     ap.add_argument("--postgres", action="store_true", help="a PostgreSQL database for each size's server")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--shards-per-task", type=int, default=1, help="runtime.shards_per_task of the runs")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    bo.SHARDS_PER_TASK[0] = args.shards_per_task
     if os.environ.get("PREFECT_API_URL"):
         raise SystemExit("this benchmark measures a server it starts itself (and its database); unset PREFECT_API_URL")
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +223,8 @@ def main() -> None:
         t0 = time.perf_counter()
         log = args.dir / f"child-{n}.log"
         with log.open("wb") as f:
-            done = subprocess.run([sys.executable, __file__, "--child", str(n), "--dir", str(args.dir)]
+            done = subprocess.run([sys.executable, __file__, "--child", str(n), "--dir", str(args.dir),
+                                   "--shards-per-task", str(args.shards_per_task)]
                                   + (["--postgres"] if args.postgres else []), stdout=f, stderr=subprocess.STDOUT)
         if done.returncode:
             raise SystemExit(f"the run of {n} videos failed ({done.returncode}); its log, {log}, ends:\n"
