@@ -367,12 +367,13 @@ def _first_problem_per(table, key: str):
     return table.take(pc.if_else(pc.greater_equal(ranks, n), pc.subtract(ranks, n), ranks))
 
 
-def _lookup(keys, table, key: str, column: str):
-    """``table[column]`` for each of ``keys`` (``table`` has one row per ``key``); null where it has none.
-    Index lookups rather than a join: Arrow's hash join cannot carry list columns (boxes, tags)."""
+def _lookup(keys, table, key: str, *columns: str) -> list:
+    """``table[c]`` for each of ``keys``, for each of ``columns`` (``table`` has one row per ``key``); null where
+    it has none. Index lookups rather than a join: Arrow's hash join cannot carry list columns (boxes, tags)."""
     import pyarrow.compute as pc
 
-    return pc.take(table[column], pc.index_in(keys, value_set=table[key]))
+    at = pc.index_in(keys, value_set=table[key])
+    return [pc.take(table[c], at) for c in columns]
 
 
 def _instance_table(root: OutputRoot):
@@ -395,7 +396,7 @@ def _instance_table(root: OutputRoot):
                 st, er = pa.nulls(n, pa.string()), pa.nulls(n, pa.string())
             else:
                 t = _first_problem_per(t, "instance_id") if s == "tasks" else _last_per(t, "instance_id")
-                st, er = _lookup(ids, t, "instance_id", "status"), _lookup(ids, t, "instance_id", "error")
+                st, er = _lookup(ids, t, "instance_id", "status", "error")
         missing = pc.and_(pc.invert(decided), pc.is_null(st))
         bad = pc.and_(pc.invert(decided), pc.fill_null(pc.not_equal(st, STATUS_OK), False))
         status = pc.if_else(missing, pa.scalar(f"waiting for {s}"), status)
@@ -409,10 +410,10 @@ def _instance_table(root: OutputRoot):
     causes = pa.array([normalise_reason(m) for m in distinct.to_pylist()], pa.string())
     reason = pc.if_else(stopped, pc.take(causes, pc.index_in(error, distinct)), pa.nulls(n, pa.string()))
     tag = _stage_table(root, "tag", LIST_COLUMNS["tag"])
-    tags = _lookup(det["clip_id"], _last_per(tag, "clip_id"), "clip_id", "tags") if tag is not None else pa.nulls(n)
+    tags = _lookup(det["clip_id"], _last_per(tag, "clip_id"), "clip_id", "tags")[0] if tag is not None else pa.nulls(n)
     fps = det["fps"]
     scenes = _stage_table(root, "scenes", LIST_COLUMNS["scenes"])
-    clip_fps = (_lookup(det["clip_id"], _last_per(scenes, "clip_id"), "clip_id", "fps") if scenes is not None
+    clip_fps = (_lookup(det["clip_id"], _last_per(scenes, "clip_id"), "clip_id", "fps")[0] if scenes is not None
                 else pa.nulls(n, fps.type))
     fps = pc.if_else(pc.fill_null(pc.not_equal(fps, 0), False), fps, clip_fps)  # the detection's own, else its clip's
     cols = {"instance_id": ids, "clip_id": det["clip_id"], "video_id": det["video_id"], "shard": det["_shard"],

@@ -184,16 +184,14 @@ def validated_config(config: dict[str, Any]) -> Any:
     return pc
 
 
-@task(
-    name="stage-shard",
-    task_run_name="{stage} / shard {shard:05d}",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_condition,
-    cache_policy=NONE,
-    persist_result=False,
-)
+# What a (stage, shard) task run and a task run of several shards share: retries (runtime.retries and
+# retry_delay_s override the first two per run, in _submit), no result cache and no persisted result.
+_SHARD_TASK_OPTIONS = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+                           retry_jitter_factor=0.5, retry_condition_fn=_retry_condition, cache_policy=NONE,
+                           persist_result=False)
+
+
+@task(name="stage-shard", task_run_name="{stage} / shard {shard:05d}", **_SHARD_TASK_OPTIONS)
 def stage_shard(stage: str, shard: int, out: str, config: dict[str, Any], force: bool = False):
     """One (stage, shard). Ends in a Completed state whose message is the outcome line (shown on the task run in
     the UI and in Prefect's "Finished in state" log line) and whose data is the outcome dict, so a task costs one
@@ -228,16 +226,7 @@ _GROUP_DONE: dict[str, dict[int, dict]] = {}  # task run id -> outcomes of its s
 _GROUP_DONE_LOCK = threading.Lock()
 
 
-@task(
-    name="stage-shards",
-    task_run_name="{stage} / shards {label}",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_condition,
-    cache_policy=NONE,
-    persist_result=False,
-)
+@task(name="stage-shards", task_run_name="{stage} / shards {label}", **_SHARD_TASK_OPTIONS)
 def stage_shards(stage: str, shards: list[int], out: str, config: dict[str, Any], force: bool = False,
                  label: str = ""):
     """Several shards of one stage, one after another, in one task run (``runtime.shards_per_task``): each
@@ -268,14 +257,9 @@ def stage_shards(stage: str, shards: list[int], out: str, config: dict[str, Any]
                 continue
             done[k] = result
             outcomes.append(result)
-    if failures:
-        from prefect.context import TaskRunContext
-
-        ctx = TaskRunContext.get()
-        if retryable and ctx is not None and task_run.run_count <= ctx.task.retries:
-            raise ShardsFailed(stage, outcomes, failures, retryable)  # a retry follows: keep what is done
-    with _GROUP_DONE_LOCK:
-        _GROUP_DONE.pop(run_id, None)
+    if not (failures and retryable and _retry_follows(task_run.run_count)):  # else keep what is done for it
+        with _GROUP_DONE_LOCK:
+            _GROUP_DONE.pop(run_id, None)
     if failures:
         raise ShardsFailed(stage, outcomes, failures, retryable)
     rows = {k: sum(o.get(k) or 0 for o in outcomes) for k in ("rows", "ok", "error", "skipped")}
@@ -285,6 +269,14 @@ def stage_shards(stage: str, shards: list[int], out: str, config: dict[str, Any]
             f"({rows['ok']} ok, {rows['error']} error, {rows['skipped']} skipped) in "
             f"{sum(o.get('seconds') or 0.0 for o in outcomes):.1f}s")
     return Completed(message=line, data={"outcomes": outcomes})
+
+
+def _retry_follows(run_count: int) -> bool:
+    """Whether the current task run has a retry left after this try (``run_count``: tries so far)."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return ctx is not None and run_count <= ctx.task.retries
 
 
 def shards_label(shards: list[int]) -> str:
@@ -380,10 +372,8 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
     ``force`` makes a task run for every shard."""
     futures: dict[tuple[str, int], Any] = {}
     done: list[dict] = []
-    opts = stage_shard.with_options(retries=runtime.retries,
-                                    retry_delay_seconds=exponential_backoff(backoff_factor=runtime.retry_delay_s))
-    group_opts = stage_shards.with_options(retries=runtime.retries,
-                                           retry_delay_seconds=exponential_backoff(backoff_factor=runtime.retry_delay_s))
+    retrying = dict(retries=runtime.retries, retry_delay_seconds=exponential_backoff(backoff_factor=runtime.retry_delay_s))
+    opts, group_opts = stage_shard.with_options(**retrying), stage_shards.with_options(**retrying)
     per_task = runtime.shards_per_task
     use_ray = runtime.task_runner == "ray"
     pc = validated_config(cfg)
@@ -401,18 +391,13 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
     # to the task as a plain tuple, so Ray tasks get the dict itself; Ray's own per-task cost dwarfs the walk.)
     qcfg = quote(cfg)
 
-    def submit(name: str, k: int, waits: list):
+    def submit(task_opts, name: str, shards, waits: list, *more):
+        """``task_opts.submit(name, shards, out, config, force, *more)``: one shard (``stage_shard``) or a list of
+        them (``stage_shards``, whose ``more`` is the label)."""
         if not use_ray:
-            return opts.submit(name, k, out, qcfg, force, wait_for=waits)
+            return task_opts.submit(name, shards, out, qcfg, force, *more, wait_for=waits)
         with remote_options(**ray_remote_options(resources[name], cluster_gpus)):
-            return opts.submit(name, k, out, cfg, force, wait_for=waits)
-
-    def submit_group(name: str, group: list[int], waits: list):
-        label = shards_label(group)
-        if not use_ray:
-            return group_opts.submit(name, group, out, qcfg, force, label, wait_for=waits)
-        with remote_options(**ray_remote_options(resources[name], cluster_gpus)):
-            return group_opts.submit(name, group, out, cfg, force, label, wait_for=waits)
+            return task_opts.submit(name, shards, out, cfg, force, *more, wait_for=waits)
 
     root = OutputRoot(out)
     with _task_tags_without_root(), concurrent.futures.ThreadPoolExecutor(PRECHECK_THREADS) as pool:
@@ -433,12 +418,12 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
                     todo.append(k)
             if per_task == 1 or st.scope == "global":
                 for k in todo:
-                    futures[(name, k)] = submit(name, k, waits[k])
+                    futures[(name, k)] = submit(opts, name, k, waits[k])
             else:  # each group waits for the task runs of its shards' inputs, each of them once
                 for i in range(0, len(todo), per_task):
                     group = todo[i:i + per_task]
                     w = list({id(f): f for k in group for f in waits[k]}.values())
-                    fut = submit_group(name, group, w)
+                    fut = submit(group_opts, name, group, w, shards_label(group))
                     for k in group:
                         futures[(name, k)] = fut
             n_done = sum(r is not None for r in complete.values())
