@@ -19,6 +19,7 @@ from schemas._base import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, to_table
 from stages.base import ShardContext, Stage
 from stages.shared.reasons import normalise_reason
 from storage.manifest import cached_plan, stage_config_hash
+from storage.memory import release_freed_memory
 from storage.root import OutputRoot
 
 
@@ -274,4 +275,7 @@ def run_shard(
     })
     if root.exists(failed_file):
         root.delete(failed_file)
-    return ShardOutcome(stage.name, shard, "written", len(rows), ok, err, skipped, seconds, top)
+    n_rows = len(rows)
+    del rows, table  # before the trim, so that their memory is free to hand back
+    release_freed_memory()
+    return ShardOutcome(stage.name, shard, "written", n_rows, ok, err, skipped, seconds, top)

@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from storage.memory import release_freed_memory
+
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
 
@@ -291,6 +293,7 @@ class OutputRoot:
         if ahead <= 1 or len(shards) <= 1:
             for s in shards:
                 yield s, self.read_shard(stage, s, schema, columns)
+                release_freed_memory()
             return
         from concurrent.futures import ThreadPoolExecutor
 
@@ -302,6 +305,7 @@ class OutputRoot:
             while pending:
                 s, future = pending.popleft()
                 yield s, future.result()
+                release_freed_memory()  # the reader is done with that shard: at most one trim a second
                 nxt = next(todo, None)  # once the reader has taken this one: never more than `ahead` held
                 if nxt is not None:
                     pending.append((nxt, pool.submit(self.read_shard, stage, nxt, schema, columns)))
