@@ -172,30 +172,37 @@ def _fold_samples(st: _Stage, col: str, ok) -> None:
     st.values["clips"].append(pc.unique(ok["clip_id"]))
 
 
+_QUESTION_COLUMNS = ("category", "answer", "question", "key", "clip_id", "video_id", "start_s", "end_s", "options",
+                     "split")
+
+
 def _fold_questions(st: _Stage, col: str, ok) -> None:
     """MotionBench statistics' running sums (see :func:`motionbench_statistics`), over rows with a question."""
     q = st.counts
-    for r in ok.to_pylist():
-        if r.get("category") is not None:
-            q["category"][r["category"]] += 1
-        if r.get("answer") is not None:
-            q["answer"][r["answer"]] += 1
-        if not r.get("question"):
-            continue
-        q["sums"]["questions"] += 1
-        if not st.question_details:
-            continue
-        key = r.get("key") or r.get("clip_id") or f"{r['video_id']}:{r.get('start_s')}:{r.get('end_s')}"
-        q["per_key"][key] += 1
-        if r.get("start_s") is not None and r.get("end_s") is not None:
-            st.values.setdefault("clip_dur", {})[key] = float(r["end_s"]) - float(r["start_s"])
-        else:
-            st.values.setdefault("whole_video_of", {})[key] = r["video_id"]
-        q["sums"]["chars"] += len(r["question"])
-        q["sums"]["option_chars"] += sum(len(o) for o in (r.get("options") or []))
-        q["sums"]["words"] += len(r["question"].split())
-        cat = MB_CATEGORY_NAMES.get(r.get("category"), r.get("category") or "?")
-        q["split:" + cat][r.get("split") or "(not split)"] += 1
+    # A global stage's one shard holds every question: its rows become dicts a batch at a time, read columns only.
+    ok = ok.select([c for c in _QUESTION_COLUMNS if c in ok.column_names])
+    for batch in ok.to_batches(max_chunksize=4096):
+        for r in batch.to_pylist():
+            if r.get("category") is not None:
+                q["category"][r["category"]] += 1
+            if r.get("answer") is not None:
+                q["answer"][r["answer"]] += 1
+            if not r.get("question"):
+                continue
+            q["sums"]["questions"] += 1
+            if not st.question_details:
+                continue
+            key = r.get("key") or r.get("clip_id") or f"{r['video_id']}:{r.get('start_s')}:{r.get('end_s')}"
+            q["per_key"][key] += 1
+            if r.get("start_s") is not None and r.get("end_s") is not None:
+                st.values.setdefault("clip_dur", {})[key] = float(r["end_s"]) - float(r["start_s"])
+            else:
+                st.values.setdefault("whole_video_of", {})[key] = r["video_id"]
+            q["sums"]["chars"] += len(r["question"])
+            q["sums"]["option_chars"] += sum(len(o) for o in (r.get("options") or []))
+            q["sums"]["words"] += len(r["question"].split())
+            cat = MB_CATEGORY_NAMES.get(r.get("category"), r.get("category") or "?")
+            q["split:" + cat][r.get("split") or "(not split)"] += 1
 
 
 _FOLDS = {

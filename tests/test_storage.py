@@ -222,6 +222,32 @@ def test_whole_shard_failure_is_reported_then_cleared(tmp_path):
     assert (st["complete"], st["failed"]) == (2, 0)
 
 
+def test_status_keeps_only_the_marker_fields_it_reads(tmp_path, monkeypatch):
+    """``status`` holds every marker of a root until its pass ends, so it keeps a slim copy: the verdicts and
+    counts are the same as from whole markers, and nothing else of a marker stays in memory."""
+    import dashboards.status as status
+
+    root = OutputRoot(tmp_path / "r")
+    slow.plan(root, 6, 2)
+    record_stage_config(root, "slow", slow.SlowConfig().config_hash(), {}, [])
+    for k in range(3):
+        run_shard(slow.STAGE, root, slow.SlowConfig(), k)
+    m = root.read_marker("slow", 2)
+    root.write_marker("slow", 2, dict(m, config_hash="another", ok=5, error=2,
+                                      top_errors=[["decode failed at frame 3", 2]]))  # stale, with errors
+    whole = status.root_status(root.url, stages={"slow": slow.STAGE})
+    real, kept = status._slim, []
+    monkeypatch.setattr(status, "_slim", lambda marker: kept.append(real(marker)) or kept[-1])
+    assert status.root_status(root.url, stages={"slow": slow.STAGE}) == whole
+    assert kept and all(set(x) <= set(status._STATUS_FIELDS) for x in kept if x is not None)
+    assert not {"created_at", "seconds", "stage", "shard", "rows"} & {k for x in kept if x for k in x}
+    st = whole["stages"][0]
+    first = [root.read_marker("slow", k) for k in (0, 1)]
+    assert (st["complete"], st["stale"], st["rows_ok"], st["rows_error"]) == (
+        2, 1, sum(x["ok"] for x in first) + 5, sum(x["error"] for x in first) + 2)
+    assert st["first_errors"][0] == "decode failed at frame 3 (x2)"  # top_errors survive the slimming
+
+
 # -- the run lock under contention, and a lock file cut short -------------------------------------------------
 
 @pytest.mark.parametrize("stale", [True, False], ids=["stale-lock", "no-lock"])
