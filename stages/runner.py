@@ -166,7 +166,10 @@ def _built_from_current(root: OutputRoot, name: str, shard: int, m: dict, lookup
             except InputsNotReadyError:
                 return False
             continue
-        if not root.exists(root.path(inp, "_markers")):  # not a stage: an external input of this stage
+        is_stage = memo.get(("is-stage", inp))
+        if is_stage is None:  # asked once per pass, not per shard (a filesystem stat each)
+            is_stage = memo[("is-stage", inp)] = root.exists(root.path(inp, "_markers"))
+        if not is_stage:  # not a stage: an external input of this stage
             if external is None:
                 st = lookup(name)
                 external = st.external_inputs(root, shard) if st is not None and st.external_inputs else {}

@@ -29,6 +29,7 @@ import re
 import uuid
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -44,7 +45,27 @@ log = logging.getLogger("motionforge.storage")
 TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^shard-(\d+)\.(parquet|json)$")
 _TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{12,32}-")  # what _tmp_beside (and the run lock) name their temp files
+# orjson (three times json's speed on a marker) reads an integer outside 64 bits as a float; json keeps it exact.
+# A run of 19 digits anywhere (a number or inside a string) sends the file to json: same result, only slower.
+_LONG_DIGITS = re.compile(rb"\d{19}")
 READ_AHEAD = 8  # shards OutputRoot.iter_stage reads at once
+
+
+def _read_local(path: str) -> bytes:
+    """A local file's bytes through the OS calls alone: about a third of ``open(path, "rb").read()``'s cost on a
+    small file (no buffered-reader object; 20,000 markers: 0.13-0.18 s against 0.35-0.46 s). Reads until EOF;
+    64 KiB a call stays under the allocator's mmap threshold, so a read costs no fresh pages."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class GarbledJSONError(ValueError):
@@ -109,6 +130,7 @@ class OutputRoot:
         self.url = normalise_root_url(url)
         self.fs, self.base = _filesystem(self.url) if "://" in self.url else (pafs.LocalFileSystem(), self.url)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._prefix = self.base if self.base.endswith("/") or not self.base else self.base + "/"  # path()'s join
 
     def __repr__(self) -> str:
         return f"OutputRoot({self.url!r})"
@@ -130,7 +152,9 @@ class OutputRoot:
         return self.path(stage, f"{shard_name(shard)}.parquet")
 
     def marker_file(self, stage: str, shard: int) -> str:
-        return self.path(stage, "_markers", f"{shard_name(shard)}.json")
+        # self.path(stage, "_markers", ...) spelled out: it is asked once per marker read (20,000 for `status` on
+        # 10,000 shards), and posixpath.join was a fifth of that pass's time
+        return f"{self._prefix}{stage}/_markers/shard-{shard:05d}.json"
 
     def media_dir(self, stage: str, *parts: str) -> str:
         p = self.path(stage, "_media", *parts)
@@ -174,8 +198,7 @@ class OutputRoot:
 
     def read_bytes(self, path: str) -> bytes:
         if self.is_local:  # the OS directly: a third of the cost per small file (markers, for `status`)
-            with open(path, "rb") as f:
-                return f.read()
+            return _read_local(path)
         with self.fs.open_input_stream(path) as f:
             return f.read()
 
@@ -192,6 +215,11 @@ class OutputRoot:
             if not self.exists(path):
                 return default
             raise
+        if not _LONG_DIGITS.search(data):
+            try:
+                return orjson.loads(data)
+            except ValueError:  # NaN, Infinity, 1e400 (json.dumps writes them, orjson refuses): json decides
+                pass
         try:
             return json.loads(data)
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
@@ -214,9 +242,15 @@ class OutputRoot:
         """Names in ``path``, sorted, without the temp files of this module's atomic writes: one is either still
         being written (another process's write in flight, renamed away a moment later) or left by a killed
         writer (:meth:`remove_temp_files`); neither is an entry a reader may open."""
-        sel = pafs.FileSelector(path, allow_not_found=True)
-        names = (posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
-        return sorted(n for n in names if not _TMP_RE.match(n))
+        if self.is_local:  # the OS's listing directly: pyarrow builds a FileInfo per entry (a tenth of a second
+            try:           # per 10,000 markers, for `status`)
+                names = os.listdir(path)
+            except FileNotFoundError:
+                return []
+        else:
+            sel = pafs.FileSelector(path, allow_not_found=True)
+            names = [posixpath.basename(i.path) for i in self.fs.get_file_info(sel)]
+        return sorted(n for n in names if not n.startswith(TMP_PREFIX) or not _TMP_RE.match(n))
 
     def file_stamps(self, path: str) -> dict[str, tuple]:
         """name -> a stamp of each file in ``path`` (temp files left out) that changes whenever the file is

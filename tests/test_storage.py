@@ -601,3 +601,53 @@ def test_list_dir_leaves_out_temp_files_of_writes_in_flight(tmp_path):
     Path(root.path("notes", ".tmp-notes.jsonl")).write_bytes(b"")  # a user's own dotfile: not one of ours
     assert sorted(os.listdir(root.path("notes"))) == sorted([".tmp-notes.jsonl", "a.jsonl", Path(in_flight).name])
     assert root.list_dir(root.path("notes")) == [".tmp-notes.jsonl", "a.jsonl"]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_read_json_parses_what_write_json_wrote_and_names_what_it_cannot(tmp_path, where):
+    """read_json parses with orjson and falls back to the standard parser, so every file json.dumps wrote reads
+    back as json.loads reads it (NaN, infinities and integers past 64 bits, which orjson refuses, included),
+    a file longer than one 64 KiB read comes back whole, and an empty, cut or non-UTF-8 file is a
+    GarbledJSONError naming the file."""
+    import json
+    import uuid
+
+    from storage.root import GarbledJSONError
+
+    root = OutputRoot(tmp_path / "r" if where == "local" else f"memory://read-json-{uuid.uuid4().hex}")
+    objs = {
+        "plain": {"stage": "scenes", "shard": 7, "ok": 3, "top_errors": [["bad video", 2]], "s": "caf\u00e9 \u2192 \U0001f600"},
+        "nan": {"seconds": float("nan"), "inf": float("inf"), "ninf": -float("inf")},
+        "bigint": {"n": 2**70, "neg": -(2**65), "edge": [2**64 - 1, -(2**63), -(2**63) - 1], "id": "v-" + "7" * 25},
+        "floats": [0.1, 1e-320, 5e-324, 2.2250738585072011e-308, 1.7976931348623157e308, -0.0, 9007199254740993],
+        "long": {"items": [f"/videos/clip-{k:06d}.mp4" for k in range(8000)]},  # about 200 KiB
+    }
+    for name, obj in objs.items():
+        path = root.path("j", f"{name}.json")
+        root.write_json(path, obj)
+        raw = root.read_bytes(path)
+        assert len(raw) > 65536 or name != "long"
+        # compared as the standard library would serialise both (NaN != NaN as a float)
+        assert json.dumps(root.read_json(path), sort_keys=True) == json.dumps(json.loads(raw), sort_keys=True)
+    assert root.read_json(root.path("j", "nan.json"))["inf"] == float("inf")
+    assert root.read_json(root.path("j", "bigint.json"))["n"] == 2**70
+    assert root.read_json(root.path("j", "missing.json"), default="none") == "none"
+    # hand-written files json.dumps would not write, read as json.loads reads them
+    for name, data in (("overflow", b'{"x": 1e400}'), ("surrogate", b'{"s": "\\ud800"}'), ("bom", b'\xef\xbb\xbf{"a": 1}')):
+        path = root.path("j", f"{name}.json")
+        root.write_bytes_atomic(path, data)
+        assert repr(root.read_json(path)) == repr(json.loads(data)), name
+    for name, data, says in (("empty", b"", "empty"), ("cut", b'{"ok": 1, "err', "not valid JSON"),
+                             ("latin1", b'{"s": "caf\xe9"}', "not valid JSON")):
+        path = root.path("j", f"{name}.json")
+        root.write_bytes_atomic(path, data)
+        with pytest.raises(GarbledJSONError, match=f"{name}.json is {says}"):
+            root.read_json(path)
+
+
+def test_marker_file_is_the_joined_path_for_every_kind_of_base(tmp_path):
+    """marker_file spells the join out (it is asked once per marker read); it must be exactly path()'s."""
+    for url in ("/", str(tmp_path / "r"), str(tmp_path / "r") + "/", "memory://bucket/run", "memory://run/"):
+        root = OutputRoot(url)
+        for stage, shard in (("scenes", 0), ("ingest", 7), ("finalize", 123456)):
+            assert root.marker_file(stage, shard) == root.path(stage, "_markers", f"shard-{shard:05d}.json")
