@@ -47,7 +47,15 @@ _SHARD_RE = re.compile(r"^shard-(\d+)\.(parquet|json)$")
 _TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{12,32}-")  # what _tmp_beside (and the run lock) name their temp files
 # orjson (three times json's speed on a marker) reads an integer outside 64 bits as a float; json keeps it exact.
 # A run of 19 digits anywhere (a number or inside a string) sends the file to json: same result, only slower.
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# Found by mapping every digit to "0" and everything else to " " (1.4 us on a 320-byte marker; the regex
+# [0-9]{19} took 8 us, as long as orjson's whole parse).
+_DIGITS_TO_ZERO = bytes(b"0"[0] if 48 <= i <= 57 else b" "[0] for i in range(256))
+_LONG_DIGIT_RUN = b"0" * 19
+
+
+def _has_long_digit_run(data: bytes) -> bool:
+    return _LONG_DIGIT_RUN in data.translate(_DIGITS_TO_ZERO)
+
 READ_AHEAD = 8  # shards OutputRoot.iter_stage reads at once
 
 
@@ -215,7 +223,7 @@ class OutputRoot:
             if not self.exists(path):
                 return default
             raise
-        if not _LONG_DIGITS.search(data):
+        if not _has_long_digit_run(data):
             try:
                 return orjson.loads(data)
             except ValueError:  # NaN, Infinity, 1e400 (json.dumps writes them, orjson refuses): json decides
