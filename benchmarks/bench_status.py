@@ -10,7 +10,7 @@ then times:
 
 Target: the CLI answers in under 2 s at 10,000 shards. The root is cached under --dir and reused.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_status.py [--shards 10000] [--repeat 3] [--dir /tmp/x]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_status.py [--shards 10000] [--repeat 3] [--dir /tmp/x] [--dag full]
 """
 from __future__ import annotations
 
@@ -64,15 +64,52 @@ def build_root(path: Path, n: int) -> OutputRoot:
     return root
 
 
+def build_full_root(path: Path, n: int) -> OutputRoot:
+    """A root of ``n`` shards with a complete marker for every registered stage (the whole DAG: 14 per-shard
+    stages and the global ``finalize``), each written from its input shards' markers through the runner's own
+    ``input_fingerprints`` (external inputs included), so every shard is complete; then one stage's config
+    changed (``check``: it and ``tasks`` are stale on every shard) and 1 in 1,000 ``qgen`` shards left pending."""
+    from stages.registry import STAGE_MODULES, get_stage
+    from stages.runner import input_fingerprints
+
+    root = OutputRoot(str(path))
+    done = path / ".complete"
+    if done.exists() and done.read_text() == f"full {n}":
+        return root
+    record_plan(root, {"version": 1, "shard_size": 1, "input": "/synthetic",
+                       "shards": [[f"/synthetic/video-{k:06d}.mp4"] for k in range(n)]})
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    for i, name in enumerate(STAGE_MODULES):
+        st = get_stage(name)
+        chash = f"{i:x}" * 16
+        (path / name / "_markers").mkdir(parents=True, exist_ok=True)
+        for k in ([0] if st.scope == "global" else range(n)):
+            if name == "qgen" and k % 1000 == 999:
+                continue  # pending (and so are ffilter, review and finalize there: written below only if ready)
+            try:
+                inputs = input_fingerprints(st, root, k)
+            except Exception:  # noqa: BLE001 -- an input shard left pending: this one cannot be written
+                continue
+            body = {"stage": name, "shard": k, "config_hash": chash, "inputs": inputs,
+                    "fingerprint": uuid.uuid4().hex, "rows": 4, "ok": 3, "error": 1, "skipped": 0,
+                    "top_errors": [[f"{name} failed on clip {k}: synthetic", 1]], "seconds": 0.1, "created_at": now}
+            (path / name / "_markers" / f"shard-{k:05d}.json").write_text(json.dumps(body))
+        record_stage_config(root, name, ("e" * 16) if name == "check" else chash, {}, list(st.inputs))
+    done.write_text(f"full {n}")
+    return root
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--dag", choices=["two", "full"], default="two",
+                    help="two: markers of ingest and scenes only; full: every registered stage (about 14x the markers)")
     args = ap.parse_args()
-    base = args.dir or Path(tempfile.gettempdir()) / f"motionforge-bench-status-{args.shards}"
+    base = args.dir or Path(tempfile.gettempdir()) / f"motionforge-bench-status-{args.dag}-{args.shards}"
     t0 = time.perf_counter()
-    build_root(base, args.shards)
+    (build_full_root if args.dag == "full" else build_root)(base, args.shards)
     print(f"root {base} with {args.shards} shards ready in {time.perf_counter() - t0:.1f}s")
 
     from dashboards.status import root_status
@@ -85,9 +122,16 @@ def main() -> None:
     by = {s["stage"]: s for s in st["stages"]}
     exp = args.shards // 1000
     assert by["ingest"]["complete"] == args.shards, by["ingest"]
-    assert by["scenes"]["pending"] == exp and by["scenes"]["stale"] == exp, by["scenes"]
-    print(f"root_status in-process: {best:.3f}s  (ingest complete {by['ingest']['complete']}, scenes complete "
-          f"{by['scenes']['complete']}, stale {by['scenes']['stale']}, pending {by['scenes']['pending']})")
+    if args.dag == "full":
+        assert by["check"]["stale"] == by["tasks"]["stale"] == args.shards, (by["check"], by["tasks"])
+        assert by["qgen"]["pending"] == by["review"]["pending"] == exp and by["finalize"]["pending"] == 1, by["qgen"]
+        assert by["describe"]["complete"] == args.shards, by["describe"]
+        markers = sum(s["complete"] + s["stale"] for s in st["stages"])
+    else:
+        assert by["scenes"]["pending"] == exp and by["scenes"]["stale"] == exp, by["scenes"]
+        markers = by["ingest"]["complete"] + by["scenes"]["complete"] + by["scenes"]["stale"]
+    print(f"root_status in-process: {best:.3f}s over {markers} markers (" + ", ".join(
+        f"{s['stage']} {s['complete']}/{s['stale']}/{s['pending']}" for s in st["stages"]) + " complete/stale/pending)")
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("PREFECT_API_URL", None)

@@ -141,8 +141,8 @@ print(json.dumps({"status": json.loads(res.output), "after_status": after_status
 def test_status_and_stage_registry_import_no_model_libraries(tmp_path):
     """`motionforge status` in a fresh process imports no model library (torch, transformers), nor pandas,
     Prefect or the experts; listing every stage with its config schema and table schema imports no torch
-    either: models load inside the functions that run them. A fresh `status` over 10,000 shards is mostly
-    its imports (benchmarks/bench_status.py)."""
+    either: models load inside the functions that run them. A fresh `status` over 10,000 shards of two stages
+    spends about a third of its time importing (benchmarks/bench_status.py)."""
     import subprocess
     import sys
     from pathlib import Path
