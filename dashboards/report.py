@@ -85,6 +85,49 @@ def _shard_tables(root: OutputRoot, stage: str):
         yield table
 
 
+# Consecutive shards are folded as one table of up to this many rows (or shards): every fold is a sum over rows,
+# so the result is the same, and each Arrow call a fold makes (a filter, value counts; ~0.1 ms each whatever the
+# size) is paid per block instead of per shard. 1,500 shards of 15 stages: 21,000 folds and 99,000 compute calls.
+_BLOCK_ROWS = 65_536
+_BLOCK_SHARDS = 512
+
+
+def _blocks(tables):
+    """The tables, consecutive ones concatenated into blocks (schemas unified by column name: a column one shard
+    lacks is null there, an all-null column takes the others' type). A shard whose schema cannot be unified with
+    the block's (a column's type changed between runs) starts a new block."""
+    import pyarrow as pa
+
+    unmergeable = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+    buf: list = []
+    rows, schema = 0, None
+
+    def block():
+        if len(buf) == 1:
+            return [buf[0]]
+        try:
+            return [pa.concat_tables(buf, promote_options="default")]
+        except unmergeable:  # not expected once the schemas unified: fold them one by one
+            return list(buf)
+
+    for table in tables:
+        if buf and not table.schema.equals(schema):
+            try:
+                schema = pa.unify_schemas([schema, table.schema], promote_options="default")
+            except unmergeable:
+                yield from block()
+                buf, rows = [], 0
+        if not buf:
+            schema = table.schema
+        buf.append(table)
+        rows += table.num_rows
+        if rows >= _BLOCK_ROWS or len(buf) >= _BLOCK_SHARDS:
+            yield from block()
+            buf, rows = [], 0
+    if buf:
+        yield from block()
+
+
 def _ok_rows(table):
     import pyarrow.compute as pc
 
@@ -230,7 +273,7 @@ class _Folds:
         hit = self._done.get(stage)
         if hit is None or (details and not hit.question_details):
             hit = _Stage(stage, question_details=details)
-            for table in _shard_tables(self.root, stage):
+            for table in _blocks(_shard_tables(self.root, stage)):
                 hit.fold(table)
             self._done[stage] = hit
         return hit

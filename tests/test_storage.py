@@ -50,15 +50,16 @@ def test_iter_stage_reads_completed_shards_in_order_a_few_at_a_time(tmp_path, mo
     for k in range(20):
         run_shard(slow.STAGE, root, slow.SlowConfig(), k)
     root.delete_marker("slow", 7)  # a shard whose marker is gone is not complete: not read
-    state = {"in_flight": 0, "max": 0, "taken": 0, "read": 0}
+    state = {"in_flight": 0, "max": 0, "taken": 0, "read": 0, "threads": set()}
     lock = threading.Lock()
     real = OutputRoot.read_shard
 
-    def counting(self, stage, shard, schema=None, columns=None):
+    def counting(self, stage, shard, schema=None, columns=None, use_threads=True):
         with lock:
+            state["threads"].add(use_threads)
             state["read"] += 1
             state["max"] = max(state["max"], state["read"] - state["taken"])
-        return real(self, stage, shard, schema, columns)
+        return real(self, stage, shard, schema, columns, use_threads)
 
     monkeypatch.setattr(OutputRoot, "read_shard", counting)
     got = []
@@ -69,6 +70,7 @@ def test_iter_stage_reads_completed_shards_in_order_a_few_at_a_time(tmp_path, mo
     assert all(names == ["item", "status"] for _, names, _ in got)
     assert [i for _, _, items in got for i in items] == [f"item-{i}" for i in range(40) if i // 2 != 7]
     assert state["max"] <= 3, state
+    assert state["threads"] == {False}  # the files are read in parallel: each is decoded on its reading thread
     # with the stage's schema too (a tuple of names, one the schema lacks)
     assert root.read_shard("slow", 0, slow.STAGE.schema, ("status", "item", "nope")).column_names == ["item", "status"]
     it = root.iter_stage("slow", ahead=4)

@@ -102,7 +102,7 @@ def test_report_reads_each_stage_once(tmp_path, monkeypatch):
         cols = kw.get("columns", columns_)
         reads[(stage, shard)] += 1
         assert cols is not None, f"{stage} shard {shard} read whole"
-        table = real(self, stage, shard, schema, columns=cols)
+        table = real(self, stage, shard, schema, columns=cols, use_threads=kw.get("use_threads", True))
         columns[stage].update(table.column_names)
         return table
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import collections
 
+import pyarrow as pa
+import pytest
+
+from dashboards import report
 from dashboards.report import MB_CATEGORY_NAMES, collect
 from stages.shared.reasons import group_reasons
 from storage.root import OutputRoot
@@ -61,7 +65,14 @@ def _replay(root: OutputRoot) -> dict:
     return out
 
 
-def test_imove_it_report_over_shards_equals_the_whole_tables(tmp_path):
+# The report folds consecutive shards as one table (report._BLOCK_ROWS): 1 folds every shard alone, the default
+# folds the whole spread root as one block. Both must give the whole tables' numbers.
+BLOCKS = pytest.mark.parametrize("block_rows", [1, report._BLOCK_ROWS], ids=["shard-by-shard", "blocks"])
+
+
+@BLOCKS
+def test_imove_it_report_over_shards_equals_the_whole_tables(tmp_path, monkeypatch, block_rows):
+    monkeypatch.setattr(report, "_BLOCK_ROWS", block_rows)
     src, _ = imove_root(tmp_path / "one")
     root = OutputRoot(tmp_path / "spread")
     spread(src, root)
@@ -76,7 +87,9 @@ def test_imove_it_report_over_shards_equals_the_whole_tables(tmp_path):
     assert data["numbers"]["clips"] == len([r for r in _whole(root, "scenes") if r["status"] == "ok" and r["duration_s"] is not None])
 
 
-def test_motionbench_report_over_shards_equals_the_whole_tables(tmp_path):
+@BLOCKS
+def test_motionbench_report_over_shards_equals_the_whole_tables(tmp_path, monkeypatch, block_rows):
+    monkeypatch.setattr(report, "_BLOCK_ROWS", block_rows)
     (tmp_path / "one").mkdir()
     src, _ = motionbench_root(tmp_path / "one", extra=3)
     root = OutputRoot(tmp_path / "spread")
@@ -91,3 +104,44 @@ def test_motionbench_report_over_shards_equals_the_whole_tables(tmp_path):
         assert mb["annotation_density"][k] == ref[k], k
     assert mb["categories_per_split"] == ref["categories_per_split"]
     assert data["numbers"]["qgen_questions"] == ref["questions"] == (COPIES - 1) * 7
+
+
+def _folded(stage: str, tables) -> dict:
+    st = report._Stage(stage)
+    for t in tables:
+        st.fold(t)
+
+    def plain(v):
+        # one entry per fold: compare the values, not how they were chunked; without nulls, which a shard that
+        # lacks a kept column contributes inside a block and every reader of kept values drops (_floats,
+        # ingest_durations keeps a video only with a duration)
+        if isinstance(v, list):
+            return sorted((x for part in v for x in (part.to_pylist() if hasattr(part, "to_pylist") else part)
+                           if x is not None), key=repr)
+        return v
+
+    return {"present": st.present, "columns": sorted(st.columns), "reasons": st.reasons.groups(100),
+            "counts": {k: dict(v) for k, v in st.counts.items() if v},
+            "values": {k: plain(v) for k, v in st.values.items()}}
+
+
+def test_blocks_fold_like_single_shards_across_schema_changes():
+    """Shards of one stage written by different versions: a column one shard lacks (null there in the block),
+    a column that is all null, and a column whose type changed (those shards cannot share a block with the
+    others and are folded alone). Folding the blocks gives what folding each shard gives, reasons' first
+    examples included."""
+    tables = [
+        pa.table({"status": ["ok", "error", "ok"], "error": [None, "clip 3f2a9e1b7c: decoder stopped at frame 12", None],
+                  "label": ["person", None, "dog"], "video_id": ["a", "a", "b"], "duration_s": [1.5, None, 2.0]}),
+        pa.table({"status": ["ok"], "error": pa.array([None], pa.string()), "label": ["person"]}),  # no ids/durations
+        pa.table({"status": ["error", "error"], "error": ["clip 9d8e7f6a5b: decoder stopped at frame 40", None],
+                  "label": pa.array([None, None], pa.null())}),
+        pa.table({"status": ["ok"], "error": pa.array([None], pa.string()), "label": pa.array([7], pa.int64())}),
+        pa.table({"status": ["ok", "ok"], "error": pa.array([None, None], pa.string()), "label": ["cat", "person"],
+                  "video_id": ["c", "c"], "duration_s": [3.0, 3.0]}),
+    ]
+    blocks = list(report._blocks(tables))
+    assert 1 < len(blocks) < len(tables)  # some shards joined, the one with an integer label could not be
+    for stage in ("track", "ingest"):  # label counts; kept ids and durations
+        assert _folded(stage, blocks) == _folded(stage, tables), stage
+    assert _folded("track", blocks)["counts"]["label"] == {"person": 3, "dog": 1, "cat": 1, 7: 1}

@@ -285,9 +285,9 @@ def test_explorer_lists_from_a_few_columns_and_opens_one_instance_from_its_shard
     reads: list[tuple] = []
     real = OutputRoot.read_shard
 
-    def counting(self, stage, shard, schema=None, columns=None):
+    def counting(self, stage, shard, schema=None, columns=None, **kw):
         reads.append((stage, shard, None if columns is None else tuple(columns)))
-        return real(self, stage, shard, schema, columns)
+        return real(self, stage, shard, schema, columns, **kw)
 
     monkeypatch.setattr(OutputRoot, "read_shard", counting)
     tables = rd.Tables(root)
