@@ -16,7 +16,7 @@ from typing import Any
 
 from stages.shared.reasons import ReasonCounter
 from dashboards.status import root_status
-from storage.root import OutputRoot
+from storage.root import OutputRoot, table_blocks
 
 MB_CATEGORY_NAMES = {"MR": "Motion Recognition", "LM": "Location-related Motion", "AO": "Action Order",
                      "RC": "Repetition Count", "MO": "Motion-related Objects", "CM": "Camera Motion"}
@@ -85,47 +85,16 @@ def _shard_tables(root: OutputRoot, stage: str):
         yield table
 
 
-# Consecutive shards are folded as one table of up to this many rows (or shards): every fold is a sum over rows,
-# so the result is the same, and each Arrow call a fold makes (a filter, value counts; ~0.1 ms each whatever the
-# size) is paid per block instead of per shard. 1,500 shards of 15 stages: 21,000 folds and 99,000 compute calls.
+# Consecutive shards are folded as one table (storage.root.table_blocks): every fold is a sum over rows, so the
+# result is the same, and each Arrow call a fold makes (a filter, value counts; ~0.1 ms each whatever the size)
+# is paid per block instead of per shard. 1,500 shards of 15 stages: 21,000 folds and 99,000 compute calls.
 _BLOCK_ROWS = 65_536
 _BLOCK_SHARDS = 512
 
 
 def _blocks(tables):
-    """The tables, consecutive ones concatenated into blocks (schemas unified by column name: a column one shard
-    lacks is null there, an all-null column takes the others' type). A shard whose schema cannot be unified with
-    the block's (a column's type changed between runs) starts a new block."""
-    import pyarrow as pa
-
-    unmergeable = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
-    buf: list = []
-    rows, schema = 0, None
-
-    def block():
-        if len(buf) == 1:
-            return [buf[0]]
-        try:
-            return [pa.concat_tables(buf, promote_options="default")]
-        except unmergeable:  # not expected once the schemas unified: fold them one by one
-            return list(buf)
-
-    for table in tables:
-        if buf and not table.schema.equals(schema):
-            try:
-                schema = pa.unify_schemas([schema, table.schema], promote_options="default")
-            except unmergeable:
-                yield from block()
-                buf, rows = [], 0
-        if not buf:
-            schema = table.schema
-        buf.append(table)
-        rows += table.num_rows
-        if rows >= _BLOCK_ROWS or len(buf) >= _BLOCK_SHARDS:
-            yield from block()
-            buf, rows = [], 0
-    if buf:
-        yield from block()
+    pairs = ((None, t) for t in tables)
+    return (t for _, t in table_blocks(pairs, max_rows=_BLOCK_ROWS, max_tables=_BLOCK_SHARDS, promote=True))
 
 
 def _ok_rows(table):

@@ -27,7 +27,7 @@ import os
 import posixpath
 import re
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import orjson
 import pyarrow as pa
@@ -74,6 +74,57 @@ def _read_local(path: str) -> bytes:
     finally:
         os.close(fd)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def table_blocks(items: Iterable[tuple[Any, pa.Table]], max_rows: int = 65_536, max_tables: int = 512,
+                 promote: bool = True) -> Iterator[tuple[list, pa.Table]]:
+    """``(keys, table)`` for runs of consecutive ``(key, table)`` items (shards read by :meth:`OutputRoot.iter_stage`),
+    each run's tables concatenated, in order, until it holds ``max_rows`` rows or ``max_tables`` tables: for
+    readers whose work per table is a sum (counts, row groups to write), so that each Arrow call is paid once per
+    run rather than once per small shard.
+
+    ``promote``: unify schemas by column name (a column a table lacks is null there, an all-null column takes
+    the others' type); a table whose schema cannot be unified with the run's starts a new run. Without it only
+    tables of exactly the same schema share a run. Nothing is copied: the block's columns are the tables' chunks.
+    """
+    unmergeable = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+    keys: list = []
+    buf: list[pa.Table] = []
+    rows, schema = 0, None
+
+    def run() -> Iterator[tuple[list, pa.Table]]:
+        if len(buf) == 1:
+            yield keys, buf[0]
+            return
+        try:
+            yield keys, pa.concat_tables(buf, promote_options="default" if promote else "none")
+        except unmergeable:  # not expected once the schemas agreed: one table at a time, as they came
+            for k, t in zip(keys, buf):
+                yield [k], t
+
+    for key, table in items:
+        if buf and not table.schema.equals(schema):
+            joined = None
+            if promote:
+                try:
+                    joined = pa.unify_schemas([schema, table.schema], promote_options="default")
+                except unmergeable:
+                    pass
+            if joined is None:
+                yield from run()
+                keys, buf, rows = [], [], 0
+            else:
+                schema = joined
+        if not buf:
+            schema = table.schema
+        keys.append(key)
+        buf.append(table)
+        rows += table.num_rows
+        if rows >= max_rows or len(buf) >= max_tables:
+            yield from run()
+            keys, buf, rows = [], [], 0
+    if buf:
+        yield from run()
 
 
 class GarbledJSONError(ValueError):

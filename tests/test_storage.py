@@ -653,3 +653,32 @@ def test_marker_file_is_the_joined_path_for_every_kind_of_base(tmp_path):
         root = OutputRoot(url)
         for stage, shard in (("scenes", 0), ("ingest", 7), ("finalize", 123456)):
             assert root.marker_file(stage, shard) == root.path(stage, "_markers", f"shard-{shard:05d}.json")
+
+
+def test_table_blocks_joins_consecutive_tables_in_order():
+    """table_blocks: runs of consecutive tables, in order, cut at max_rows rows or max_tables tables; with
+    promote a missing or all-null column joins (null there) and a changed type starts a new run; without it only
+    identical schemas join. Every row comes out once, in order, with its key in the run's keys."""
+    import pyarrow as pa
+
+    from storage.root import table_blocks
+
+    a = lambda *v: pa.table({"x": pa.array(v, pa.int64())})  # noqa: E731
+    items = [(0, a(1, 2)), (1, a(3)), (2, pa.table({"x": pa.array([4], pa.int64()), "y": ["b"]})),
+             (3, pa.table({"x": pa.array([None], pa.null())})), (4, pa.table({"x": pa.array(["s"])})),
+             (5, a(6, 7, 8)), (6, a(9))]
+
+    def rows(blocks):
+        return [v for _, t in blocks for v in t["x"].to_pylist()]
+
+    want = [1, 2, 3, 4, None, "s", 6, 7, 8, 9]
+    promoted = list(table_blocks(iter(items), max_rows=100, max_tables=100, promote=True))
+    assert [k for k, _ in promoted] == [[0, 1, 2, 3], [4], [5, 6]] and rows(promoted) == want
+    assert promoted[0][1].column_names == ["x", "y"] and promoted[0][1]["y"].to_pylist() == [None, None, None, "b", None]
+    strict = list(table_blocks(iter(items), max_rows=100, max_tables=100, promote=False))
+    assert [k for k, _ in strict] == [[0, 1], [2], [3], [4], [5, 6]] and rows(strict) == want
+    by_rows = list(table_blocks(iter(items[5:]), max_rows=3, promote=False))
+    assert [k for k, _ in by_rows] == [[5], [6]]
+    by_count = list(table_blocks(iter([(k, a(k)) for k in range(5)]), max_tables=2))
+    assert [k for k, _ in by_count] == [[0, 1], [2, 3], [4]]
+    assert by_count[2][1] is not None and list(table_blocks(iter([]))) == []

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.shared.motionbench_format import NA
+from storage.root import table_blocks
 
 CARD = "README.md"
 ROW_GROUP_ROWS = 1000  # rows per row group (the batch ``datasets`` writes tabular rows in)
@@ -219,15 +220,17 @@ def export_hf(root, to: str | Path, *, stages: Iterable[str] | None = None, hide
         schema = None
         writers: dict[str, _SplitFiles] = {}
         status: collections.Counter = collections.Counter()
-        for shard, table in root.iter_stage(stage):
-            table = table.replace_schema_metadata(None)
+        # consecutive shards of one schema handled as one table of about a row group (storage.root.table_blocks):
+        # the casts, counts and splits below cost per call, not per row; the files written are the same
+        for block, table in table_blocks(root.iter_stage(stage), max_rows=ROW_GROUP_ROWS, promote=False):
+            table = table.replace_schema_metadata(None)  # (schemas are compared without it)
             if schema is None:
                 schema = table.schema
             elif not table.schema.equals(schema):
                 try:
                     table = table.cast(schema)
                 except (pa.ArrowInvalid, ValueError) as exc:
-                    raise ValueError(f"stage {stage!r}: shard {shard}'s columns differ from the first shard's and "
+                    raise ValueError(f"stage {stage!r}: shard {block[0]}'s columns differ from the first shard's and "
                                      f"cannot be cast to them ({exc}); re-run the stage with --force") from exc
             if not table.num_rows:
                 continue

@@ -177,3 +177,35 @@ def test_export_hf_streams_shards_into_several_files_per_split(tmp_path, monkeyp
     card = DatasetCard.load(out / "README.md")
     paths = {c["config_name"]: c["data_files"] for c in card.data.configs}
     assert paths["synthqa"] == [{"split": "train", "path": "data/synthqa/train-*.parquet"}]
+
+
+def test_export_hf_casts_shards_of_an_older_schema_and_names_one_it_cannot(tmp_path):
+    """Shards written by different versions: the first shard's columns are the config's; later shards whose
+    types differ are cast to them (consecutive shards of one schema go through as one table); a shard that
+    cannot be cast stops the export with its number. ``datasets`` loads the cast rows in shard order."""
+    import pyarrow as pa
+
+    from stages.export.hf import export_hf
+
+    r = OutputRoot(tmp_path / "root")
+
+    def put(shard: int, n: pa.Array) -> None:
+        table = pa.table({"status": ["ok"] * len(n), "error": pa.array([None] * len(n), pa.string()), "n": n})
+        r.makedirs(r.stage_dir("tag"))
+        pq.write_table(table, r.shard_file("tag", shard))
+        r.write_marker("tag", shard, {"stage": "tag", "shard": shard, "rows": len(n), "ok": len(n), "error": 0,
+                                      "skipped": 0, "config_hash": "x", "inputs": {}, "fingerprint": f"f{shard}"})
+
+    put(0, pa.array([1, 2], pa.int64()))
+    put(1, pa.array([3], pa.int64()))
+    put(2, pa.array([4, 5], pa.int32()))  # an older writer's narrower type
+    put(3, pa.array([6], pa.int32()))
+    put(4, pa.array([7], pa.int64()))
+    out = tmp_path / "ds"
+    res = export_hf(r, out, stages=["tag"])
+    assert res.configs[0].splits == {"train": 7}
+    got = datasets.load_dataset(str(out), "tag", split="train", cache_dir=str(tmp_path / "c"))
+    assert got["n"] == [1, 2, 3, 4, 5, 6, 7] and got.features["n"].dtype == "int64"
+    put(5, pa.array(["eight"], pa.string()))
+    with pytest.raises(ValueError, match=r"stage 'tag': shard 5's columns differ from the first shard's"):
+        export_hf(r, tmp_path / "ds2", stages=["tag"])
