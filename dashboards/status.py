@@ -60,6 +60,14 @@ def _root_status(root: OutputRoot, max_errors: int, stages: dict | None) -> dict
         chash = manifest["stages"].get(name, {}).get("config_hash")
         for k in expected:
             s = shard_state(st, root, k, config_hash=chash, read_marker=read_marker, lookup=lookup, memo=memo)
+            if s != "stale" and (name, k) not in memo:
+                # What a downstream shard asks of this one (runner._upstream_fresh) follows from its verdict: a
+                # complete shard matches its config, the inputs it records and everything upstream, so it is fresh;
+                # a pending one has no marker. Stages run in pipeline order, so most of those questions are
+                # answered here instead of by a second pass over the marker (tests/test_storage.py checks
+                # the verdicts against shard_state's, shard by shard). A stale one may still be fresh by the
+                # inputs it recorded: left to the runner's own rule.
+                memo[(name, k)] = s == "complete"
             states[s] += 1
             if s == "stale":
                 stale_shards.append(k)

@@ -682,3 +682,53 @@ def test_table_blocks_joins_consecutive_tables_in_order():
     by_count = list(table_blocks(iter([(k, a(k)) for k in range(5)]), max_tables=2))
     assert [k for k, _ in by_count] == [[0, 1], [2, 3], [4]]
     assert by_count[2][1] is not None and list(table_blocks(iter([]))) == []
+
+
+def test_status_verdicts_are_the_runners_shard_by_shard(tmp_path):
+    """`status` judges a whole root in one pass, sharing what it learnt about upstream shards across stages; every
+    verdict must be the one the runner's shard_state gives that shard alone. A root with every registered stage
+    (benchmarks/bench_status.py --dag full, 30 shards), then: a tag shard rewritten (new fingerprint), a scenes
+    marker gone, an ingest shard built from another plan entry, a review shard with a new decisions file (an
+    external input), a track marker recording an extra, non-stage input (stale itself, yet fresh for what was
+    built from it), and qgen's config changed."""
+    import json
+
+    from dashboards.status import root_status
+    from stages.registry import STAGE_MODULES, get_stage
+    from storage.manifest import read_manifest, record_stage_config
+    from tests._benchmarks import load_benchmark
+
+    n = 30
+    root = load_benchmark("bench_status").build_full_root(tmp_path / "r", n)
+
+    def edit(stage: str, shard: int, **change) -> None:
+        m = root.read_marker(stage, shard)
+        m.update(change)
+        root.write_marker(stage, shard, m)
+
+    edit("tag", 3, fingerprint="rewritten")
+    root.delete_marker("scenes", 5)
+    edit("ingest", 8, inputs={"plan": "plan-0000000000000000"})
+    root.write_bytes_atomic(root.path("review", "_decisions", "shard-00011", "2026-12-03T00-00-00.jsonl"), b"")
+    track = root.read_marker("track", 7)
+    edit("track", 7, inputs={**track["inputs"], "calibration": "v2"})
+    record_stage_config(root, "qgen", "f" * 16, {}, list(get_stage("qgen").inputs))
+
+    manifest = read_manifest(root)
+    got = {s["stage"]: s for s in root_status(root.url)["stages"]}
+    seen = set()
+    for name in STAGE_MODULES:
+        st = get_stage(name)
+        chash = manifest["stages"][name]["config_hash"]
+        want = {k: shard_state(st, root, k, config_hash=chash) for k in ([0] if st.scope == "global" else range(n))}
+        seen.update(want.values())
+        assert got[name]["stale_shards"] == [k for k, v in want.items() if v == "stale"], name
+        assert got[name]["pending"] == sum(v == "pending" for v in want.values()), name
+        assert got[name]["complete"] == sum(v == "complete" for v in want.values()), name
+    assert seen == {"complete", "stale", "pending"}
+    # the cases above did what they say, by the runner's own verdicts
+    assert 3 not in got["tag"]["stale_shards"] and 3 in got["detect"]["stale_shards"] and 3 in got["tasks"]["stale_shards"]
+    assert 5 in got["tag"]["stale_shards"] and 8 in got["ingest"]["stale_shards"] and 8 in got["synthqa"]["stale_shards"]
+    assert 11 in got["review"]["stale_shards"] and 7 in got["track"]["stale_shards"]
+    assert 7 not in got["trackfilter"]["stale_shards"] and got["qgen"]["stale"] == n
+    assert json.dumps(got["finalize"]["stale_shards"]) == "[0]"
