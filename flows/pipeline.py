@@ -400,7 +400,8 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
             return task_opts.submit(name, shards, out, cfg, force, *more, wait_for=waits)
 
     root = OutputRoot(out)
-    with _task_tags_without_root(), concurrent.futures.ThreadPoolExecutor(PRECHECK_THREADS) as pool:
+    with _task_tags_without_root(), concurrent.futures.ThreadPoolExecutor(
+            PRECHECK_THREADS, thread_name_prefix="precheck") as pool:
         for name in stage_names:
             st = get_stage(name)
             if st.scope == "global":
@@ -408,8 +409,10 @@ def _submit(stage_names: list[str], shards: list[int], out: str, cfg: dict, forc
             else:
                 waits = {k: [futures[(inp, k)] for inp in st.inputs if (inp, k) in futures] for k in shards}
             quiet = [] if force else [k for k, w in waits.items() if not w]
-            complete = dict(zip(quiet, pool.map(
-                lambda k, st=st, c=pc.stage_config(name): _complete_or_none(st, root, c, k), quiet)))
+            check = (lambda k, st=st, c=pc.stage_config(name): _complete_or_none(st, root, c, k))
+            # a remote root answers each marker read in milliseconds: threads overlap them; a local one in
+            # microseconds, where 16 threads only contend for the GIL (1,500 shards of 15 stages: 260 -> 80 us each)
+            complete = dict(zip(quiet, map(check, quiet) if root.is_local else pool.map(check, quiet)))
             todo = []
             for k, w in waits.items():
                 if complete.get(k) is not None:

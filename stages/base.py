@@ -53,11 +53,24 @@ class StageConfig(BaseModel):
     RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def config_hash(self) -> str:
+        # Asked once per (stage, shard) by the runner and by a flow's check of finished shards, of the same
+        # config object: about 60 us a time (a JSON dump of the whole config), so it is kept per object. The
+        # model is frozen; the cache holds the object, so its id is not reused while the entry lives.
+        hit = _CONFIG_HASHES.get(id(self))
+        if hit is not None and hit[0] is self:
+            return hit[1]
         # the context lets nested expert specs mark their own run-only parts as NOT_HASHED (ChatSpec's vLLM
         # engine options): those keys are left out
         data = self.model_dump(mode="json", exclude=set(self.RUN_ONLY_FIELDS), context={CONFIG_HASH_CONTEXT: True})
         blob = json.dumps(_without_unhashed(data), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        value = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        if len(_CONFIG_HASHES) >= 256:
+            _CONFIG_HASHES.clear()
+        _CONFIG_HASHES[id(self)] = (self, value)
+        return value
+
+
+_CONFIG_HASHES: dict[int, tuple[StageConfig, str]] = {}  # id(config) -> (config, its hash)
 
 
 @dataclasses.dataclass(frozen=True)

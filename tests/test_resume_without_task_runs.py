@@ -62,7 +62,25 @@ def test_resumed_run_makes_task_runs_only_for_shards_with_work(prefect_harness, 
     root.delete_marker("scenes", 1)  # scenes shard 1 lost (a crash before its marker)
     root.delete_marker("ingest", 2)  # ingest shard 2 lost: it is re-made, so scenes 2 must be too
     expected[0] = 3
-    actions, names = run()
+    import threading
+
+    import flows.pipeline as fp
+
+    checked_on, real_check = [], fp._complete_or_none
+
+    def check(*a, **kw):
+        checked_on.append(threading.current_thread().name)
+        return real_check(*a, **kw)
+
+    fp._complete_or_none = check
+    try:
+        actions, names = run()
+    finally:
+        fp._complete_or_none = real_check
+    # ingest 0-2 and scenes 0-1 (scenes 2 waits for ingest 2): a local root's markers are read one after another
+    # on the flow's thread, where threads would only contend for the GIL (the pool is for remote roots, whose
+    # reads wait on the network)
+    assert len(checked_on) == 5 and not any(n.startswith("precheck") for n in checked_on), checked_on
     assert names == ["ingest / shard 00002", "scenes / shard 00001", "scenes / shard 00002"]
     assert actions == {("ingest", 0): "skipped-complete", ("ingest", 1): "skipped-complete",
                        ("ingest", 2): "written", ("scenes", 0): "skipped-complete",

@@ -732,3 +732,24 @@ def test_status_verdicts_are_the_runners_shard_by_shard(tmp_path):
     assert 11 in got["review"]["stale_shards"] and 7 in got["track"]["stale_shards"]
     assert 7 not in got["trackfilter"]["stale_shards"] and got["qgen"]["stale"] == n
     assert json.dumps(got["finalize"]["stale_shards"]) == "[0]"
+
+
+def test_config_hash_is_computed_once_per_config_object(monkeypatch):
+    """A stage config's hash is asked once per (stage, shard) of the same object; it is computed once per object
+    (a JSON dump of the whole config), and a changed copy has its own."""
+    from stages.base import StageConfig
+
+    cfg = slow.SlowConfig()
+    first = cfg.config_hash()
+    dumps = []
+    real = StageConfig.model_dump
+
+    def counting(self, *a, **kw):
+        dumps.append(type(self).__name__)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(StageConfig, "model_dump", counting)
+    assert [cfg.config_hash() for _ in range(3)] == [first] * 3 and dumps == []
+    other = cfg.model_copy(update={"multiplier": cfg.multiplier + 1})
+    assert other.config_hash() != first and dumps == ["SlowConfig"]
+    assert slow.SlowConfig().config_hash() == first  # an equal config, another object: the same hash
