@@ -99,6 +99,38 @@ def build_full_root(path: Path, n: int) -> OutputRoot:
     return root
 
 
+def remote_copy(local: Path, latency_s: float, on_read=None) -> str:
+    """A URL of a copy of ``local`` in fsspec's memory store, behind a filesystem (protocol ``slowmarkers``) whose
+    marker reads each take ``latency_s``, as on object storage; ``on_read(+1 / -1)`` is told when one starts and
+    ends. The caller removes the copy (``fsspec.filesystem("memory").rm(path, recursive=True)``)."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class SlowMarkers(MemoryFileSystem):  # the memory store (shared by its instances); slow marker reads
+        protocol = "slowmarkers"
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return MemoryFileSystem._strip_protocol(path.removeprefix("slowmarkers://"))
+
+        def cat_file(self, path, start=None, end=None, **kw):
+            if "/_markers/" in path:
+                if on_read:
+                    on_read(+1)
+                time.sleep(latency_s)
+                if on_read:
+                    on_read(-1)
+            return super().cat_file(path, start, end, **kw)
+
+    fsspec.register_implementation("slowmarkers", SlowMarkers, clobber=True)
+    base = f"/bench-status-{uuid.uuid4().hex}"
+    mem = MemoryFileSystem()
+    for p in local.rglob("*"):
+        if p.is_file():
+            mem.pipe_file(f"{base}/{p.relative_to(local)}", p.read_bytes())
+    return f"slowmarkers://{base}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=10_000)
@@ -106,6 +138,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--dag", choices=["two", "full"], default="two",
                     help="two: markers of ingest and scenes only; full: every registered stage (about 14x the markers)")
+    ap.add_argument("--remote-latency-ms", type=float, default=0.0,
+                    help="also time root_status on an in-memory copy whose marker reads each take this long")
     args = ap.parse_args()
     base = args.dir or Path(tempfile.gettempdir()) / f"motionforge-bench-status-{args.dag}-{args.shards}"
     t0 = time.perf_counter()
@@ -132,6 +166,19 @@ def main() -> None:
         markers = by["ingest"]["complete"] + by["scenes"]["complete"] + by["scenes"]["stale"]
     print(f"root_status in-process: {best:.3f}s over {markers} markers (" + ", ".join(
         f"{s['stage']} {s['complete']}/{s['stale']}/{s['pending']}" for s in st["stages"]) + " complete/stale/pending)")
+
+    if args.remote_latency_ms:
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        url = remote_copy(base, args.remote_latency_ms / 1000)
+        t = time.perf_counter()
+        remote = root_status(url)
+        took = time.perf_counter() - t
+        MemoryFileSystem().rm(url.removeprefix("slowmarkers://"), recursive=True)
+        assert remote["stages"] == st["stages"]
+        n = sum(s["complete"] + s["stale"] for s in st["stages"])
+        print(f"root_status on a remote copy, {args.remote_latency_ms:g} ms per marker read: {took:.2f}s "
+              f"({n} markers; one after another would wait {n * args.remote_latency_ms / 1000:.1f}s)")
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("PREFECT_API_URL", None)

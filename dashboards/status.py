@@ -47,6 +47,9 @@ def _root_status(root: OutputRoot, max_errors: int, stages: dict | None) -> dict
             markers[key] = _slim(root.read_marker(stage, shard))
         return markers[key]
 
+    if not root.is_local:
+        _prefetch_markers(root, [n for n in (known or STAGE_MODULES)], markers)
+
     for name in (known or STAGE_MODULES):
         if name not in manifest["stages"] and not root.completed_shards(name):
             continue
@@ -109,6 +112,33 @@ def _root_status(root: OutputRoot, max_errors: int, stages: dict | None) -> dict
             "config_hash": manifest["stages"].get(name, {}).get("config_hash"),
         })
     return {"out": root.url, "shards": len(shards), "stages": report}
+
+
+REMOTE_READ_THREADS = 32  # markers of a remote root read at once
+
+
+def _prefetch_markers(root: OutputRoot, stages: list[str], markers: dict) -> None:
+    """Read every marker of ``stages`` into ``markers`` (slim), in threads. For a remote root only: each read
+    waits tens of milliseconds on the network (20,000 markers one after another: minutes), while on a local
+    disk threads only contend for the GIL (the pass is 3-4x slower in 16 threads). A marker that fails to read
+    is left out, so the pass reads it again in order and meets the error where it would have."""
+    import concurrent.futures
+
+    keys = [(name, k) for name in stages for k in root.completed_shards(name)]
+
+    def read(key):
+        try:
+            return key, _slim(root.read_marker(*key))
+        except Exception:  # noqa: BLE001 -- raised again, in order, by the pass's own read
+            return key, _FAILED
+
+    with concurrent.futures.ThreadPoolExecutor(REMOTE_READ_THREADS, thread_name_prefix="status-read") as pool:
+        for key, m in pool.map(read, keys):
+            if m is not _FAILED:
+                markers[key] = m
+
+
+_FAILED = object()
 
 
 # What status reads of a marker. The memo holds every marker of the root until the pass ends, so it keeps only

@@ -753,3 +753,36 @@ def test_config_hash_is_computed_once_per_config_object(monkeypatch):
     other = cfg.model_copy(update={"multiplier": cfg.multiplier + 1})
     assert other.config_hash() != first and dumps == ["SlowConfig"]
     assert slow.SlowConfig().config_hash() == first  # an equal config, another object: the same hash
+
+
+def test_status_of_a_remote_root_reads_its_markers_at_once(tmp_path):
+    """On a remote root every marker read waits on the network, so `status` reads a stage's markers in threads
+    before its pass (on a local disk it reads them in order: threads only contend for the GIL). A root behind a
+    filesystem whose marker reads take 20 ms each: the verdicts are the local copy's, and reads overlapped."""
+    import threading
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from dashboards.status import root_status
+    from tests._benchmarks import load_benchmark
+
+    local = tmp_path / "r"
+    bench = load_benchmark("bench_status")
+    bench.build_root(local, 40)
+    state = {"now": 0, "max": 0, "reads": 0}
+    lock = threading.Lock()
+
+    def on_read(step: int) -> None:
+        with lock:
+            state["now"] += step
+            state["reads"] += step > 0
+            state["max"] = max(state["max"], state["now"])
+
+    url = bench.remote_copy(local, 0.02, on_read)
+    try:
+        got = root_status(url)
+        want = root_status(str(local))
+        assert got["stages"] == want["stages"] and got["shards"] == 40
+        assert state["reads"] == 2 * 40 and state["max"] > 1, state  # each marker of ingest and scenes, once
+    finally:
+        MemoryFileSystem().rm(url.removeprefix("slowmarkers://"), recursive=True)
