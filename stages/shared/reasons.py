@@ -8,6 +8,7 @@ identical causes fall into one group.
 from __future__ import annotations
 
 import collections
+import functools
 import re
 from typing import Iterable
 
@@ -20,8 +21,11 @@ _NUM = re.compile(r"(?<![\w.<])\d+(?:\.\d+)?(?![\d.])")
 _CONTEXT = re.compile(r"^[^:]{0,80}?<id>[^:]{0,40}?:\s+")
 
 
+@functools.lru_cache(maxsize=8192)
 def normalise_reason(message: str | None) -> str:
-    """The cause of an error message with item names removed (``"(no reason)"`` for an empty one)."""
+    """The cause of an error message with item names removed (``"(no reason)"`` for an empty one). Kept for
+    the last 8,192 messages: the same message comes back on many shards (`status` and the report ask once per
+    shard marker or table), and five regular expressions cost about 20 us a message."""
     text = " ".join((message or "").split())
     if not text:
         return "(no reason)"
