@@ -80,11 +80,6 @@ COLUMNS = {
 }
 
 
-def _shard_tables(root: OutputRoot, stage: str):
-    for _, table in root.iter_stage(stage, columns=("status", "error", *COLUMNS.get(stage, ()))):
-        yield table
-
-
 # Consecutive shards are folded as one table (storage.root.table_blocks): every fold is a sum over rows, so the
 # result is the same, and each Arrow call a fold makes (a filter, value counts; ~0.1 ms each whatever the size)
 # is paid per block instead of per shard. 1,500 shards of 15 stages: 21,000 folds and 99,000 compute calls.
@@ -92,9 +87,11 @@ _BLOCK_ROWS = 65_536
 _BLOCK_SHARDS = 512
 
 
-def _blocks(tables):
-    pairs = ((None, t) for t in tables)
-    return (t for _, t in table_blocks(pairs, max_rows=_BLOCK_ROWS, max_tables=_BLOCK_SHARDS, promote=True))
+def _shard_tables(root: OutputRoot, stage: str):
+    """The stage's completed shards, the columns the report reads, as blocks of consecutive shards."""
+    shards = root.iter_stage(stage, columns=("status", "error", *COLUMNS.get(stage, ())))
+    for _, block in table_blocks(shards, max_rows=_BLOCK_ROWS, max_tables=_BLOCK_SHARDS, promote=True):
+        yield block
 
 
 def _ok_rows(table):
@@ -242,7 +239,7 @@ class _Folds:
         hit = self._done.get(stage)
         if hit is None or (details and not hit.question_details):
             hit = _Stage(stage, question_details=details)
-            for table in _blocks(_shard_tables(self.root, stage)):
+            for table in _shard_tables(self.root, stage):
                 hit.fold(table)
             self._done[stage] = hit
         return hit

@@ -47,11 +47,18 @@ def _root_status(root: OutputRoot, max_errors: int, stages: dict | None) -> dict
             markers[key] = _slim(root.read_marker(stage, shard))
         return markers[key]
 
+    listed: dict[str, list[int]] = {}
+
+    def completed(name: str) -> list[int]:  # each stage's marker folder listed once per pass (remote: many calls)
+        if name not in listed:
+            listed[name] = root.completed_shards(name)
+        return listed[name]
+
     if not root.is_local:
-        _prefetch_markers(root, [n for n in (known or STAGE_MODULES)], markers)
+        _prefetch_markers(root, {name: completed(name) for name in (known or STAGE_MODULES)}, markers)
 
     for name in (known or STAGE_MODULES):
-        if name not in manifest["stages"] and not root.completed_shards(name):
+        if name not in manifest["stages"] and not completed(name):
             continue
         try:
             st = known[name] if known else get_stage(name)
@@ -79,7 +86,7 @@ def _root_status(root: OutputRoot, max_errors: int, stages: dict | None) -> dict
         ok = err = skipped = 0
         reasons: collections.Counter = collections.Counter()
         examples: dict[str, str] = {}
-        for k in root.completed_shards(name):
+        for k in completed(name):
             m = read_marker(name, k) or {}
             ok += m.get("ok", 0)
             err += m.get("error", 0)
@@ -117,14 +124,14 @@ def _root_status(root: OutputRoot, max_errors: int, stages: dict | None) -> dict
 REMOTE_READ_THREADS = 32  # markers of a remote root read at once
 
 
-def _prefetch_markers(root: OutputRoot, stages: list[str], markers: dict) -> None:
-    """Read every marker of ``stages`` into ``markers`` (slim), in threads. For a remote root only: each read
+def _prefetch_markers(root: OutputRoot, shards_of: dict[str, list[int]], markers: dict) -> None:
+    """Read the markers of ``shards_of`` (stage -> its completed shards) into ``markers`` (slim), in threads. For a remote root only: each read
     waits tens of milliseconds on the network (20,000 markers one after another: minutes), while on a local
     disk threads only contend for the GIL (the pass is 3-4x slower in 16 threads). A marker that fails to read
     is left out, so the pass reads it again in order and meets the error where it would have."""
     import concurrent.futures
 
-    keys = [(name, k) for name in stages for k in root.completed_shards(name)]
+    keys = [(name, k) for name, shards in shards_of.items() for k in shards]
 
     def read(key):
         try:

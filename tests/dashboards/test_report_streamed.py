@@ -13,7 +13,7 @@ import pytest
 from dashboards import report
 from dashboards.report import MB_CATEGORY_NAMES, collect
 from stages.shared.reasons import group_reasons
-from storage.root import OutputRoot
+from storage.root import OutputRoot, table_blocks
 from tests.dashboards._roots import COPIES, imove_root, motionbench_root, spread
 
 
@@ -140,7 +140,8 @@ def test_blocks_fold_like_single_shards_across_schema_changes():
         pa.table({"status": ["ok", "ok"], "error": pa.array([None, None], pa.string()), "label": ["cat", "person"],
                   "video_id": ["c", "c"], "duration_s": [3.0, 3.0]}),
     ]
-    blocks = list(report._blocks(tables))
+    blocks = [t for _, t in table_blocks(enumerate(tables), max_rows=report._BLOCK_ROWS,
+                                         max_tables=report._BLOCK_SHARDS, promote=True)]
     assert 1 < len(blocks) < len(tables)  # some shards joined, the one with an integer label could not be
     for stage in ("track", "ingest"):  # label counts; kept ids and durations
         assert _folded(stage, blocks) == _folded(stage, tables), stage
