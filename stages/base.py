@@ -118,6 +118,9 @@ class Stage:
     # Inputs that live outside stage tables (e.g. imported human decisions): (root, shard) -> {name: digest}.
     # The runner adds them to the shard's input fingerprints, so changing them makes the shard stale.
     external_inputs: Callable[[OutputRoot, int], dict[str, str]] | None = None
+    # The same for many shards at once, when the stage can answer them together (`status` asks for every shard:
+    # one listing instead of one per shard); must equal [external_inputs(root, k) for k in shards].
+    external_inputs_of: Callable[[OutputRoot, list[int]], list[dict[str, str]]] | None = None
     # Resources that depend on the config (e.g. a VLM stage needs no GPU when it calls an HTTP endpoint).
     resources_fn: Callable[[Any], Resources] | None = None
 

@@ -5,6 +5,7 @@ Layout (``ROOT`` is a local path or an fsspec URL such as ``s3://bucket/run`` or
     ROOT/_manifest.json                       each stage's last config (hash) and run times
     ROOT/_lock                                held by the one run writing to this root
     ROOT/_cache/...                           LLM/VLM response cache, remote-input copies
+    ROOT/_index/markers/<stage>.arrow         a cache of the stage's markers for `status` (storage/marker_index.py)
     ROOT/<stage>/shard-00007.parquet          the stage's rows for shard 7
     ROOT/<stage>/_markers/shard-00007.json    completion marker, written after the Parquet file
     ROOT/<stage>/_media/...                   files a stage makes (clip cuts, first frames)
@@ -27,7 +28,7 @@ import os
 import posixpath
 import re
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import orjson
 import pyarrow as pa
@@ -55,6 +56,21 @@ _LONG_DIGIT_RUN = b"0" * 19
 
 def _has_long_digit_run(data: bytes) -> bool:
     return _LONG_DIGIT_RUN in data.translate(_DIGITS_TO_ZERO)
+
+def loads_json(data: bytes, where: Callable[[], str] = lambda: "the data") -> Any:
+    """``json.loads``'s result, through orjson where both agree; :class:`GarbledJSONError` naming ``where()``
+    when the bytes are empty or not JSON."""
+    if not _has_long_digit_run(data):
+        try:
+            return orjson.loads(data)
+        except ValueError:  # NaN, Infinity, 1e400 (json.dumps writes them, orjson refuses): json decides
+            pass
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise GarbledJSONError(f"{where()} is {'empty' if not data.strip() else 'not valid JSON'} "
+                               f"({len(data)} bytes): {exc}") from exc
+
 
 READ_AHEAD = 8  # shards OutputRoot.iter_stage reads at once
 
@@ -275,16 +291,7 @@ class OutputRoot:
             if not self.exists(path):
                 return default
             raise
-        if not _has_long_digit_run(data):
-            try:
-                return orjson.loads(data)
-            except ValueError:  # NaN, Infinity, 1e400 (json.dumps writes them, orjson refuses): json decides
-                pass
-        try:
-            return json.loads(data)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise GarbledJSONError(f"{self.uri_of(path)} is {'empty' if not data.strip() else 'not valid JSON'} "
-                                   f"({len(data)} bytes): {exc}") from exc
+        return loads_json(data, lambda: self.uri_of(path))
 
     def uri_of(self, path: str) -> str:
         """:meth:`uri` for a path already under :attr:`base`."""

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -225,11 +226,12 @@ def test_whole_shard_failure_is_reported_then_cleared(tmp_path):
 
 
 def test_status_keeps_only_the_marker_fields_it_reads(tmp_path, monkeypatch):
-    """``status`` holds every marker of a root until its pass ends, so it keeps a slim copy: the verdicts and
-    counts are the same as from whole markers, and nothing else of a marker stays in memory."""
+    """``status`` on a remote root holds every marker until its pass ends, so it keeps a slim copy: the verdicts
+    and counts are the same as from whole markers, and nothing else of a marker stays in memory. (A local root is
+    judged from its marker index, whose ``slim`` column holds the same fields: test_marker_index_*.)"""
     import dashboards.status as status
 
-    root = OutputRoot(tmp_path / "r")
+    root = OutputRoot(f"memory://mf-test-{uuid.uuid4().hex[:8]}/r")
     slow.plan(root, 6, 2)
     record_stage_config(root, "slow", slow.SlowConfig().config_hash(), {}, [])
     for k in range(3):

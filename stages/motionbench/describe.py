@@ -160,6 +160,12 @@ def imported_fingerprint(root: OutputRoot, shard: int) -> dict[str, str]:
     return {"describe-imports": "imp-" + hashlib.sha256("|".join(files).encode()).hexdigest()[:16]}
 
 
+def imported_fingerprints(root: OutputRoot, shards: list[int]) -> list[dict[str, str]]:
+    """:func:`imported_fingerprint` of each shard: the same for all (imports are not per shard), listed once."""
+    fp = imported_fingerprint(root, 0)
+    return [dict(fp) for _ in shards]
+
+
 def load_imported(root: OutputRoot) -> list[HumanDescription]:
     """Every stored import, file by file in name order; for a clip keyed twice the last match wins."""
     out = []
@@ -332,5 +338,6 @@ STAGE = Stage(
     expert=vlm_expert_name, resources=Resources(cpus=1, gpus=1.0),
     resources_fn=lambda cfg: chat_resources(Resources(cpus=1, gpus=1.0), cfg.vlm),
     branch="motionbench", external_inputs=imported_fingerprint,
+    external_inputs_of=imported_fingerprints,
     description="dynamic-information description per clip (VLM, or imported human notes)",
 )

@@ -192,6 +192,12 @@ def decisions_fingerprint(root: OutputRoot, shard: int) -> dict[str, str]:
     return {"review-decisions": "dec-" + hashlib.sha256("|".join(files).encode()).hexdigest()[:16]}
 
 
+def decisions_fingerprints(root: OutputRoot, shards: list[int]) -> list[dict[str, str]]:
+    """:func:`decisions_fingerprint` of each shard, listing only the shards' folders that exist."""
+    present = set(root.list_dir(root.path(*DECISIONS_DIR)))
+    return [decisions_fingerprint(root, k) if shard_name(k) in present else {} for k in shards]
+
+
 # -- the stage -----------------------------------------------------------------------------------------------
 def review_rows(questions: list[Question], decisions_ffilter: dict[str, FilterVerdict],
                 decisions: dict[str, Decision], mode: str) -> list[Review]:
@@ -237,6 +243,7 @@ def process(ctx: ShardContext) -> list[Review]:
 STAGE = Stage(
     name="review", schema=SCHEMA, inputs=("qgen", "ffilter"), config_cls=ReviewConfig, process=process,
     resources=Resources(cpus=0.25), branch="motionbench", external_inputs=decisions_fingerprint,
+    external_inputs_of=decisions_fingerprints,
     expert=lambda cfg: ("human-review", None),
     description="manual check queue: accept / reject / edit (9.4)",
 )

@@ -42,6 +42,16 @@ def normalise_reason(message: str | None) -> str:
     return text[:200]
 
 
+def rules_digest() -> str:
+    """A name for these rules (their patterns and code), kept by caches of causes (the marker index) so that
+    causes found under other rules are found again."""
+    import hashlib
+
+    code = normalise_reason.__wrapped__.__code__
+    parts = [p.pattern for p in (_UUID, _HEX, _URI, _QUOTED, _NUM, _CONTEXT)] + [code.co_code.hex(), repr(code.co_consts)]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
 def group_reasons(messages: Iterable[str | None], top: int = 10) -> list[dict]:
     """``[{"reason", "count", "example"}]``, most frequent cause first; ``example`` is one original message."""
     reasons = ReasonCounter()
